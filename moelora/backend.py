@@ -1,0 +1,103 @@
+"""Backend choice: MOELORA_BACKEND=auto|triton|cpu|reference, or moelora.set_backend(name).
+
+One op name, several implementations. A backend is a module-like object with the functions of
+moelora.reference (route, moe_lora, mixlora_ffn, lora) and a `supports_dora` flag; fused backends
+register themselves here when their code is importable and built.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from moelora import reference
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+_registered: dict[str, Any] = {"reference": reference}
+_why_missing: dict[str, str] = {
+    "triton": "the Triton kernels are not part of this release yet (they land with the kernels issue)",
+    "cpu": "the C++ extension moelora._C is not part of this release yet (it lands with the CPU backend issue)",
+}
+_override: list[str] = []
+_warned: set[str] = set()
+
+
+def register_backend(name: str, impl: ModuleType | Any) -> None:
+    """Make `impl` the implementation behind backend `name` ('triton' or 'cpu')."""
+    if name not in ("triton", "cpu"):
+        raise ValueError(f"register_backend: name must be 'triton' or 'cpu', got {name!r}")
+    _registered[name] = impl
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The requested backend name: the innermost set_backend, else MOELORA_BACKEND, else 'auto'."""
+    if _override:
+        return _override[-1]
+    return _check_name(os.environ.get("MOELORA_BACKEND", "auto").strip().lower() or "auto", "MOELORA_BACKEND")
+
+
+class set_backend:  # noqa: N801 - used as a function and as a context manager, like torch.set_grad_enabled
+    """Pick the backend for this process: `set_backend("reference")`, or `with set_backend("cpu"): ...`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = _check_name(name, "set_backend")
+        self._previous = list(_override)
+        _override.clear()
+        _override.append(self.name)
+
+    def __enter__(self) -> set_backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _override.clear()
+        _override.extend(self._previous)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def resolve(device: torch.device) -> Any:
+    """The implementation to run for tensors on `device` under the current backend choice."""
+    name = get_backend()
+    if name == "reference":
+        return reference
+    if name == "auto":
+        fast = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
+        if fast is not None and fast in _registered:
+            return _registered[fast]
+        _warn_once(
+            f"auto-{device.type}",
+            f"moelora: no fused backend for {device.type} tensors "
+            f"({_why_missing.get(fast, 'no fused backend for this device') if fast else 'unsupported device'}); "
+            "using the pure-PyTorch reference backend. Set MOELORA_BACKEND=reference to silence this.",
+        )
+        return reference
+    if name not in _registered:
+        raise RuntimeError(f"moelora: backend {name!r} was requested but is not available: {_why_missing[name]}")
+    if name == "triton" and device.type != "cuda":
+        raise RuntimeError(f"moelora: backend 'triton' needs CUDA tensors, got tensors on {device}")
+    if name == "cpu" and device.type != "cpu":
+        raise RuntimeError(f"moelora: backend 'cpu' needs CPU tensors, got tensors on {device}")
+    return _registered[name]
+
+
+def resolve_for_dora(device: torch.device) -> Any:
+    """Like resolve(), but a backend without DoRA falls back to the reference with a one-time notice."""
+    impl = resolve(device)
+    if impl is not reference and not getattr(impl, "supports_dora", False):
+        _warn_once("dora", "moelora: the fused backend does not cover DoRA; DoRA layers use the reference backend.")
+        return reference
+    return impl
