@@ -283,9 +283,10 @@ class MoeLoraModel(nn.Module):
     ) -> MoeLoraModel:
         """Load an adapter saved by us or by MoE-PEFT / mixlora onto `base_model` (eval mode unless trainable)."""
         wrapped = cls(base_model)
-        for p in base_model.parameters():
-            p.requires_grad_(False)
         wrapped.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+        for name, p in base_model.named_parameters():
+            if ".adapters." not in f".{name}":
+                p.requires_grad_(False)
         if not is_trainable:
             wrapped.eval()
         return wrapped
@@ -298,7 +299,10 @@ class MoeLoraModel(nn.Module):
         swaps, targets = plan_injection(self.model, config, adapter_name)
         if fmt == "moe-peft":
             tensors = formats.from_moe_peft(tensors, swaps, config)
-        formats.copy_into(adapter_parameters(swaps), tensors, directory)
+        params = adapter_parameters(swaps)
+        if fmt == "moe-peft":  # it stores no DoRA magnitudes: they are recomputed below
+            params = {k: v for k, v in params.items() if not k.endswith("lora_magnitude_vector")}
+        formats.copy_into(params, tensors, directory)
         if fmt == "moe-peft" and config.use_dora:
             formats.recompute_dora_magnitudes(swaps)
         apply_injection(swaps, adapter_name, is_trainable)

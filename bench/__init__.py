@@ -1,0 +1,1 @@
+"""Benchmarks of moelora: the latency comparison behind `make bench` and the pytest-benchmark suite."""
