@@ -42,7 +42,7 @@ RATIOS = (
 class Preset:
     T: tuple[int, ...]
     H: int
-    I: int  # noqa: E741 - the intermediate size
+    I: int  # intermediate size
     E: int = 8
     k: int = 2
     r: int = 16

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch
@@ -39,7 +39,7 @@ class Shape:
 
     T: int
     H: int
-    I: int  # noqa: E741 - the intermediate size, named as in the design notes
+    I: int  # intermediate size
     E: int
     k: int
     r: int
@@ -100,6 +100,24 @@ def make_inputs(
         top_k=shape.k,
         scaling=2.0,  # lora_alpha = 2 r, the usual MixLoRA setting
         grad_out=randn(T, H, std=1.0, dt=dtype, grad=False),
+    )
+
+
+def with_dtype(inp: FfnInputs, dtype: torch.dtype) -> FfnInputs:
+    """The same inputs with x, grad_out and the frozen weights in `dtype`; the fp32 adapters are shared."""
+
+    def frozen(lin: nn.Linear) -> nn.Linear:
+        out = nn.Linear(lin.in_features, lin.out_features, bias=False, device="meta")
+        out.weight = nn.Parameter(lin.weight.detach().to(dtype), requires_grad=False)
+        return out
+
+    return replace(
+        inp,
+        x=inp.x.detach().to(dtype).requires_grad_(),
+        gate_proj=frozen(inp.gate_proj),
+        up_proj=frozen(inp.up_proj),
+        down_proj=frozen(inp.down_proj),
+        grad_out=inp.grad_out.to(dtype),
     )
 
 

@@ -178,9 +178,7 @@ class MixLoraConfig:
         if self.act_fn is not None:
             d["act_fn"] = self.act_fn
         if self.expert_lora is not None:
-            d["expert_lora"] = {
-                k: v for k, v in dataclasses.asdict(self.expert_lora).items() if v is not None
-            }
+            d["expert_lora"] = {k: v for k, v in dataclasses.asdict(self.expert_lora).items() if v is not None}
         return d
 
     @classmethod

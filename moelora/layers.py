@@ -146,7 +146,7 @@ class MixLoraAdapter(nn.Module):
         if name not in self.lora_A:
             return None
         B = self.lora_B[name]
-        m = self.lora_magnitude[name] if name in self.lora_magnitude else None
+        m = self.lora_magnitude.get(name)
         if rows is not None:
             B = B[:, rows]
             m = m[:, rows] if m is not None else None
@@ -188,7 +188,11 @@ class MixLoraFFN(nn.Module):
         base = self.base_layer
         if self.kind == "gated":
             gate, up, down = base.gate_proj(x), base.up_proj(x), base.down_proj
-            gate_lora, up_lora, down_lora = a.expert_lora("gate_proj"), a.expert_lora("up_proj"), a.expert_lora("down_proj")
+            gate_lora, up_lora, down_lora = (
+                a.expert_lora("gate_proj"),
+                a.expert_lora("up_proj"),
+                a.expert_lora("down_proj"),
+            )
             gate_w, up_w = base.gate_proj.weight, base.up_proj.weight
         elif self.kind == "gated_fused":
             gate, up = base.gate_up_proj(x).chunk(2, dim=-1)

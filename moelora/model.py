@@ -8,6 +8,7 @@ and stays reachable as `MoeLoraModel.model`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -84,9 +85,7 @@ def plan_injection(model: nn.Module, config: MixLoraConfig, adapter_name: str) -
     known = set(attn_names) | set(FFN_KINDS[kind])
     unknown = [t for t in targets if t not in known]
     if unknown:
-        raise ValueError(
-            f"target_modules {unknown} do not exist in this {model_type} model; it has {sorted(known)}"
-        )
+        raise ValueError(f"target_modules {unknown} do not exist in this {model_type} model; it has {sorted(known)}")
     prefix, layers = decoder_layers(model)
     ffn_targets = [t for t in targets if t in FFN_KINDS[kind]]
     act = ACT2FN[config.act_fn] if config.act_fn else None
@@ -107,7 +106,9 @@ def plan_injection(model: nn.Module, config: MixLoraConfig, adapter_name: str) -
         wrapper = mlp if isinstance(mlp, MixLoraFFN) else None
         base_mlp = wrapper.base_layer if wrapper is not None else mlp
         if ffn_kind(base_mlp) != kind:
-            raise ValueError(f"layer {i}: {type(base_mlp).__name__} does not have the {kind} FFN layout {FFN_KINDS[kind]}")
+            raise ValueError(
+                f"layer {i}: {type(base_mlp).__name__} does not have the {kind} FFN layout {FFN_KINDS[kind]}"
+            )
         if wrapper is not None and adapter_name in wrapper.adapters:
             raise ValueError(f"adapter_name {adapter_name!r} is already in use on this model")
         new_wrapper = wrapper is None
@@ -220,7 +221,9 @@ class MoeLoraModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -312,8 +315,6 @@ class MoeLoraModel(nn.Module):
 
 
 def _resolved(config: MixLoraConfig, targets: list[str]) -> MixLoraConfig:
-    import dataclasses
-
     return dataclasses.replace(config, target_modules=list(targets))
 
 

@@ -54,7 +54,9 @@ def _router_inputs(pm):
 
 
 def test_model_loss_adds_the_coefficient_times_the_aux_loss_with_padding_masked():
-    pm = get_moelora_model(tiny_model("llama"), MixLoraConfig(lora_dropout=0.0, num_experts=4, router_aux_loss_coef=0.5))
+    pm = get_moelora_model(
+        tiny_model("llama"), MixLoraConfig(lora_dropout=0.0, num_experts=4, router_aux_loss_coef=0.5)
+    )
     randomize_adapters(pm)
     pm.eval()
     ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))

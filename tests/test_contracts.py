@@ -171,7 +171,7 @@ def test_generate_and_cache_work():
 def test_print_trainable_parameters(capsys):
     pm = get_moelora_model(tiny_model("llama"), MixLoraConfig())
     pm.print_trainable_parameters()
-    trainable, total = pm.get_nb_trainable_parameters()
+    trainable, _ = pm.get_nb_trainable_parameters()
     assert trainable == sum(v.numel() for v in pm.adapter_state_dict().values())
     assert f"trainable params: {trainable:,d}" in capsys.readouterr().out
 

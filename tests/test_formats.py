@@ -142,9 +142,17 @@ def test_hand_written_moe_peft_directory_matches_an_independent_implementation(r
 
 def test_moe_peft_dora_magnitudes_are_recomputed_on_load(tmp_path):
     """MoE-PEFT stores no magnitudes and recomputes m = ||W + s B A||: the DoRA scale starts at 1."""
-    config = {"peft_type": "MIXLORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "num_experts": 2,
-              "top_k": 1, "routing_strategy": "mixlora", "use_dora": True,
-              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    config = {
+        "peft_type": "MIXLORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "num_experts": 2,
+        "top_k": 1,
+        "routing_strategy": "mixlora",
+        "use_dora": True,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }
     weights = _write_moe_peft_dir(tmp_path / "dora", config, layers=2, H=32, I=40, kv=16)
     plain = dict(config, use_dora=False)
     _write_moe_peft_dir(tmp_path / "plain", plain, layers=2, H=32, I=40, kv=16)

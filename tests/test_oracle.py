@@ -31,10 +31,11 @@ F64_EPS = torch.finfo(F64).eps
 ULPS = 256
 
 
-def assert_close(actual: Tensor, expected: Tensor, eps: float, what: str) -> None:
-    """|actual - expected| <= ULPS * eps * (|expected| + max |expected|), element-wise."""
+def assert_close(actual: Tensor, expected: Tensor, eps: float, what: str, scale: float | None = None) -> None:
+    """|actual - expected| <= ULPS * eps * (|expected| + scale), element-wise; scale: max |expected| by default."""
     expected, actual = expected.detach().double(), actual.detach().double()
-    scale = expected.abs().max().item() if expected.numel() else 0.0
+    if scale is None:
+        scale = expected.abs().max().item() if expected.numel() else 0.0
     tol = ULPS * eps
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
@@ -46,11 +47,13 @@ def grads(out: Tensor, inputs: list[Tensor], upstream: Tensor) -> tuple[Tensor, 
 def assert_grads_close(
     ref_out: Tensor, oracle_out: Tensor, inputs: dict[str, Tensor], upstream: Tensor, eps: float
 ) -> None:
+    """Every gradient, with errors relative to the largest gradient of the backward pass: one that cancels to
+    about 0 (the router's under top-1, where every weight is exactly 1) still sums rounding errors of that size."""
     names, leaves = list(inputs), list(inputs.values())
-    for name, g_ref, g_oracle in zip(
-        names, grads(ref_out, leaves, upstream), grads(oracle_out, leaves, upstream), strict=True
-    ):
-        assert_close(g_ref, g_oracle, eps, f"d/d {name}")
+    expected = grads(oracle_out, leaves, upstream)
+    scale = max(g.abs().max().item() for g in expected if g.numel())
+    for name, g_ref, g_oracle in zip(names, grads(ref_out, leaves, upstream), expected, strict=True):
+        assert_close(g_ref, g_oracle, eps, f"d/d {name}", scale)
 
 
 def randn(g: torch.Generator, *shape: int, std: float = 1.0) -> Tensor:
@@ -313,7 +316,7 @@ def _check_ffn(c: Ffn, eps: float) -> None:
     if c.offsets is not None and max(c.offsets) > 0:
         assert (indices[:, 0] == 0).all()
     if c.top_p is not None and c.bias and c.E > 1:
-        assert min(float(sum(w for _, w in s)) for s in slots) < 0.95, "top-p must leave some weight sums < 1"
+        assert min(float(sum(w.detach() for _, w in s)) for s in slots) < 0.95, "top-p must leave some weight sums < 1"
 
     assert y_ref.dtype == F64
     assert_close(y_ref, y_oracle, eps, "y")

@@ -35,7 +35,9 @@ class MultiTask(Dataset):
 def test_trainer_trains_loss_falls_and_no_expert_starves(tmp_path):
     torch.manual_seed(0)
     config = MixLoraConfig(r=8, lora_alpha=16, num_experts=4, top_k=2, lora_dropout=0.0, router_aux_loss_coef=0.1)
-    pm = get_moelora_model(tiny_model("llama", hidden_size=64, intermediate_size=128, head_dim=16, initializer_range=0.3), config)
+    pm = get_moelora_model(
+        tiny_model("llama", hidden_size=64, intermediate_size=128, head_dim=16, initializer_range=0.3), config
+    )
     args = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=16,
@@ -56,7 +58,8 @@ def test_trainer_trains_loss_falls_and_no_expert_starves(tmp_path):
     assert len(losses) == 8
     assert losses[-1] < 0.75 * losses[0]
 
-    # Expert use after training, on held-out rows: no expert of any layer gets less than a fifth of its uniform share of slots.
+    # Expert use after training, on held-out rows: no expert of any layer gets less than a fifth of its
+    # uniform share of slots.
     pm.eval()
     held_out = torch.stack([MultiTask(96, seed=1)[i]["input_ids"] for i in range(96)])
     log = []
