@@ -64,6 +64,13 @@ class FfnInputs:
     grad_out: Tensor  # [T, H] model dtype, the upstream gradient of the backward
 
 
+def _frozen_linear(weight: Tensor) -> nn.Linear:
+    """A bias-free nn.Linear around `weight` [out, in], frozen; built on meta so no throwaway init runs."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    return lin
+
+
 def make_inputs(
     shape: Shape, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
 ) -> FfnInputs:
@@ -80,14 +87,9 @@ def make_inputs(
         t = (torch.randn(size, generator=g) * std).to(device=device, dtype=dt)
         return t.requires_grad_(grad)
 
-    def frozen(out_f: int, in_f: int) -> nn.Linear:
-        lin = nn.Linear(in_f, out_f, bias=False, device="meta")
-        lin.weight = nn.Parameter(randn(out_f, in_f, std=in_f**-0.5, dt=dtype, grad=False), requires_grad=False)
-        return lin
-
     dims = {"gate_proj": (inter, H), "up_proj": (inter, H), "down_proj": (H, inter)}  # (out, in)
     x = randn(T, H, std=1.0, dt=dtype)
-    linears = {name: frozen(*dims[name]) for name in PROJ}
+    linears = {n: _frozen_linear(randn(o, i, std=i**-0.5, dt=dtype, grad=False)) for n, (o, i) in dims.items()}
     router = randn(E, H, std=0.02)
     experts = {n: (randn(E, r, i, std=i**-0.5), randn(E, o, r, std=0.1 * r**-0.5)) for n, (o, i) in dims.items()}
     dense = {n: (randn(r, i, std=i**-0.5), randn(o, r, std=0.1 * r**-0.5)) for n, (o, i) in dims.items()}
@@ -105,20 +107,8 @@ def make_inputs(
 
 def with_dtype(inp: FfnInputs, dtype: torch.dtype) -> FfnInputs:
     """The same inputs with x, grad_out and the frozen weights in `dtype`; the fp32 adapters are shared."""
-
-    def frozen(lin: nn.Linear) -> nn.Linear:
-        out = nn.Linear(lin.in_features, lin.out_features, bias=False, device="meta")
-        out.weight = nn.Parameter(lin.weight.detach().to(dtype), requires_grad=False)
-        return out
-
-    return replace(
-        inp,
-        x=inp.x.detach().to(dtype).requires_grad_(),
-        gate_proj=frozen(inp.gate_proj),
-        up_proj=frozen(inp.up_proj),
-        down_proj=frozen(inp.down_proj),
-        grad_out=inp.grad_out.to(dtype),
-    )
+    linears = {p: _frozen_linear(getattr(inp, p).weight.detach().to(dtype)) for p in PROJ}
+    return replace(inp, x=inp.x.detach().to(dtype).requires_grad_(), grad_out=inp.grad_out.to(dtype), **linears)
 
 
 def grad_targets(name: str, inp: FfnInputs) -> list[tuple[str, Tensor]]:
@@ -134,8 +124,8 @@ def grad_targets(name: str, inp: FfnInputs) -> list[tuple[str, Tensor]]:
 def loop_ffn(inp: FfnInputs) -> Tensor:
     """The per-expert loop of mixlora 0.2.3 / MoE-PEFT, written afresh (dropout off, no jitter).
 
-    Its precision policy: routing and LoRA in fp32, base projections, activation and Wd in the model dtype,
-    the weighted sum in fp32. Every expert runs, even one with no tokens, as in the original.
+    The original's precision policy: routing and LoRA in fp32; base projections, activation and Wd in the
+    model dtype; the weighted sum in fp32. Every expert runs, even one with no tokens, as in the original.
     """
     x = inp.x
     xf = x.float()
@@ -214,7 +204,8 @@ def mixlora_pkg(inp: FfnInputs) -> Callable[[], Tensor]:
     """The mixlora package's MixLoraSparseMoe on our weights (dropout off: it asserts dropout > 0).
 
     Its LoraLinear owns its lora_A/lora_B parameters; we drop them and bind views of our stacked tensors
-    before every call, so that gradients land on the shared inputs and parity can compare them.
+    before every call (3 E views, microseconds), so that gradients land on the shared inputs and parity
+    can compare them.
     """
     from mixlora.lora_linear import LoraLinear
     from mixlora.model import MixLoraSparseMoe
@@ -238,6 +229,7 @@ def mixlora_pkg(inp: FfnInputs) -> Callable[[], Tensor]:
     for p in PROJ:
         setattr(mlp, p, getattr(inp, p))
     moe = MixLoraSparseMoe(mlp, cfg)
+    moe.gate_ = inp.router
     bound: list[tuple[nn.Module, str, int]] = []
     for e in range(E):
         for p in PROJ:
@@ -249,7 +241,6 @@ def mixlora_pkg(inp: FfnInputs) -> Callable[[], Tensor]:
             bound.append((lin, p, e))
 
     def run() -> Tensor:
-        moe.gate_ = inp.router
         for lin, p, e in bound:
             A, B = inp.experts[p]
             lin.lora_A.weight, lin.lora_B.weight = A[e], B[e]

@@ -15,10 +15,16 @@ from bench.providers import PROVIDERS, FfnInputs, grad_targets, with_dtype
 MODES = ("fwd", "fwd+bwd")
 
 
-# Allowed max |got - want| / max |want|, in fp32. Summing in another order (Wd per expert or once) gives
-# about 1e-6; the worst seen is 2.6e-5, the router gradient at T=1 (H=4096), where the two chosen experts'
-# contributions nearly cancel.
+# Allowed max |got - want| / max |want|, in fp32. Summing in another order (Wd per expert or once) moves
+# y and the x / LoRA gradients by ~1e-6 (at most 1.9e-6 over 200 seeds at T=1). The router gradient is a
+# difference of the chosen experts' contributions and loses digits when they nearly cancel: median 1.2e-6,
+# p99 5.7e-5, max 1.8e-3 over the same 200 seeds. A wrong formula moves either by far more than its bound.
 TOLERANCE = 1e-4
+ROUTER_GRAD_TOLERANCE = 1e-2
+
+
+def tolerance(key: str) -> float:
+    return ROUTER_GRAD_TOLERANCE if key == "drouter" else TOLERANCE
 
 
 def make_step(fn: Callable[[], Tensor], targets: list[Tensor], grad_out: Tensor, mode: str) -> Callable[[], object]:
@@ -40,16 +46,16 @@ def make_step(fn: Callable[[], Tensor], targets: list[Tensor], grad_out: Tensor,
 class Parity:
     provider: str
     ok: bool
-    tol: float
     rel_err: dict[str, float]  # output name ("y", "d<input>") -> max |got - want| / max |want|
     error: str | None = None  # what the provider raised, if it did
 
     def summary(self) -> str:
         if self.error is not None:
             return f"{self.provider}: FAILED ({self.error})"
-        key, err = max(self.rel_err.items(), key=lambda kv: kv[1])
+        key = max(self.rel_err, key=lambda k: self.rel_err[k] / tolerance(k))
         verdict = "ok" if self.ok else "FAILED"
-        return f"{self.provider}: {verdict} (worst {key} rel err {err:.1e}, tol {self.tol:.0e})"
+        err, tol = self.rel_err[key], tolerance(key)
+        return f"{self.provider}: {verdict} (nearest its bound: {key} rel err {err:.1e}, allowed {tol:.0e})"
 
 
 def _outputs(name: str, inp: FfnInputs, with_grads: bool) -> dict[str, Tensor]:
@@ -77,13 +83,13 @@ def check_parity(name: str, inp: FfnInputs, with_grads: bool, want: dict[str, Te
     try:
         got = _outputs(name, inp, with_grads)
     except Exception as exc:  # a provider that crashes is reported, not allowed to end the whole run
-        return Parity(name, False, TOLERANCE, {}, error=f"{type(exc).__name__}: {exc}")
+        return Parity(name, False, {}, error=f"{type(exc).__name__}: {exc}")
     rel_err = {}
     for key, w in want.items():
         scale = w.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
         rel_err[key] = ((got[key] - w).abs().max() / scale).item()
-    ok = all(err <= TOLERANCE for err in rel_err.values())  # NaN compares False: a NaN fails
-    return Parity(name, ok, TOLERANCE, rel_err)
+    ok = all(err <= tolerance(key) for key, err in rel_err.items())  # NaN compares False: a NaN fails
+    return Parity(name, ok, rel_err)
 
 
 def reference_outputs(inp: FfnInputs, with_grads: bool) -> dict[str, Tensor]:

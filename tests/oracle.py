@@ -43,7 +43,9 @@ class Projection(NamedTuple):
         return Projection(self.weight, self.bias, self.A[e], self.B[e], m)
 
 
-def route_token(x: Tensor, router: Tensor, top_k: int | None = None, top_p: float | None = None) -> tuple[Slots, Tensor]:
+def route_token(
+    x: Tensor, router: Tensor, top_k: int | None = None, top_p: float | None = None
+) -> tuple[Slots, Tensor]:
     """One token's routing: (slots, probs [E]).
 
     p = softmax(Wr x). top-k: the k most probable experts, weights renormalised to sum to 1.
@@ -125,7 +127,9 @@ def mixlora_ffn_token(
     return y
 
 
-def route(x: Tensor, router: Tensor, top_k: int | None = None, top_p: float | None = None) -> tuple[list[Slots], Tensor]:
+def route(
+    x: Tensor, router: Tensor, top_k: int | None = None, top_p: float | None = None
+) -> tuple[list[Slots], Tensor]:
     """route_token on every row of x [T, H]: (slots per token, probs [T, E])."""
     per_token = [route_token(x_t, router, top_k, top_p) for x_t in x]
     return [s for s, _ in per_token], torch.stack([p for _, p in per_token])

@@ -1,0 +1,25 @@
+"""Fixtures of the pytest-benchmark suite: one tiny shape, so that CI runs it in seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.providers import FfnInputs, Shape, make_inputs
+
+# Odd sizes on purpose (no powers of two); E=4, k=2 over 37 tokens leaves every expert some tokens.
+TINY = Shape(T=37, H=48, I=80, E=4, k=2, r=6)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: the suite is small and CI machines are shared; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_inputs() -> FfnInputs:
+    return make_inputs(TINY, seed=0)
