@@ -94,9 +94,8 @@ class LoraLinear(nn.Module):
         a: LoraAdapter = self.adapters[self.active_adapter]
         y = y + ops.lora(a.dropout(x), a.lora_A, a.lora_B, a.scaling).to(y.dtype)
         if a.lora_magnitude is not None:
-            y = (y.float() * dora_scale(self.base_layer.weight, a.lora_A, a.lora_B, a.scaling, a.lora_magnitude)).to(
-                y.dtype
-            )
+            scale = dora_scale(self.base_layer.weight, a.lora_A, a.lora_B, a.scaling, a.lora_magnitude)
+            y = (y.to(scale.dtype) * scale).to(y.dtype)
         return y
 
 

@@ -31,8 +31,13 @@ class ExpertLora(NamedTuple):
     magnitude: Tensor | None = None
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for 16-bit and fp32 inputs, fp64 for fp64 inputs: the precision every op computes in."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: float | None = None) -> Routing:
-    """Router logits in fp32, softmax, then top-k renormalised, or top-p not renormalised.
+    """Router logits in fp32 (fp64 for fp64 input), softmax, then top-k renormalised, or top-p not renormalised.
 
     x [T, H] any float dtype; router_weight [E, H]. Exactly one of top_k / top_p.
     top-k: k = top_k slots, weights sum to 1.
@@ -41,7 +46,8 @@ def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: flo
     """
     if (top_k is None) == (top_p is None):
         raise ValueError("route: pass exactly one of top_k and top_p")
-    logits = F.linear(x.float(), router_weight.float())
+    dt = compute_dtype(x)
+    logits = F.linear(x.to(dt), router_weight.to(dt))
     probs = torch.softmax(logits, dim=-1)
     if top_k is not None:
         weights, indices = torch.topk(probs, top_k, dim=-1)
@@ -78,18 +84,38 @@ def load_balance_loss(probs: Tensor, indices: Tensor, num_experts: int, token_ma
 
 def lora(x: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
     """Dense LoRA delta s * B A x. x [..., in], A [r, in], B [out, r] -> [..., out] in x's dtype."""
-    return (F.linear(F.linear(x.float(), A.float()), B.float()) * scaling).to(x.dtype)
+    dt = compute_dtype(x)
+    return (F.linear(F.linear(x.to(dt), A.to(dt)), B.to(dt)) * scaling).to(x.dtype)
 
 
 def dora_scale(weight: Tensor, A: Tensor, B: Tensor, scaling: float, magnitude: Tensor) -> Tensor:
     """DoRA's per-output scale m / ||W + s B A||_row, the norm detached (DoRA paper, PEFT, MoE-PEFT)."""
-    norm = torch.linalg.norm(weight.float() + scaling * (B.float() @ A.float()), dim=1).detach()
-    return magnitude.float() / norm
+    dt = torch.promote_types(compute_dtype(weight), magnitude.dtype)
+    norm = torch.linalg.norm(weight.to(dt) + scaling * (B.to(dt) @ A.to(dt)), dim=1).detach()
+    return magnitude.to(dt) / norm
 
 
-def _expert_slots(indices: Tensor, e: int) -> tuple[Tensor, Tensor]:
-    """(token, slot) pairs routed to expert e."""
-    return torch.nonzero(indices == e, as_tuple=True)
+class _Pairs(NamedTuple):
+    """The used (token, slot) pairs sorted by expert: token [P], weight [P, 1], segment sizes per expert."""
+
+    token: Tensor
+    weight: Tensor
+    counts: list[int]
+
+
+def _sorted_pairs(weights: Tensor, indices: Tensor, num_experts: int, dt: torch.dtype) -> _Pairs:
+    flat = indices.reshape(-1)
+    order = torch.argsort(torch.where(flat >= 0, flat, num_experts), stable=True)
+    counts = torch.bincount(flat[flat >= 0], minlength=num_experts).tolist()  # host sync: reference only
+    order = order[: sum(counts)]
+    token = torch.div(order, indices.shape[1], rounding_mode="floor")
+    return _Pairs(token, weights.reshape(-1)[order].to(dt).unsqueeze(-1), counts)
+
+
+def _per_expert(rows: Tensor, counts: list[int], fn: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """fn(e, rows of expert e) on each expert's contiguous segment, concatenated back."""
+    out = [fn(e, seg) for e, seg in enumerate(torch.split(rows, counts)) if counts[e] > 0]
+    return torch.cat(out) if out else rows.new_zeros(0, 0)
 
 
 def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
@@ -98,14 +124,15 @@ def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, 
     x [T, in]; weights [T, k] fp32; indices [T, k] (-1 = unused); A [E, r, in]; B [E, out, r].
     Returns [T, out] in x's dtype.
     """
-    y = x.new_zeros(x.shape[0], B.shape[1], dtype=torch.float32)
-    for e in range(A.shape[0]):
-        tokens, slots = _expert_slots(indices, e)
-        if tokens.numel() == 0:
-            continue
-        delta = F.linear(F.linear(x[tokens].float(), A[e].float()), B[e].float())
-        y = y.index_add(0, tokens, delta * (weights[tokens, slots].unsqueeze(-1) * scaling))
-    return y.to(x.dtype)
+    dt = compute_dtype(x)
+    pairs = _sorted_pairs(weights, indices, A.shape[0], dt)
+    y = x.new_zeros(x.shape[0], B.shape[1], dtype=dt)
+    if pairs.token.numel() == 0:
+        return y.to(x.dtype)
+    delta = _per_expert(
+        x[pairs.token].to(dt), pairs.counts, lambda e, xe: F.linear(F.linear(xe, A[e].to(dt)), B[e].to(dt))
+    )
+    return y.index_add(0, pairs.token, delta * (pairs.weight * scaling)).to(x.dtype)
 
 
 def mixlora_ffn(
@@ -137,72 +164,56 @@ def mixlora_ffn(
         h_j  = act(G + dG_j) * (U + dU_j)          dP_j = s B_e A_e x  for expert e = indices[:, j]
         y    = Wd (sum_j w_j h_j) + sum_j w_j s Bd_e Ad_e drop(h_j)      (Wd runs once, on T rows)
 
-    With DoRA on the down projection each expert scales Wd h_j by its own vector, so Wd then runs per
-    (token, slot): the identity no longer holds. Returns [T, H] in x's dtype.
+    The reference keeps h for every (token, slot) pair, [T*k, I]; the fused backends do not. With DoRA on
+    the down projection each expert scales Wd h_j by its own vector, so Wd then runs per pair: the identity
+    no longer holds. Returns [T, H] in up's dtype.
     """
-    T = x.shape[0]
-    tokens, slots = torch.nonzero(indices >= 0, as_tuple=True)  # every used (token, slot) pair
-    experts = indices[tokens, slots]
-    w = weights[tokens, slots].unsqueeze(-1)  # [P, 1]
-    out_dtype = up.dtype
+    T, out_dtype, dt = x.shape[0], up.dtype, compute_dtype(up)
+    E = next((p.A.shape[0] for p in (gate_lora, up_lora, down_lora) if p is not None), int(indices.max()) + 1)
+    pairs = _sorted_pairs(weights, indices, max(E, 1), dt)
+    x_pairs = x[pairs.token].to(dt)
 
     def adapt(base: Tensor, proj: ExpertLora | None, weight: Tensor | None) -> Tensor:
-        """Rows of `base` at `tokens`, each with its pair's expert LoRA (and DoRA scale) applied."""
-        rows = base[tokens].float()
+        """base rows of every pair, with the pair's expert LoRA (and DoRA scale) applied."""
+        rows = base[pairs.token].to(dt)
         if proj is None:
             return rows
-        pieces = []
-        for e in range(proj.A.shape[0]):
-            sel = torch.nonzero(experts == e, as_tuple=True)[0]
-            if sel.numel() == 0:
-                continue
-            delta = F.linear(F.linear(x[tokens[sel]].float(), proj.A[e].float()), proj.B[e].float()) * scaling
-            value = rows[sel] + delta
-            if proj.magnitude is not None:
-                value = value * dora_scale(weight, proj.A[e], proj.B[e], scaling, proj.magnitude[e])
-            pieces.append((sel, value))
-        return _scatter_rows(rows, pieces)
+
+        def expert(e: int, seg: Tensor) -> Tensor:
+            return F.linear(F.linear(seg, proj.A[e].to(dt)), proj.B[e].to(dt)) * scaling
+
+        value = rows + _per_expert(x_pairs, pairs.counts, expert)
+        if proj.magnitude is not None:
+            scales = [dora_scale(weight, proj.A[e], proj.B[e], scaling, proj.magnitude[e]) for e in range(E)]
+            value = value * torch.repeat_interleave(torch.stack(scales), torch.tensor(pairs.counts), dim=0)
+        return value
 
     u = adapt(up, up_lora, up_weight)
-    h = act(adapt(gate, gate_lora, gate_weight)) * u if gate is not None else act(u)  # [P, I] fp32
+    h = act(adapt(gate, gate_lora, gate_weight)) * u if gate is not None else act(u)  # [P, I]
     h_in = down_dropout(h) if down_dropout is not None else h
 
-    dora_down = down_lora is not None and down_lora.magnitude is not None
-    if dora_down:
-        y_pairs = down_proj(h.to(out_dtype)).float()
-    else:
-        hbar = x.new_zeros(T, h.shape[1], dtype=torch.float32).index_add(0, tokens, w * h)
-        y = down_proj(hbar.to(out_dtype)).float()
-        if down_bias is not None:
-            wsum = weights.sum(dim=-1, keepdim=True)
-            y = y + (wsum - 1.0) * down_bias.float()
-        y_pairs = None
-    if down_lora is not None:
-        pieces = []
-        for e in range(down_lora.A.shape[0]):
-            sel = torch.nonzero(experts == e, as_tuple=True)[0]
-            if sel.numel() == 0:
-                continue
-            delta = F.linear(F.linear(h_in[sel], down_lora.A[e].float()), down_lora.B[e].float()) * scaling
-            if dora_down:
-                value = (y_pairs[sel] + delta) * dora_scale(
-                    down_weight, down_lora.A[e], down_lora.B[e], scaling, down_lora.magnitude[e]
-                )
-            else:
-                value = delta
-            pieces.append((sel, value))
-        d_pairs = _scatter_rows(torch.zeros_like(h[:, : down_lora.B.shape[1]]), pieces)
-        if dora_down:
-            y = x.new_zeros(T, d_pairs.shape[1], dtype=torch.float32).index_add(0, tokens, w * d_pairs)
-        else:
-            y = y.index_add(0, tokens, w * d_pairs)
+    if down_lora is not None and down_lora.magnitude is not None:
+        y_pairs = (
+            down_proj(h.to(out_dtype)).to(dt)
+            + _per_expert(
+                h_in, pairs.counts, lambda e, he: F.linear(F.linear(he, down_lora.A[e].to(dt)), down_lora.B[e].to(dt))
+            )
+            * scaling
+        )
+        scales = [
+            dora_scale(down_weight, down_lora.A[e], down_lora.B[e], scaling, down_lora.magnitude[e]) for e in range(E)
+        ]
+        y_pairs = y_pairs * torch.repeat_interleave(torch.stack(scales), torch.tensor(pairs.counts), dim=0)
+        y = up.new_zeros(T, y_pairs.shape[1], dtype=dt).index_add(0, pairs.token, pairs.weight * y_pairs)
+        return y.to(out_dtype)
+
+    hbar = up.new_zeros(T, h.shape[1], dtype=dt).index_add(0, pairs.token, pairs.weight * h)
+    y = down_proj(hbar.to(out_dtype)).to(dt)
+    if down_bias is not None:
+        y = y + (weights.to(dt).sum(dim=-1, keepdim=True) - 1.0) * down_bias.to(dt)
+    if down_lora is not None and pairs.token.numel() > 0:
+        delta = _per_expert(
+            h_in, pairs.counts, lambda e, he: F.linear(F.linear(he, down_lora.A[e].to(dt)), down_lora.B[e].to(dt))
+        )
+        y = y.index_add(0, pairs.token, pairs.weight * scaling * delta)
     return y.to(out_dtype)
-
-
-def _scatter_rows(rows: Tensor, pieces: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """`rows` with each (selection, values) piece written in, out of place so autograd sees every piece."""
-    if not pieces:
-        return rows
-    sel = torch.cat([s for s, _ in pieces])
-    values = torch.cat([v for _, v in pieces])
-    return rows.index_put((sel,), values)

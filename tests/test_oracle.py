@@ -24,7 +24,7 @@ from moelora.reference import ExpertLora
 
 F64 = torch.float64
 # The precision moelora.reference computes in for float64 inputs (see test_*_float64 below).
-REF_EPS = torch.finfo(torch.float32).eps
+REF_EPS = torch.finfo(F64).eps
 # Adapter parameters are fp32 whatever the base dtype (MoE-PEFT's choice), so their gradients are fp32 too.
 ADAPTER_EPS = torch.finfo(torch.float32).eps
 F64_EPS = torch.finfo(F64).eps
@@ -469,21 +469,7 @@ def test_lora_linear_module(family, overrides):
     _check_lora_linear_module(family, overrides, ADAPTER_EPS)
 
 
-# -- the float64 goal ------------------------------------------------------------------------------
-# Each of these passes once the reference computes in promote_types(input dtype, float32) instead of
-# casting to fp32 (checked with such a patched copy of moelora/reference.py): then set REF_EPS = F64_EPS.
-
-FP32_COMPUTE = pytest.mark.xfail(
-    strict=True,
-    reason="moelora/reference.py casts float64 inputs DOWN to fp32 (x.float(), rows.float(), fp32 buffers): route "
-    "returns fp32 for fp64 inputs, and moe_lora/mixlora_ffn raise on fp64 routing weights (index_add of an fp64 "
-    "source into an fp32 buffer)",
-)
-LORA_LINEAR_FP32 = pytest.mark.xfail(
-    strict=True,
-    reason="reference.lora computes in fp32 (x.float()), and LoraLinear.forward's DoRA branch "
-    "(moelora/layers.py, y.float() * dora_scale(...)) casts a float64 output down to fp32",
-)
+# -- float64 end to end: the reference computes in promote_types(input dtype, float32) ------------------
 
 
 def pick(cases: list, *ids: str) -> list:
@@ -493,7 +479,6 @@ def pick(cases: list, *ids: str) -> list:
 F64_MODULE_CASES = pick(MODULE_CASES, "llama-dora", "phi3-dynamic-dora", "phi-dynamic-dora")
 
 
-@FP32_COMPUTE
 @pytest.mark.parametrize(
     ("T", "H", "E", "top_k", "top_p", "std"), pick(ROUTE_CASES, "T33-H20-E8-k2", "T33-H20-E8-p0.8")
 )
@@ -502,7 +487,6 @@ def test_route_float64(T, H, E, top_k, top_p, std):
     assert ref.weights.dtype == ref.probs.dtype == F64
 
 
-@FP32_COMPUTE
 @pytest.mark.parametrize(
     ("T", "H", "out", "E", "k", "r", "scaling", "tag"), pick(MOE_LORA_CASES, "T33-H20-O36-E8-k2-r8-s2")
 )
@@ -510,7 +494,6 @@ def test_moe_lora_float64(T, H, out, E, k, r, scaling, tag):
     _check_moe_lora(T, H, out, E, k, r, scaling, tag, F64_EPS, F64)
 
 
-@FP32_COMPUTE
 @pytest.mark.parametrize(
     "c", pick(FFN_CASES, "T33-H20-I36-E8-k2-r8", "T33-H20-I36-E8-p0.8-r4-top-p-down-bias", "T33-H20-I36-E8-k8-r8-dora")
 )
@@ -518,13 +501,11 @@ def test_mixlora_ffn_float64(c):
     _check_ffn(c, F64_EPS)
 
 
-@FP32_COMPUTE
 @pytest.mark.parametrize(("family", "overrides"), F64_MODULE_CASES)
 def test_mixlora_ffn_module_float64(family, overrides):
     _check_ffn_module(family, overrides, F64_EPS, adapters_f64=True)
 
 
-@LORA_LINEAR_FP32
 @pytest.mark.parametrize(("family", "overrides"), F64_MODULE_CASES)
 def test_lora_linear_module_float64(family, overrides):
     _check_lora_linear_module(family, overrides, F64_EPS, adapters_f64=True)
