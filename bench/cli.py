@@ -1,81 +1,48 @@
-"""`python3 -m bench`: latency of the MixLoRA FFN providers, parity-checked first, saved under bench/results/."""
+"""`python3 -m bench`: latency of the MixLoRA suites' providers, parity-checked first, saved under bench/results/."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
 import json
 import platform
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from bench.providers import (
-    ALL_PROVIDERS,
-    MOE_PROVIDERS,
-    PROVIDERS,
-    Shape,
-    grad_targets,
-    make_inputs,
-    mixlora_pkg_missing,
-    mixlora_pkg_version,
-)
-from bench.timing import (
-    MODES,
-    ROUTER_GRAD_TOLERANCE,
-    TOLERANCE,
-    Parity,
-    Timing,
-    check_parity,
-    make_step,
-    measure,
-    reference_outputs,
-)
+from bench import memory
+from bench.plot import plot
+from bench.providers import mixlora_pkg_version
+from bench.suites import SUITES, Preset, Suite
+from bench.timing import Timing, check_parity, measure
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# (numerator, denominator, what a value above 1 means), shown when both providers ran.
-RATIOS = (
-    ("loop", "reference", "reference is that many times faster than the mixlora-style loop"),
-    ("mixlora-pkg", "reference", "reference is that many times faster than the mixlora package"),
-    ("reference", "lora", "what the MoE of LoRAs costs over one dense LoRA per projection"),
-    ("reference", "base", "what the MoE of LoRAs costs over the frozen FFN alone"),
-)
-
-
-@dataclass(frozen=True)
-class Preset:
-    T: tuple[int, ...]
-    H: int
-    I: int  # intermediate size
-    E: int = 8
-    k: int = 2
-    r: int = 16
-    warmup: int = 2
-    repeats: int = 10
-
-
-PRESETS = {
-    # Every provider and mode in about 35 s on one idle CPU core (2.5 min on two busy ones).
-    "small": Preset(T=(1, 128, 512), H=512, I=1408, warmup=3, repeats=15),
-    # The shape of the issue that asked for this comparison.
-    "issue2": Preset(T=(2048,), H=1024, I=2816),
-    "llama2-7b": Preset(T=(1, 32, 512, 2048), H=4096, I=11008),
-    "llama3-8b": Preset(T=(1, 32, 512, 2048), H=4096, I=14336),
-}
+ALL_PROVIDERS = tuple(dict.fromkeys(p for s in SUITES.values() for p in s.providers))
+ALL_MODES = tuple(dict.fromkeys(m for s in SUITES.values() for m in s.modes))
+PRESET_NAMES = tuple(dict.fromkeys(p for s in SUITES.values() for p in s.presets))
+# argparse destination -> the preset dimension it overrides (in every suite that has that dimension).
+DIM_FLAGS = {"H": "H", "I": "I", "E": "E", "k": "k", "r": "r", "top_p": "top_p", "seq": "S", "new_tokens": "N"}
+# a suite's row dimension -> the argparse destination that replaces its rows.
+CASE_FLAGS = {"T": "T", "B": "batch"}
 
 
 def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
 
-def _name_list(allowed: tuple[str, ...]):
+def _name_list(allowed: tuple[str, ...], everything: str | None = None):
     def parse(text: str) -> tuple[str, ...]:
+        if everything is not None and text.strip() == everything:
+            return allowed
         names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
         bad = [n for n in names if n not in allowed]
         if bad:
@@ -88,24 +55,33 @@ def _name_list(allowed: tuple[str, ...]):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python3 -m bench",
-        description="Latency of one MixLoRA FFN: the mixlora-style expert loop vs moelora vs LoRA vs the base FFN.",
+        description="Latency of MixLoRA: the FFN, the router, the expert LoRAs and a tiny model, provider by provider.",
     )
-    p.add_argument("--preset", choices=PRESETS, default="small", help="named shape set (default: small)")
-    p.add_argument("--T", type=_int_list, help="token counts, comma separated (overrides the preset)")
+    suites = ", ".join(SUITES)
+    p.add_argument(
+        "--suite", type=_name_list(tuple(SUITES), "all"), default=("ffn",), help=f"{suites}, a comma list or all"
+    )
+    p.add_argument("--preset", choices=PRESET_NAMES, default="small", help="named shape set (default: small)")
+    p.add_argument("--T", type=_int_list, help="token counts, comma separated (op suites' rows)")
+    p.add_argument("--batch", type=_int_list, help="batch sizes, comma separated (model suite's rows)")
     p.add_argument("--H", type=int, help="hidden size")
-    p.add_argument("--I", type=int, help="intermediate size")
+    p.add_argument("--I", type=int, help="intermediate size (moe_lora: output size)")
     p.add_argument("--E", type=int, help="number of experts")
     p.add_argument("--k", type=int, help="top-k")
     p.add_argument("--r", type=int, help="LoRA rank")
+    p.add_argument("--top-p", type=float, help="route suite: top-p routing (mixlora-dynamic) instead of top-k")
+    p.add_argument("--seq", type=int, help="model suite: train sequence length")
+    p.add_argument("--new-tokens", type=int, help="model suite: tokens generated per call")
     p.add_argument("--dtype", choices=[*DTYPES, *DTYPE_ALIASES], default="float32", help="base weights and x")
-    providers_help = f"comma list of {', '.join(ALL_PROVIDERS)} (default: all)"
-    p.add_argument("--providers", type=_name_list(ALL_PROVIDERS), default=ALL_PROVIDERS, help=providers_help)
-    p.add_argument("--modes", type=_name_list(MODES), default=MODES, help="comma list of fwd, fwd+bwd (default: both)")
+    p.add_argument("--providers", type=_name_list(ALL_PROVIDERS), help=f"comma list of {', '.join(ALL_PROVIDERS)}")
+    p.add_argument("--modes", type=_name_list(ALL_MODES), help=f"comma list of {', '.join(ALL_MODES)}")
     p.add_argument("--repeats", type=int, help="timed runs per case (median reported)")
     p.add_argument("--warmup", type=int, help="untimed runs before them")
     threads_help = "torch CPU threads (default: torch's current count)"
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help=threads_help)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:n]")
+    memory_help = f"CPU: peak RSS growth of every case over {memory.CALLS} calls, in a subprocess (seconds per case)"
+    p.add_argument("--memory", action="store_true", help=memory_help)
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default: bench/results)")
     p.add_argument("--no-save", action="store_true", help="print only, write no files")
     return p.parse_args(argv)
@@ -185,120 +161,225 @@ class _Progress:
             self.bar.close()
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Parity, then timing of every (T, mode, provider); returns the report that is printed and saved."""
-    preset = PRESETS[args.preset]
-    dims = {d: getattr(args, d) if getattr(args, d) is not None else getattr(preset, d) for d in "THIEkr"}
-    dtype_name = DTYPE_ALIASES.get(args.dtype, args.dtype)
-    dtype = DTYPES[dtype_name]
+@dataclass
+class Plan:
+    """One suite's run: the preset with the CLI's overrides, its rows, and what runs."""
+
+    suite: Suite
+    preset: Preset
+    custom: bool
+    shapes: list[Any]
+    providers: list[str]
+    modes: list[str]
+    notes: list[str]
+
+    @property
+    def cases(self) -> int:
+        return len(self.shapes) * len(self.modes) * len(self.providers)
+
+
+def plan(suite: Suite, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Plan | str:
+    """The plan of `suite` under `args`, or why it does not run."""
+    if args.preset not in suite.presets:
+        return f"suite {suite.name} skipped: it has no preset {args.preset} (it has {', '.join(suite.presets)})"
+    preset = suite.presets[args.preset]
+    cases = getattr(args, CASE_FLAGS[suite.case])
+    dims = dict(preset.dims)
+    for flag, dim in DIM_FLAGS.items():
+        if dim in dims and getattr(args, flag) is not None:
+            dims[dim] = getattr(args, flag)
     warmup = args.warmup if args.warmup is not None else preset.warmup
     repeats = args.repeats if args.repeats is not None else preset.repeats
     if repeats < 1 or warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    resolved = dataclasses.replace(preset, cases=cases or preset.cases, dims=dims, warmup=warmup, repeats=repeats)
+    custom = resolved.cases != preset.cases or dims != preset.dims or dtype != torch.float32
+
+    notes = list(suite.notes)
+    wanted = args.providers if args.providers is not None else suite.providers
+    providers = []
+    for name in (p for p in suite.providers if p in wanted):
+        if (why := suite.missing(name, device)) is not None:
+            notes.append(why)
+        else:
+            providers.append(name)
+    modes = [m for m in suite.modes if args.modes is None or m in args.modes]
+    if not providers or not modes:
+        return f"suite {suite.name} skipped: none of its providers or modes selected" + (
+            f" ({'; '.join(notes)})" if notes else ""
+        )
+    shapes = [suite.shape(case, dims) for case in resolved.cases]
+    return Plan(suite, resolved, custom, shapes, providers, modes, notes)
+
+
+def run_suite(p: Plan, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, progress: _Progress) -> dict:
+    """Parity, then timing of every (row, mode, provider) of one suite; returns its entry of the report."""
+    suite, key = p.suite, p.suite.case
+    checked = [name for name in p.providers if name in suite.checked]
+    with_grads = suite.grad_mode in p.modes
+    entry = {
+        "title": suite.title,
+        "preset": args.preset,
+        "label": args.preset + ("-custom" if p.custom else ""),
+        "case": key,
+        key: list(p.preset.cases),
+        "shape": p.preset.dims,
+        "modes": p.modes,
+        "providers": p.providers,
+        "warmup": p.preset.warmup,
+        "repeats": p.preset.repeats,
+        "notes": p.notes,
+        "parity": [],
+        "results": [],
+        "ratio_meaning": {f"{a}/{b}": why for a, b, why in suite.ratios if {a, b} <= set(p.providers)},
+    }
+    for line in p.notes:
+        progress.log(f"note: {suite.name}: {line}")
+    for shape in p.shapes:
+        case, inp, failed = getattr(shape, key), None, set()
+        if checked:
+            # Parity runs in fp32 whatever --dtype: the same seeded numbers, before any rounding to 16 bits.
+            progress.start(f"{suite.name} parity {shape.label()}")
+            inp = suite.make_inputs(shape, torch.float32, device)
+            want = suite.outputs("reference", inp, with_grads)
+            for name in checked:
+                parity = check_parity(suite, name, inp, with_grads, want)
+                summary = parity.summary()
+                entry["parity"].append({key: case, "grads_checked": with_grads, **asdict(parity), "summary": summary})
+                progress.log(f"{suite.name} parity {shape.label()} {summary}")
+                if not parity.ok:
+                    failed.add(name)
+            del want
+        if inp is None or dtype != torch.float32:
+            inp = suite.make_inputs(shape, dtype, device)
+        for mode in p.modes:
+            for name in p.providers:
+                progress.start(f"{suite.name} {shape.label()} {mode} {name}")
+                row = {key: case, "mode": mode, "provider": name}
+                if name in failed:
+                    row["status"] = "parity FAILED"
+                else:
+                    row |= _time_case(suite, shape, name, mode, inp, args, device, p.preset, progress)
+                entry["results"].append(row)
+                progress.advance()
+        del inp
+    entry["ratios"] = _ratios(entry)
+    return entry
+
+
+def _time_case(
+    suite: Suite,
+    shape: Any,
+    name: str,
+    mode: str,
+    inp: Any,
+    args: argparse.Namespace,
+    device: torch.device,
+    preset: Preset,
+    progress: _Progress,
+) -> dict:
+    what = f"{suite.name} {shape.label()} {mode} {name}"
+    try:
+        step = suite.step(name, inp, mode)
+        graph = suite.cuda_graph(name, shape, mode, device)
+        timing: Timing = measure(step, device, preset.warmup, preset.repeats, cuda_graph=graph)
+    except Exception as exc:  # one broken case (say out of memory) must not lose the rest
+        row = {"status": f"error: {type(exc).__name__}: {exc}"}
+        progress.log(f"{what}: {row['status']}")
+        return row
+    del step
+    row = {"status": "ok"} | asdict(timing)
+    if timing.graph_error is not None:
+        progress.log(f"{what}: CUDA graph capture failed, timed eagerly ({timing.graph_error})")
+    if (tokens := suite.tokens_per_call(shape, mode)) is not None:
+        row["tokens_per_s"] = tokens / (timing.median_ms / 1e3)
+    if args.memory and device.type == "cpu":
+        try:
+            row["peak_mem_mib"] = memory.probe(suite.name, shape, name, mode, _dtype_name(args), args.threads)
+        except (RuntimeError, OSError) as exc:
+            row["memory_error"] = str(exc)
+            progress.log(f"{what}: {exc}")
+    return row
+
+
+def _dtype_name(args: argparse.Namespace) -> str:
+    return DTYPE_ALIASES.get(args.dtype, args.dtype)
+
+
+def _memory_meaning(args: argparse.Namespace, device: torch.device) -> str | None:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated over the timed repeats, inputs included (the L2 flush buffer not)"
+    if args.memory:
+        return (
+            f"CPU: rise of the peak RSS (VmHWM) over {memory.CALLS} calls in a fresh subprocess, above its own RSS "
+            "after set-up: what the calls add (activations, outputs, gradients, optimiser state, allocator "
+            "caching), inputs and weights not included"
+        )
+    return None
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every selected suite: parity, then timing; returns the report that is printed and saved."""
+    dtype = DTYPES[_dtype_name(args)]
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    custom = any(dims[d] != getattr(preset, d) for d in "THIEkr") or dtype != torch.float32
-
-    notes = []
-    providers = list(args.providers)
-    if "mixlora-pkg" in providers and (why := mixlora_pkg_missing()) is not None:
-        providers.remove("mixlora-pkg")
-        notes.append(why)
-    if {"lora", "base"} & set(providers):
-        notes.append("lora and base compute different math (no router): timed, never parity-checked")
-    if device.type != "cuda":
-        notes.append("peak memory: n/a on CPU (no honest per-op allocator statistic)")
+    notes, plans = [], []
+    for name in args.suite:
+        planned = plan(SUITES[name], args, device, dtype)
+        if isinstance(planned, str):
+            notes.append(planned)
+        else:
+            plans.append(planned)
+    if not plans:
+        raise SystemExit("nothing to run: " + "; ".join(notes))
+    meaning = _memory_meaning(args, device)
+    if meaning is None:
+        notes.append("peak memory: not measured on CPU unless --memory (a subprocess per case)")
+    elif args.memory and device.type != "cpu":
+        notes.append("--memory is for CPU runs; on CUDA the allocator's peak is always reported")
+    if args.memory and device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
+        notes.append("--memory needs Linux's /proc/self/clear_refs and VmHWM: every probe will fail here")
     notes.append(
-        "fwd runs under torch.no_grad; fwd+bwd differentiates sum(y * grad_out) w.r.t. x, the router and "
-        "the LoRA tensors (base: x only), never the frozen weights"
+        "fwd runs under torch.no_grad; fwd+bwd differentiates sum(out * grad_out) w.r.t. the inputs and the "
+        "adapter tensors, never the frozen weights"
     )
-    checked = [p for p in providers if p in MOE_PROVIDERS and p != "reference"]
-    with_grads = "fwd+bwd" in args.modes
-
+    suites = [pl.suite.name for pl in plans]
     report = {
-        "preset": args.preset,
-        "label": args.preset + ("-custom" if custom else ""),
+        "label": args.preset + ("-custom" if any(pl.custom for pl in plans) else ""),
         "date": datetime.date.today().isoformat(),
         "device": device_string(device, args.threads),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "torch": torch.__version__,
         "triton": _version("triton"),
+        "transformers": _version("transformers"),
         "mixlora": mixlora_pkg_version(),
         "git_commit": _git_commit(),
         "threads": args.threads,
-        "dtype": dtype_name,
-        "shape": {d: dims[d] for d in "HIEkr"},
-        "T": list(dims["T"]),
-        "modes": list(args.modes),
-        "providers": providers,
-        "warmup": warmup,
-        "repeats": repeats,
+        "dtype": _dtype_name(args),
+        "memory": meaning,
         "notes": notes,
-        "parity_tolerance": {"default": TOLERANCE, "drouter": ROUTER_GRAD_TOLERANCE},
-        "parity": [],
-        "results": [],
+        "suites": suites,
     }
-
-    progress = _Progress(len(dims["T"]) * len(args.modes) * len(providers))
+    progress = _Progress(sum(pl.cases for pl in plans))
     for line in notes:
         progress.log(f"note: {line}")
-    for T in dims["T"]:
-        shape = Shape(T, dims["H"], dims["I"], dims["E"], dims["k"], dims["r"])
-        inp = make_inputs(shape, dtype, device)
-        failed = set()
-        if checked:
-            progress.start(f"parity {shape.label()}")
-            want = reference_outputs(inp, with_grads)
-            for name in checked:
-                parity = check_parity(name, inp, with_grads, want)
-                report["parity"].append({"T": T, "grads_checked": with_grads, **asdict(parity)})
-                progress.log(f"parity {shape.label()} {parity.summary()}")
-                if not parity.ok:
-                    failed.add(name)
-            del want
-        for mode in args.modes:
-            for name in providers:
-                progress.start(f"{shape.label()} {mode} {name}")
-                row = {"T": T, "mode": mode, "provider": name}
-                if name in failed:
-                    row["status"] = "parity FAILED"
-                else:
-                    try:
-                        fn = PROVIDERS[name](inp)
-                        step = make_step(fn, [t for _, t in grad_targets(name, inp)], inp.grad_out, mode)
-                        timing: Timing = measure(step, device, warmup, repeats)
-                    except Exception as exc:  # one broken case (say out of memory) must not lose the rest
-                        row["status"] = f"error: {type(exc).__name__}: {exc}"
-                        progress.log(f"{shape.label()} {mode} {name}: {row['status']}")
-                    else:
-                        row |= {"status": "ok"} | asdict(timing)
-                report["results"].append(row)
-                progress.advance()
-        del inp
+    for pl in plans:
+        report[pl.suite.name] = run_suite(pl, args, device, dtype, progress)
     progress.close()
-    report["ratios"] = _ratios(report)
     return report
 
 
-def _medians(report: dict) -> dict[tuple[int, str, str], float]:
-    return {(r["T"], r["mode"], r["provider"]): r["median_ms"] for r in report["results"] if r["status"] == "ok"}
-
-
-def _ratio_columns(report: dict) -> list[tuple[str, str, str]]:
-    return [(a, b, why) for a, b, why in RATIOS if a in report["providers"] and b in report["providers"]]
-
-
-def _ratios(report: dict) -> list[dict]:
-    med = _medians(report)
+def _ratios(entry: dict) -> list[dict]:
+    key = entry["case"]
+    med = {(r[key], r["mode"], r["provider"]): r["median_ms"] for r in entry["results"] if r["status"] == "ok"}
     rows = []
-    for T in report["T"]:
-        for mode in report["modes"]:
-            row = {"T": T, "mode": mode}
-            for a, b, _ in _ratio_columns(report):
-                if (T, mode, a) in med and (T, mode, b) in med:
-                    row[f"{a}/{b}"] = med[T, mode, a] / med[T, mode, b]
-                else:
-                    row[f"{a}/{b}"] = None
+    for case in entry[key]:
+        for mode in entry["modes"]:
+            row: dict[str, Any] = {key: case, "mode": mode}
+            for ratio in entry["ratio_meaning"]:
+                a, b = ratio.split("/")
+                both = (case, mode, a) in med and (case, mode, b) in med
+                row[ratio] = med[case, mode, a] / med[case, mode, b] if both else None
             rows.append(row)
     return rows
 
@@ -307,61 +388,98 @@ def _ms(v: float) -> str:
     return f"{v:.3f}" if v < 10 else f"{v:.1f}"
 
 
-def markdown(report: dict) -> str:
-    """The header, the table of medians (ms) and ratios, parity, notes: what is printed and saved as .md."""
-    s = report["shape"]
+def _table(
+    entry: dict,
+    cell: Callable[[dict], str],
+    extra_header: tuple[str, ...] = (),
+    extra: Callable[[int, str], list[str]] = lambda case, mode: [],
+) -> list[str]:
+    """A markdown table: one line per (row size, mode), one column per provider, then the extra columns."""
+    key = entry["case"]
+    results = {(r[key], r["mode"], r["provider"]): r for r in entry["results"]}
+    header = [key, "mode", *entry["providers"], *extra_header]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    for case in entry[key]:
+        for mode in entry["modes"]:
+            cells = [cell(results[case, mode, name]) for name in entry["providers"]]
+            lines.append("| " + " | ".join([str(case), mode, *cells, *extra(case, mode)]) + " |")
+    return lines
+
+
+def _latency_cell(r: dict) -> str:
+    if r["status"] != "ok":
+        return r["status"].split(":")[0]
+    return _ms(r["median_ms"]) + (" (g)" if r.get("cuda_graph") else "")
+
+
+def _suite_markdown(name: str, entry: dict, report: dict) -> list[str]:
+    dims = " ".join(f"{k}={v}" for k, v in entry["shape"].items() if v is not None)
     lines = [
-        f"### MixLoRA FFN latency, median ms ({report['label']}: H={s['H']} I={s['I']} E={s['E']} k={s['k']} "
-        f"r={s['r']}, {report['dtype']})",
+        f"### {entry['title']} latency, median ms ({name} suite, {entry['label']}: {dims}, {report['dtype']})",
         "",
-        f"device `{report['device']}`, {report['threads']} thread(s), torch {report['torch']}, "
-        f"commit {(report['git_commit'] or 'unknown')[:12]}, {report['date']}, "
-        f"median of {report['repeats']} after {report['warmup']} warm-up",
+        f"median of {entry['repeats']} after {entry['warmup']} warm-up",
         "",
     ]
-    status = {(r["T"], r["mode"], r["provider"]): r for r in report["results"]}
-    ratio_cols = _ratio_columns(report)
-    header = ["T", "mode", *report["providers"], *(f"{a}/{b}" for a, b, _ in ratio_cols)]
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
-    ratios = {(r["T"], r["mode"]): r for r in report["ratios"]}
-    for T in report["T"]:
-        for mode in report["modes"]:
-            cells = [str(T), mode]
-            for name in report["providers"]:
-                r = status[T, mode, name]
-                cells.append(_ms(r["median_ms"]) if r["status"] == "ok" else r["status"].split(":")[0])
-            for a, b, _ in ratio_cols:
-                v = ratios[T, mode][f"{a}/{b}"]
-                cells.append("n/a" if v is None else f"{v:.2f}x")
-            lines.append("| " + " | ".join(cells) + " |")
+    ratios = {(r[entry["case"]], r["mode"]): r for r in entry["ratios"]}
+    ratio_names = tuple(entry["ratio_meaning"])
+
+    def ratio_cells(case: int, mode: str) -> list[str]:
+        values = [ratios[case, mode][n] for n in ratio_names]
+        return ["n/a" if v is None else f"{v:.2f}x" for v in values]
+
+    lines += _table(entry, _latency_cell, ratio_names, ratio_cells)
     lines.append("")
-    lines += [f"- `{a}/{b}` above 1: {why}" for a, b, why in ratio_cols]
-    if any(r.get("peak_mem_mib") is not None for r in report["results"]):
-        lines += ["", "| T | mode | provider | peak MiB |", "|---:|---:|---:|---:|"]
-        lines += [
-            f"| {r['T']} | {r['mode']} | {r['provider']} | {r['peak_mem_mib']:.0f} |"
-            for r in report["results"]
-            if r.get("peak_mem_mib") is not None
-        ]
-    if report["parity"]:
+    lines += [f"- `{ratio}` above 1: {why}" for ratio, why in entry["ratio_meaning"].items()]
+    if any(r.get("cuda_graph") for r in entry["results"]):
+        lines.append("- `(g)`: timed as a CUDA graph replay (decode-sized T, providers without host syncs)")
+    if any("tokens_per_s" in r for r in entry["results"]):
+        lines += ["", "Throughput, generated tokens per second (prefill included):", ""]
+        lines += _table(
+            {**entry, "modes": [m for m in entry["modes"] if m == "generate"]},
+            lambda r: f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else r["status"].split(":")[0],
+        )
+    if any(r.get("peak_mem_mib") is not None for r in entry["results"]):
+        lines += ["", f"Peak memory, MiB ({report['memory']}):", ""]
+        lines += _table(entry, lambda r: f"{r['peak_mem_mib']:.1f}" if r.get("peak_mem_mib") is not None else "n/a")
+    if entry["parity"]:
         lines += ["", "Parity against reference (max |got - want| / max |want|):"]
-        lines += [f"- T={p['T']} {Parity(**_parity_fields(p)).summary()}" for p in report["parity"]]
-    lines += ["", *(f"Note: {n}" for n in report["notes"])]
+        lines += [f"- {entry['case']}={p[entry['case']]} {p['summary']}" for p in entry["parity"]]
+    lines += [f"Note: {n}" for n in entry["notes"]]
+    return [*lines, ""]
+
+
+def markdown(report: dict) -> str:
+    """Device line, then per suite the table of medians (ms) and ratios, parity, notes: printed and saved as .md."""
+    lines = [
+        f"device `{report['device']}` ({report['device_name']}), {report['threads']} thread(s), "
+        f"torch {report['torch']}, commit {(report['git_commit'] or 'unknown')[:12]}, {report['date']}",
+        "",
+    ]
+    for name in report["suites"]:
+        lines += _suite_markdown(name, report[name], report)
+    lines += [f"Note: {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
 
 
-def _parity_fields(p: dict) -> dict:
-    return {k: p[k] for k in ("provider", "ok", "rel_err", "error")}
+def stem(report: dict) -> str:
+    """<device>-[<suites>-]<preset>[-custom]-<date>; the ffn suite alone keeps the name it always had."""
+    suites = report["suites"]
+    which = "" if suites == ["ffn"] else ("all-" if len(suites) == len(SUITES) else "-".join(suites) + "-")
+    return f"{report['device']}-{which}{report['label']}-{report['date']}"
 
 
-def save(report: dict, text: str, out: Path) -> tuple[Path, Path]:
-    """<device>-<preset>-<date>.json and .md; a custom shape adds -custom so it never replaces a preset's file."""
+def save(report: dict, text: str, out: Path) -> list[Path]:
+    """<stem>.json, .md and (matplotlib installed) .png; a custom shape adds -custom so it never replaces a preset's."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['device']}-{report['label']}-{report['date']}"
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    name = stem(report)
+    json_path, md_path, png_path = out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     md_path.write_text(text)
-    return json_path, md_path
+    why = plot(report, png_path)
+    if why is not None:
+        print(f"note: {why}")
+        return [json_path, md_path]
+    return [json_path, md_path, png_path]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,12 @@ The factory does the one-time set-up (the mixlora package builds modules), the c
                  the frozen down projection runs once per expert on that expert's gathered rows
     mixlora-pkg  the mixlora package's own MixLoraSparseMoe, when `import mixlora` works
     reference    moelora.reference.route + moelora.reference.mixlora_ffn: Wd runs once, on T rows
+    fused        moelora.ops.route + moelora.ops.mixlora_ffn under the fused backend (C++ on CPU, Triton on
+                 CUDA), when that backend is available
     lora         the frozen FFN with one dense LoRA on each of gate/up/down, as PEFT does (no router)
     base         the frozen FFN alone
 
-loop, mixlora-pkg and reference compute the same function; lora and base compute different math and
+loop, mixlora-pkg, reference and fused compute the same function; lora and base compute different math and
 are there as the floor a MoE of LoRAs is measured against.
 """
 
@@ -20,17 +22,18 @@ import importlib.metadata
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelora import reference
+from bench.fused import backend_name
+from moelora import backend, ops, reference
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
-MOE_PROVIDERS = ("loop", "mixlora-pkg", "reference")
-ALL_PROVIDERS = ("loop", "mixlora-pkg", "reference", "lora", "base")
+MOE_PROVIDERS = ("loop", "mixlora-pkg", "reference", "fused")
+ALL_PROVIDERS = ("loop", "mixlora-pkg", "reference", "fused", "lora", "base")
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,8 @@ class Shape:
     k: int
     r: int
 
-    def label(self) -> str:
-        return f"T{self.T}-H{self.H}-I{self.I}-E{self.E}-k{self.k}-r{self.r}"
+    def label(self, fields: str = "THIEkr") -> str:
+        return "-".join(f"{f}{getattr(self, f)}" for f in fields)
 
 
 @dataclass
@@ -148,12 +151,12 @@ def loop_ffn(inp: FfnInputs) -> Tensor:
     return y.to(x.dtype)
 
 
-def reference_ffn(inp: FfnInputs) -> Tensor:
-    """moelora.reference called directly, so that no backend choice changes what runs."""
+def _mixlora(impl: ModuleType, inp: FfnInputs) -> Tensor:
+    """route + mixlora_ffn of `impl` (moelora.reference or moelora.ops), as MixLoraFFN calls them."""
     x = inp.x
-    routing = reference.route(x, inp.router, top_k=inp.top_k)
+    routing = impl.route(x, inp.router, top_k=inp.top_k)
     loras = {p: reference.ExpertLora(*inp.experts[p]) for p in PROJ}
-    return reference.mixlora_ffn(
+    return impl.mixlora_ffn(
         x,
         inp.gate_proj(x),
         inp.up_proj(x),
@@ -166,6 +169,22 @@ def reference_ffn(inp: FfnInputs) -> Tensor:
         act=F.silu,
         scaling=inp.scaling,
     )
+
+
+def reference_ffn(inp: FfnInputs) -> Tensor:
+    """moelora.reference called directly, so that no backend choice changes what runs."""
+    return _mixlora(reference, inp)
+
+
+def fused_ffn(inp: FfnInputs) -> Callable[[], Tensor]:
+    """moelora.ops under the device's fused backend; the backend is entered per call (microseconds)."""
+    name = backend_name(inp.x.device)
+
+    def run() -> Tensor:
+        with backend.set_backend(name):
+            return _mixlora(ops, inp)
+
+    return run
 
 
 def lora_ffn(inp: FfnInputs) -> Tensor:
@@ -260,6 +279,7 @@ PROVIDERS: dict[str, Callable[[FfnInputs], Callable[[], Tensor]]] = {
     "loop": _pure(loop_ffn),
     "mixlora-pkg": mixlora_pkg,
     "reference": _pure(reference_ffn),
+    "fused": fused_ffn,
     "lora": _pure(lora_ffn),
     "base": _pure(base_ffn),
 }

@@ -6,30 +6,34 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from bench.providers import PROVIDERS, FfnInputs, grad_targets, with_dtype
-
-MODES = ("fwd", "fwd+bwd")
-
+if TYPE_CHECKING:
+    from bench.suites import Suite
 
 # Allowed max |got - want| / max |want|, in fp32. Summing in another order (Wd per expert or once) moves
-# y and the x / LoRA gradients by ~1e-6 (at most 1.9e-6 over 200 seeds at T=1). The router gradient is a
-# difference of the chosen experts' contributions and loses digits when they nearly cancel: median 1.2e-6,
-# p99 5.7e-5, max 1.8e-3 over the same 200 seeds. A wrong formula moves either by far more than its bound.
+# y and the x / LoRA gradients by ~1e-6 (at most 1.9e-6 over 200 seeds at T=1). The router gradient of a
+# whole FFN is a difference of the chosen experts' contributions and loses digits when they nearly cancel:
+# median 1.2e-6, p99 5.7e-5, max 1.8e-3 over the same 200 seeds. A wrong formula moves either by far more.
 TOLERANCE = 1e-4
 ROUTER_GRAD_TOLERANCE = 1e-2
 
+# Bytes written between timed CUDA runs so that no run finds its inputs in L2 (50 MiB on an H100, 60 on
+# an H200), as triton.testing.do_bench does.
+L2_FLUSH_BYTES = 256 * 2**20
 
-def tolerance(key: str) -> float:
-    return ROUTER_GRAD_TOLERANCE if key == "drouter" else TOLERANCE
+
+def primary(out: Any) -> Tensor:
+    """The output a backward starts from: y itself, or the first field (weights) of a Routing."""
+    return out if isinstance(out, Tensor) else out[0]
 
 
-def make_step(fn: Callable[[], Tensor], targets: list[Tensor], grad_out: Tensor, mode: str) -> Callable[[], object]:
+def make_step(fn: Callable[[], Any], targets: list[Tensor], grad_out: Tensor, mode: str) -> Callable[[], object]:
     """One timed unit. fwd: inference, under no_grad. fwd+bwd: forward, then the gradients of
-    sum(y * grad_out) with respect to `targets` (autograd.grad, so nothing accumulates between repeats)."""
+    sum(out * grad_out) with respect to `targets` (autograd.grad, so nothing accumulates between repeats)."""
     if mode == "fwd":
 
         def step() -> object:
@@ -38,8 +42,8 @@ def make_step(fn: Callable[[], Tensor], targets: list[Tensor], grad_out: Tensor,
 
         return step
     if mode == "fwd+bwd":
-        return lambda: torch.autograd.grad(fn(), targets, grad_out)
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        return lambda: torch.autograd.grad(primary(fn()), targets, grad_out)
+    raise ValueError(f"mode must be fwd or fwd+bwd, got {mode!r}")
 
 
 @dataclass
@@ -47,54 +51,41 @@ class Parity:
     provider: str
     ok: bool
     rel_err: dict[str, float]  # output name ("y", "d<input>") -> max |got - want| / max |want|
+    allowed: dict[str, float]  # output name -> its bound
     error: str | None = None  # what the provider raised, if it did
 
     def summary(self) -> str:
         if self.error is not None:
             return f"{self.provider}: FAILED ({self.error})"
-        key = max(self.rel_err, key=lambda k: self.rel_err[k] / tolerance(k))
+        key = max(self.rel_err, key=lambda k: self.rel_err[k] / self.allowed[k])
         verdict = "ok" if self.ok else "FAILED"
-        err, tol = self.rel_err[key], tolerance(key)
+        err, tol = self.rel_err[key], self.allowed[key]
         return f"{self.provider}: {verdict} (nearest its bound: {key} rel err {err:.1e}, allowed {tol:.0e})"
 
 
-def _outputs(name: str, inp: FfnInputs, with_grads: bool) -> dict[str, Tensor]:
-    fn = PROVIDERS[name](inp)
-    if not with_grads:
-        with torch.no_grad():
-            return {"y": fn()}
-    named = grad_targets(name, inp)
-    y = fn()
-    grads = torch.autograd.grad(y, [t for _, t in named], inp.grad_out)
-    return {"y": y.detach()} | {f"d{n}": g for (n, _), g in zip(named, grads, strict=True)}
+def check_parity(suite: Suite, name: str, inp: Any, with_grads: bool, want: dict[str, Tensor] | None = None) -> Parity:
+    """Compare provider `name` of `suite` with its `reference` on `inp`: every output and, with_grads, gradient.
 
-
-def check_parity(name: str, inp: FfnInputs, with_grads: bool, want: dict[str, Tensor] | None = None) -> Parity:
-    """Compare provider `name` with `reference` on `inp`: y and, with_grads, every gradient.
-
-    Runs in fp32 whatever the dtype of `inp` (16-bit inputs are upcast): the providers round in different
-    places by design (the loop rounds every expert's Wd output), which in bf16 moves the router gradient
-    by tens of percent at T=1; parity checks the function, not the rounding.
-    `want` (reference_outputs of the same inputs) may be passed in to compute it once for several providers.
+    `inp` should be fp32 (the runner builds fp32 inputs for parity whatever --dtype): the providers round in
+    different places by design (the loop rounds every expert's Wd output), which in bf16 moves the router
+    gradient by tens of percent at T=1; parity checks the function, not the rounding.
+    `want` (suite.outputs("reference", ...)) may be passed in to compute it once for several providers.
     A provider that raises fails parity, with the error kept.
     """
-    inp = with_dtype(inp, torch.float32)
-    want = want if want is not None else reference_outputs(inp, with_grads)
+    want = want if want is not None else suite.outputs("reference", inp, with_grads)
+    allowed = {key: suite.tolerance(key) for key in want}
     try:
-        got = _outputs(name, inp, with_grads)
+        got = suite.outputs(name, inp, with_grads)
+        rel_err = {}
+        for key, w in want.items():
+            if got[key].shape != w.shape:
+                raise ValueError(f"{key} has shape {tuple(got[key].shape)}, the reference {tuple(w.shape)}")
+            scale = w.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
+            rel_err[key] = ((got[key].to(w.dtype) - w).abs().max() / scale).item()
     except Exception as exc:  # a provider that crashes is reported, not allowed to end the whole run
-        return Parity(name, False, {}, error=f"{type(exc).__name__}: {exc}")
-    rel_err = {}
-    for key, w in want.items():
-        scale = w.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
-        rel_err[key] = ((got[key] - w).abs().max() / scale).item()
-    ok = all(err <= tolerance(key) for key, err in rel_err.items())  # NaN compares False: a NaN fails
-    return Parity(name, ok, rel_err)
-
-
-def reference_outputs(inp: FfnInputs, with_grads: bool) -> dict[str, Tensor]:
-    """What check_parity compares against: the reference's y (and gradients), in fp32."""
-    return _outputs("reference", with_dtype(inp, torch.float32), with_grads)
+        return Parity(name, False, {}, allowed, error=f"{type(exc).__name__}: {exc}")
+    ok = all(err <= allowed[key] for key, err in rel_err.items())  # NaN compares False: a NaN fails
+    return Parity(name, ok, rel_err, allowed)
 
 
 @dataclass
@@ -103,26 +94,55 @@ class Timing:
     min_ms: float
     iqr_ms: float
     repeats: int
-    peak_mem_mib: float | None  # CUDA max_memory_allocated over the repeats, inputs included; None on CPU
+    peak_mem_mib: float | None  # CUDA: max_memory_allocated over the repeats, inputs included; CPU: None here
+    cuda_graph: bool = False  # timed as a CUDA graph replay
+    graph_error: str | None = None  # why the capture failed, when one was asked for
 
 
-def measure(step: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Timing:
-    """Warm-up runs, then `repeats` timed runs, each synchronised on CUDA (events), wall clock on CPU."""
+def cuda_graph_replay(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """`step` captured once into a CUDA graph; returns its replay. Warm-up on a side stream first, as
+    torch.cuda.graphs asks. Only for steps without host syncs (the reference's expert sizes are one)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def measure(
+    step: Callable[[], object], device: torch.device, warmup: int, repeats: int, cuda_graph: bool = False
+) -> Timing:
+    """Warm-up runs, then `repeats` timed runs: wall clock on CPU; on CUDA a pair of events around each run,
+    synchronised, with L2 flushed before it, and (cuda_graph) the run replayed from a captured graph."""
     for _ in range(warmup):
         step()
     times: list[float] = []
-    peak = None
+    peak, graphed, graph_error = None, False, None
     if device.type == "cuda":
+        if cuda_graph:
+            try:
+                step = cuda_graph_replay(step, device)
+                graphed = True
+            except Exception as exc:  # a step that syncs cannot be captured: time it eagerly instead
+                torch.cuda.synchronize(device)
+                graph_error = f"{type(exc).__name__}: {exc}"
+        flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         for _ in range(repeats):
+            flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             step()
             end.record()
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        peak = (torch.cuda.max_memory_allocated(device) - L2_FLUSH_BYTES) / 2**20
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -132,4 +152,4 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int, repea
         q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
     else:
         q1 = q3 = times[0]
-    return Timing(statistics.median(times), min(times), q3 - q1, len(times), peak)
+    return Timing(statistics.median(times), min(times), q3 - q1, len(times), peak, graphed, graph_error)

@@ -23,6 +23,7 @@ _why_missing: dict[str, str] = {
     "cpu": "the C++ extension moelora._C is not part of this release yet (it lands with the CPU backend issue)",
 }
 _override: list[str] = []
+_cpu_tried = False
 _warned: set[str] = set()
 
 
@@ -69,9 +70,28 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _load_cpu_backend() -> None:
+    """Register the C++ backend the first time it is wanted, if moelora._C was built."""
+    global _cpu_tried
+    if _cpu_tried:
+        return
+    _cpu_tried = True
+    try:
+        from moelora import cpu_backend
+    except (ImportError, OSError) as e:
+        _why_missing["cpu"] = (
+            f"the C++ extension moelora._C is not built or does not load ({e}); reinstall with a C++ compiler "
+            "and torch importable at build time (scripts/install.sh does this)"
+        )
+    else:
+        _registered["cpu"] = cpu_backend
+
+
 def resolve(device: torch.device) -> Any:
     """The implementation to run for tensors on `device` under the current backend choice."""
     name = get_backend()
+    if name in ("auto", "cpu") and device.type == "cpu":
+        _load_cpu_backend()
     if name == "reference":
         return reference
     if name == "auto":

@@ -42,7 +42,8 @@ def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: flo
     x [T, H] any float dtype; router_weight [E, H]. Exactly one of top_k / top_p.
     top-k: k = top_k slots, weights sum to 1.
     top-p (MoE-PEFT's mixlora-dynamic): E slots in descending probability; a slot is kept while the
-    probability mass before it is <= top_p (the shortest prefix whose sum exceeds top_p, or all).
+    probability mass before it is <= top_p (the shortest prefix whose sum exceeds top_p, or all;
+    top_p = 1 keeps all).
     """
     if (top_k is None) == (top_p is None):
         raise ValueError("route: pass exactly one of top_k and top_p")
@@ -55,7 +56,7 @@ def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: flo
         return Routing(weights, indices, probs)
     sorted_probs, indices = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    keep = mass_before <= top_p
+    keep = (mass_before <= top_p) | (top_p >= 1.0)  # top_p = 1 keeps every expert, whatever the rounding
     keep[:, 0] = True
     weights = sorted_probs * keep
     indices = torch.where(keep, indices, torch.full_like(indices, -1))

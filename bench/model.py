@@ -1,0 +1,172 @@
+"""The `model` suite: a tiny random llama with MixLoRA, built locally (nothing downloaded).
+
+    base       the llama without adapters
+    reference  moelora.get_moelora_model(llama, MixLoraConfig(lora_dropout=0.0)) under backend "reference"
+    fused      the same adapted model under the fused backend, when available
+
+Modes:
+    train     one optimiser step on a [B, S] batch: forward with labels (loss + router aux loss), backward,
+              AdamW step. `base` has nothing to train: its step is forward + backward to the input
+              embeddings, the part of the work every adapter pays too.
+    generate  greedy generation of exactly N new tokens after a P-token prompt, batch B, KV cache on;
+              the prefill is part of it.
+
+Every model is built afresh from the seed, so each provider starts from the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import moelora
+from bench.fused import backend_name
+
+PROVIDERS = ("base", "reference", "fused")
+MODES = ("train", "generate")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Batch B; train sequence S; generate prompt P and N new tokens; llama H, I, L layers, vocab V; E, k, r."""
+
+    B: int
+    S: int
+    P: int
+    N: int
+    H: int
+    I: int  # intermediate size
+    L: int
+    V: int
+    E: int
+    k: int
+    r: int
+
+    def label(self) -> str:
+        return "-".join(f"{f}{getattr(self, f)}" for f in ("B", "S", "P", "N", "H", "I", "L", "V", "E", "k", "r"))
+
+
+@dataclass
+class ModelInputs:
+    shape: ModelShape
+    dtype: torch.dtype
+    device: torch.device
+    seed: int
+    ids: Tensor  # [B, S] training batch; labels = ids
+    prompt: Tensor  # [B, P]
+
+
+def make_inputs(
+    shape: ModelShape, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+) -> ModelInputs:
+    g = torch.Generator().manual_seed(seed)
+    # Token ids from 3 up: 0, 1, 2 are pad, bos and eos.
+    ids = torch.randint(3, shape.V, (shape.B, shape.S), generator=g).to(device)
+    prompt = torch.randint(3, shape.V, (shape.B, shape.P), generator=g).to(device)
+    return ModelInputs(shape, dtype, torch.device(device), seed, ids, prompt)
+
+
+def build(inp: ModelInputs, adapters: bool) -> nn.Module:
+    """The llama (the same weights for the same seed), frozen; with `adapters`, MixLoRA with random non-zero B."""
+    s = inp.shape
+    config = LlamaConfig(
+        vocab_size=s.V,
+        hidden_size=s.H,
+        intermediate_size=s.I,
+        num_hidden_layers=s.L,
+        num_attention_heads=max(1, s.H // 64),
+        num_key_value_heads=max(1, s.H // 64),
+        head_dim=min(64, s.H),
+        max_position_embeddings=max(s.S, s.P + s.N),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(inp.seed)
+    model = LlamaForCausalLM(config).to(device=inp.device, dtype=inp.dtype).requires_grad_(False)
+    if not adapters:
+        return model.eval()
+    cfg = moelora.MixLoraConfig(r=s.r, lora_alpha=2 * s.r, lora_dropout=0.0, num_experts=s.E, top_k=s.k)
+    model = moelora.get_moelora_model(model, cfg)
+    # A fresh adapter has B = 0, which would make every LoRA term an exact zero.
+    g = torch.Generator().manual_seed(inp.seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.eval()
+
+
+def backend_for(name: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if name == "reference":
+        return moelora.set_backend("reference")
+    if name == "fused":
+        return moelora.set_backend(backend_name(device))
+    return contextlib.nullcontext()
+
+
+def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
+    """One timed unit of provider `name` in `mode`; the model (and optimiser) is built here, untimed."""
+    model = build(inp, adapters=name != "base")
+    if mode == "generate":
+        mask = torch.ones_like(inp.prompt)
+        n = inp.shape.N
+
+        def generate() -> Tensor:
+            with torch.no_grad(), backend_for(name, inp.device):
+                return model.generate(
+                    input_ids=inp.prompt,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+
+        return generate
+    if mode != "train":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if name == "base":
+        embeds = model.get_input_embeddings()(inp.ids).detach().requires_grad_()
+
+        def base_step() -> tuple[Tensor, ...]:
+            return torch.autograd.grad(model(inputs_embeds=embeds, labels=inp.ids).loss, embeds)
+
+        return base_step
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def train_step() -> Tensor:
+        with backend_for(name, inp.device):
+            loss = model(input_ids=inp.ids, labels=inp.ids).loss
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return train_step
+
+
+def outputs(name: str, inp: ModelInputs, with_grads: bool) -> dict[str, Tensor]:
+    """What parity compares: the logits and, with_grads, the loss and every adapter parameter's gradient."""
+    model = build(inp, adapters=True)
+    with backend_for(name, inp.device):
+        if not with_grads:
+            with torch.no_grad():
+                return {"logits": model(input_ids=inp.ids).logits}
+        out = model(input_ids=inp.ids, labels=inp.ids)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out.loss, [p for _, p in named])
+    short = [n.removeprefix("model.model.").replace(".adapters.default", "") for n, _ in named]
+    return {"logits": out.logits.detach(), "loss": out.loss.detach()} | {
+        f"d{n}": g for n, g in zip(short, grads, strict=True)
+    }
+
+
+def tokens_per_call(shape: ModelShape, mode: str) -> int | None:
+    return shape.B * shape.N if mode == "generate" else None

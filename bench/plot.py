@@ -1,0 +1,50 @@
+"""The PNG beside a results file: median latency against the row size (T, or batch for the model suite),
+log-log, one line per provider, one panel per (suite, mode)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+AXIS = {"T": "T (tokens)", "B": "batch"}
+
+
+def plot(report: dict, path: Path) -> str | None:
+    """Write the figure to `path`; returns why not (matplotlib missing) or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display is needed or wanted
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
+
+    entries = [(name, report[name]) for name in report["suites"]]
+    cols = max(len(e["modes"]) for _, e in entries)
+    fig, axes = plt.subplots(len(entries), cols, figsize=(5.5 * cols, 4 * len(entries)), squeeze=False)
+    for row, (name, entry) in zip(axes, entries, strict=True):
+        for ax, mode in zip(row, [*entry["modes"], *[None] * (cols - len(entry["modes"]))], strict=True):
+            if mode is None:
+                ax.axis("off")
+                continue
+            for provider in entry["providers"]:
+                points = sorted(
+                    (r[entry["case"]], r["median_ms"])
+                    for r in entry["results"]
+                    if r["mode"] == mode and r["provider"] == provider and r["status"] == "ok"
+                )
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(xs, ys, marker="o", label=provider)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(AXIS.get(entry["case"], entry["case"]))
+            ax.set_ylabel("median ms")
+            ax.set_title(f"{name}: {mode} ({entry['label']})")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"{report['device']}, {report['dtype']}, {report['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None

@@ -1,0 +1,264 @@
+"""The suites: what each one times, on which shapes, with which providers, and how parity is judged.
+
+    ffn       one MixLoRA FFN (bench.providers)
+    route     router logits + softmax + top-k / top-p alone (bench.route)
+    moe_lora  the gathered per-expert LoRA alone (bench.moe_lora)
+    model     a tiny random llama with MixLoRA: train step and greedy generation (bench.model)
+
+The runner (bench.cli) and the memory probe (bench.memory) see every suite through the same few
+attributes: presets, providers (in table order), checked (parity-checked against "reference"), modes,
+ratios, and shape / make_inputs / missing / step / outputs / tolerance / cuda_graph / tokens_per_call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bench import model, moe_lora, providers, route
+from bench.fused import fused_missing
+from bench.timing import ROUTER_GRAD_TOLERANCE, TOLERANCE, make_step, primary
+
+Ratio = tuple[str, str, str]  # numerator, denominator, what a value above 1 means
+
+# CUDA graphs replay only decode-sized calls: there, launch overhead is what a graph removes.
+GRAPH_MAX_T = 64
+
+
+@dataclass(frozen=True)
+class Preset:
+    cases: tuple[int, ...]  # the table's rows: T for the op suites, batch B for the model suite
+    dims: dict[str, Any]  # every other dimension; the CLI flags override the ones named here
+    warmup: int = 2
+    repeats: int = 10
+
+
+def provider_missing(name: str, device: torch.device) -> str | None:
+    """Why provider `name` cannot run on `device` in this environment, or None."""
+    if name == "fused":
+        return fused_missing(device)
+    if name == "mixlora-pkg":
+        return providers.mixlora_pkg_missing()
+    return None
+
+
+def _as_y(out: Tensor) -> dict[str, Tensor]:
+    return {"y": out}
+
+
+@dataclass(frozen=True)
+class OpSuite:
+    """One op timed as fwd and fwd+bwd: `factories[provider](inputs)` gives the callable that is timed."""
+
+    name: str
+    title: str
+    presets: dict[str, Preset]
+    factories: dict[str, Callable[[Any], Callable[[], Any]]]
+    checked: tuple[str, ...]
+    ratios: tuple[Ratio, ...]
+    shape_type: type
+    make_inputs: Callable[..., Any]  # (shape, dtype, device, seed=0) -> inputs with a grad_out
+    grad_targets: Callable[[str, Any], list[tuple[str, Tensor]]]
+    compared: Callable[[Any], dict[str, Tensor]] = _as_y  # provider output -> what parity compares
+    loose_keys: tuple[str, ...] = ()  # outputs allowed ROUTER_GRAD_TOLERANCE
+    graph_safe: tuple[str, ...] = ()  # providers without host syncs, so CUDA-graph capturable
+    notes: tuple[str, ...] = ()  # printed under the suite's table
+    case: str = "T"
+    modes: tuple[str, ...] = ("fwd", "fwd+bwd")
+    grad_mode: str = "fwd+bwd"
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return tuple(self.factories)
+
+    def shape(self, case: int, dims: dict[str, Any]) -> Any:
+        return self.shape_type(**{self.case: case}, **dims)
+
+    def missing(self, name: str, device: torch.device) -> str | None:
+        return provider_missing(name, device)
+
+    def step(self, name: str, inp: Any, mode: str) -> Callable[[], object]:
+        fn = self.factories[name](inp)
+        return make_step(fn, [t for _, t in self.grad_targets(name, inp)], inp.grad_out, mode)
+
+    def outputs(self, name: str, inp: Any, with_grads: bool) -> dict[str, Tensor]:
+        """What parity compares for provider `name`: its outputs and, with_grads, every gradient."""
+        fn = self.factories[name](inp)
+        if not with_grads:
+            with torch.no_grad():
+                return self.compared(fn())
+        named = self.grad_targets(name, inp)
+        out = fn()
+        grads = torch.autograd.grad(primary(out), [t for _, t in named], inp.grad_out)
+        values = {k: v.detach() for k, v in self.compared(out).items()}
+        return values | {f"d{n}": g for (n, _), g in zip(named, grads, strict=True)}
+
+    def tolerance(self, key: str) -> float:
+        return ROUTER_GRAD_TOLERANCE if key in self.loose_keys else TOLERANCE
+
+    def cuda_graph(self, name: str, shape: Any, mode: str, device: torch.device) -> bool:
+        return device.type == "cuda" and mode == "fwd" and name in self.graph_safe and shape.T <= GRAPH_MAX_T
+
+    def tokens_per_call(self, shape: Any, mode: str) -> int | None:
+        return None
+
+
+class ModelSuite:
+    """The tiny llama: train step and generation (bench.model); `fused` is checked against `reference`."""
+
+    name = "model"
+    title = "MixLoRA tiny llama"
+    providers = model.PROVIDERS
+    checked = ("fused",)
+    modes = model.MODES
+    grad_mode = "train"
+    case = "B"
+    notes = (
+        "base: the llama without adapters, never parity-checked; its train step is forward + backward to the "
+        "input embeddings (nothing to train, no optimiser step)",
+        "train: forward with labels (loss + router aux loss), backward, AdamW step over the adapter parameters",
+        "generate: greedy, exactly N new tokens after a P-token prompt, KV cache on, prefill included",
+    )
+    ratios: tuple[Ratio, ...] = (
+        ("reference", "base", "what MixLoRA (reference backend) costs over the llama alone"),
+        ("fused", "base", "what MixLoRA (fused backend) costs over the llama alone"),
+        ("reference", "fused", "fused is that many times faster than the reference backend"),
+    )
+
+    def __init__(self, presets: dict[str, Preset]) -> None:
+        self.presets = presets
+
+    def shape(self, case: int, dims: dict[str, Any]) -> model.ModelShape:
+        return model.ModelShape(B=case, **dims)
+
+    make_inputs = staticmethod(model.make_inputs)
+    step = staticmethod(model.step)
+    outputs = staticmethod(model.outputs)
+    tokens_per_call = staticmethod(model.tokens_per_call)
+
+    def missing(self, name: str, device: torch.device) -> str | None:
+        return provider_missing(name, device)
+
+    def tolerance(self, key: str) -> float:
+        # The router gradient loses digits as in the FFN (see bench.timing); so does the loss's aux term.
+        return ROUTER_GRAD_TOLERANCE if "router" in key else TOLERANCE
+
+    def cuda_graph(self, name: str, shape: Any, mode: str, device: torch.device) -> bool:
+        return False
+
+
+def _op_dims(H: int, I: int, E: int = 8, k: int = 2, r: int = 16) -> dict[str, int]:
+    return {"H": H, "I": I, "E": E, "k": k, "r": r}
+
+
+def _route_dims(H: int, E: int = 8, k: int = 2) -> dict[str, Any]:
+    return {"H": H, "E": E, "k": k, "top_p": None}
+
+
+TINY = _op_dims(H=48, I=80, E=4, k=2, r=6)  # odd sizes on purpose; E=4, k=2 over 37 tokens uses every expert
+LLAMA_T = (1, 32, 512, 2048)
+
+FFN = OpSuite(
+    name="ffn",
+    title="MixLoRA FFN",
+    presets={
+        "tiny": Preset((1, 37), TINY, warmup=1, repeats=3),
+        # Every provider and mode in about 35 s on one idle CPU core (2.5 min on two busy ones).
+        "small": Preset((1, 128, 512), _op_dims(H=512, I=1408), warmup=3, repeats=15),
+        # The shape of the issue that asked for this comparison.
+        "issue2": Preset((2048,), _op_dims(H=1024, I=2816)),
+        "llama2-7b": Preset(LLAMA_T, _op_dims(H=4096, I=11008)),
+        "llama3-8b": Preset(LLAMA_T, _op_dims(H=4096, I=14336)),
+    },
+    factories=providers.PROVIDERS,
+    checked=("loop", "mixlora-pkg", "fused"),
+    ratios=(
+        ("loop", "reference", "reference is that many times faster than the mixlora-style loop"),
+        ("mixlora-pkg", "reference", "reference is that many times faster than the mixlora package"),
+        ("loop", "fused", "fused is that many times faster than the mixlora-style loop"),
+        ("mixlora-pkg", "fused", "fused is that many times faster than the mixlora package"),
+        ("reference", "lora", "what the MoE of LoRAs costs over one dense LoRA per projection"),
+        ("fused", "lora", "what the fused MoE of LoRAs costs over one dense LoRA per projection (1.00x: LoRA's price)"),
+        ("reference", "base", "what the MoE of LoRAs costs over the frozen FFN alone"),
+    ),
+    shape_type=providers.Shape,
+    make_inputs=providers.make_inputs,
+    grad_targets=providers.grad_targets,
+    loose_keys=("drouter",),
+    graph_safe=("fused", "lora", "base"),
+    notes=("lora and base compute different math (no router): timed, never parity-checked",),
+)
+
+ROUTE = OpSuite(
+    name="route",
+    title="Router softmax + top-k",
+    presets={
+        "tiny": Preset((1, 37), _route_dims(H=48, E=4), warmup=1, repeats=3),
+        "small": Preset((1, 128, 512, 2048), _route_dims(H=512), warmup=5, repeats=30),
+        "issue2": Preset((2048,), _route_dims(H=1024), warmup=5, repeats=30),
+        "llama2-7b": Preset(LLAMA_T, _route_dims(H=4096), warmup=5, repeats=30),
+        "llama3-8b": Preset(LLAMA_T, _route_dims(H=4096), warmup=5, repeats=30),
+    },
+    factories=route.PROVIDERS,
+    checked=("fused", "torch-naive"),
+    ratios=(
+        ("reference", "torch-naive", "what the reference costs over the plain torch code (about 1: the same ops)"),
+        ("torch-naive", "fused", "fused is that many times faster than the plain torch code"),
+        ("reference", "fused", "fused is that many times faster than the reference"),
+    ),
+    shape_type=route.RouteShape,
+    make_inputs=route.make_inputs,
+    grad_targets=route.grad_targets,
+    compared=route.compared,
+    notes=("parity compares the weights scattered to [T, E] (slot order free) and the softmax probabilities",),
+)
+
+MOE_LORA = OpSuite(
+    name="moe_lora",
+    title="Gathered per-expert LoRA (in H, out I)",
+    presets={
+        "tiny": Preset((1, 37), TINY, warmup=1, repeats=3),
+        "small": Preset((1, 128, 512, 2048), _op_dims(H=512, I=1408), warmup=3, repeats=20),
+        "issue2": Preset((2048,), _op_dims(H=1024, I=2816)),
+        "llama2-7b": Preset(LLAMA_T, _op_dims(H=4096, I=11008)),
+        "llama3-8b": Preset(LLAMA_T, _op_dims(H=4096, I=14336)),
+    },
+    factories=moe_lora.PROVIDERS,
+    checked=("loop", "fused"),
+    ratios=(
+        ("loop", "reference", "reference is that many times faster than the mixlora-style loop"),
+        ("loop", "fused", "fused is that many times faster than the mixlora-style loop"),
+        ("reference", "fused", "fused is that many times faster than the reference"),
+        ("reference", "lora", "what k gathered expert LoRAs cost over one dense LoRA of the same rank"),
+        ("fused", "lora", "the same for fused"),
+    ),
+    shape_type=providers.Shape,
+    make_inputs=moe_lora.make_inputs,
+    grad_targets=moe_lora.grad_targets,
+    notes=("lora: one dense LoRA on every token, different math: timed, never parity-checked",),
+)
+
+MODEL = ModelSuite(
+    presets={
+        "tiny": Preset(
+            (1, 2),
+            {"S": 16, "P": 8, "N": 4, "H": 64, "I": 96, "L": 2, "V": 128, "E": 4, "k": 2, "r": 4},
+            warmup=0,
+            repeats=2,
+        ),
+        # hidden 256, intermediate 688, 2 layers, vocab 1000: train batch 4 x 128, 32 new tokens.
+        "small": Preset(
+            (1, 4),
+            {"S": 128, "P": 32, "N": 32, "H": 256, "I": 688, "L": 2, "V": 1000, "E": 8, "k": 2, "r": 16},
+            warmup=1,
+            repeats=10,
+        ),
+    }
+)
+
+Suite = OpSuite | ModelSuite
+SUITES: dict[str, Suite] = {s.name: s for s in (FFN, ROUTE, MOE_LORA, MODEL)}

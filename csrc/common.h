@@ -1,0 +1,160 @@
+// Shared helpers of the C++ CPU backend: input checks, compute dtype, (token, slot) pairs sorted by expert,
+// and the activations of the FFN in a form the compiler vectorises.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace moelora {
+
+using at::Tensor;
+
+inline void check_cpu_float(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "moelora cpu backend: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "moelora cpu backend: ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_dim(const Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.dim() == dim, "moelora cpu backend: ", name, " must have ", dim, " dimensions, got shape ",
+              t.sizes());
+}
+
+// fp32 for 16-bit and fp32 inputs, fp64 for fp64: the precision every op computes in (as the reference).
+inline at::ScalarType compute_type(const Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Used (token, slot) pairs sorted by expert by a stable counting sort: pair p of expert e lies in
+// [offsets[e], offsets[e+1]); token[p], slot[p] give where it came from. Slots with index -1 are unused.
+struct Pairs {
+  Tensor token;  // [P] int64
+  Tensor slot;   // [P] int64
+  std::vector<int64_t> offsets;  // [E + 1]
+};
+
+inline Pairs sort_pairs(const Tensor& indices, int64_t num_experts) {
+  TORCH_CHECK(indices.dim() == 2, "moelora cpu backend: indices must be [T, k], got shape ", indices.sizes());
+  auto idx = indices.to(at::kLong).contiguous();
+  const int64_t T = idx.size(0), k = idx.size(1);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  std::vector<int64_t> offsets(num_experts + 1, 0);
+  for (int64_t n = 0; n < T * k; ++n) {
+    const int64_t e = ip[n];
+    TORCH_CHECK(e >= -1 && e < num_experts, "moelora cpu backend: expert index ", e, " outside [-1, ",
+                num_experts, ")");
+    if (e >= 0) offsets[e + 1] += 1;
+  }
+  for (int64_t e = 0; e < num_experts; ++e) offsets[e + 1] += offsets[e];
+  auto token = at::empty({offsets[num_experts]}, idx.options());
+  auto slot = at::empty({offsets[num_experts]}, idx.options());
+  int64_t* tp = token.data_ptr<int64_t>();
+  int64_t* sp = slot.data_ptr<int64_t>();
+  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+  for (int64_t n = 0; n < T * k; ++n) {
+    const int64_t e = ip[n];
+    if (e < 0) continue;
+    tp[fill[e]] = n / k;
+    sp[fill[e]] = n % k;
+    fill[e] += 1;
+  }
+  return {token, slot, offsets};
+}
+
+enum class Act { kSilu, kGeluTanh, kGeluErf, kRelu };
+
+inline Act parse_act(const std::string& name) {
+  if (name == "silu") return Act::kSilu;
+  if (name == "gelu_tanh") return Act::kGeluTanh;
+  if (name == "gelu") return Act::kGeluErf;
+  if (name == "relu") return Act::kRelu;
+  TORCH_CHECK(false, "moelora cpu backend: activation must be silu, gelu_tanh, gelu or relu, got '", name, "'");
+}
+
+// exp for float with a range reduction and a degree-6 polynomial (relative error ~2e-7, like expf), written
+// with plain arithmetic so that loops over it vectorise; std::exp does not, and costs ~4x on this op.
+inline float fast_exp(float x) {
+  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline double fast_exp(double x) { return std::exp(x); }
+
+// act(x) and act'(x); the activation is a template argument so that each row loop is branch-free.
+template <Act act, typename T>
+inline T act_value(T x) {
+  constexpr T kSqrt2OverPi = T(0.7978845608028654);
+  switch (act) {
+    case Act::kSilu:
+      return x / (T(1) + fast_exp(-x));
+    case Act::kGeluTanh: {
+      const T inner = kSqrt2OverPi * (x + T(0.044715) * x * x * x);
+      return T(0.5) * x * (T(1) + (T(2) / (T(1) + fast_exp(T(-2) * inner)) - T(1)));
+    }
+    case Act::kGeluErf:
+      return T(0.5) * x * (T(1) + std::erf(x * T(0.7071067811865476)));
+    case Act::kRelu:
+      return x > T(0) ? x : T(0);
+  }
+  return x;
+}
+
+template <Act act, typename T>
+inline T act_grad(T x) {
+  constexpr T kSqrt2OverPi = T(0.7978845608028654);
+  switch (act) {
+    case Act::kSilu: {
+      const T sig = T(1) / (T(1) + fast_exp(-x));
+      return sig * (T(1) + x * (T(1) - sig));
+    }
+    case Act::kGeluTanh: {
+      const T inner = kSqrt2OverPi * (x + T(0.044715) * x * x * x);
+      const T th = T(2) / (T(1) + fast_exp(T(-2) * inner)) - T(1);
+      const T dinner = kSqrt2OverPi * (T(1) + T(3) * T(0.044715) * x * x);
+      return T(0.5) * (T(1) + th) + T(0.5) * x * (T(1) - th * th) * dinner;
+    }
+    case Act::kGeluErf:
+      return T(0.5) * (T(1) + std::erf(x * T(0.7071067811865476))) +
+             x * T(0.3989422804014327) * std::exp(T(-0.5) * x * x);
+    case Act::kRelu:
+      return x > T(0) ? T(1) : T(0);
+  }
+  return T(1);
+}
+
+// Calls fn with the activation as a compile-time constant: fn(std::integral_constant<Act, A>{}).
+template <typename Fn>
+inline void dispatch_act(Act act, Fn&& fn) {
+  switch (act) {
+    case Act::kSilu:
+      return fn(std::integral_constant<Act, Act::kSilu>{});
+    case Act::kGeluTanh:
+      return fn(std::integral_constant<Act, Act::kGeluTanh>{});
+    case Act::kGeluErf:
+      return fn(std::integral_constant<Act, Act::kGeluErf>{});
+    case Act::kRelu:
+      return fn(std::integral_constant<Act, Act::kRelu>{});
+  }
+}
+
+}  // namespace moelora

@@ -1,0 +1,306 @@
+// mixlora_ffn: hbar = sum_j w_j act(G + dG_j) * (U + dU_j) and the down LoRA of each h_j, expert by expert.
+//
+// The frozen projections stay outside (the caller runs Wg, Wu on x and Wd once on hbar, so a quantised base
+// works). Per expert the gathered rows go through ATen GEMMs for the rank-r work and one fused, vectorised
+// row loop for the activation, the product and the weighted sum: h exists only for one expert's rows at a
+// time, never as [T, k, I]. The backward recomputes h rather than storing it.
+#include "common.h"
+
+namespace moelora {
+
+namespace {
+
+struct ExpertLoras {
+  c10::optional<Tensor> gate_A, gate_B, up_A, up_B, down_A, down_B;
+};
+
+bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+Tensor maybe_delta(const c10::optional<Tensor>& A, const c10::optional<Tensor>& B, int64_t e, const Tensor& xe,
+                   at::ScalarType dt, Tensor* rank_out) {
+  if (!has(A)) return Tensor();
+  auto u = at::mm(xe, (*A)[e].to(dt).t());
+  if (rank_out != nullptr) *rank_out = u;
+  return at::mm(u, (*B)[e].to(dt).t());
+}
+
+// One expert's rows: h[n] = act(G[t] + s dG[n]) * (U[t] + s dU[n]) (ungated: act(U[t] + s dU[n])),
+// hbar[t] += w[n] h[n] (skipped when hbar is null: the backward's recompute). Rows of one expert are distinct tokens, so rows run in parallel without races.
+template <Act act, typename T>
+void ffn_rows_forward(const T* G, const T* U, const T* dG, const T* dU, const int64_t* tok, const T* w, T s,
+                      int64_t n, int64_t I, T* h, T* hbar) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = tok[r];
+      const T* g_row = G ? G + t * I : nullptr;
+      const T* u_row = U + t * I;
+      const T* dg_row = dG ? dG + r * I : nullptr;
+      const T* du_row = dU ? dU + r * I : nullptr;
+      T* h_row = h + r * I;
+      T* hbar_row = hbar ? hbar + t * I : nullptr;
+      const T wr = w[r];
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) {
+        const T u = u_row[i] + (du_row ? s * du_row[i] : T(0));
+        T v;
+        if (g_row) {
+          const T g = g_row[i] + (dg_row ? s * dg_row[i] : T(0));
+          v = act_value<act>(g) * u;
+        } else {
+          v = act_value<act>(u);
+        }
+        h_row[i] = v;
+        if (hbar_row) hbar_row[i] += wr * v;
+      }
+    }
+  });
+}
+
+// Backward of the rows: dh = w dhbar[t] + dh_lora[n]; writes d(pre-activation) of gate into dG and of up
+// into dU (in place of the deltas, read first), adds them to grad_G[t], grad_U[t], and dot(h, dhbar[t]).
+template <Act act, typename T>
+void ffn_rows_backward(const T* G, const T* U, T* dG, T* dU, const T* h, const T* dh_lora, const T* dhbar,
+                       const int64_t* tok, const T* w, T s, int64_t n, int64_t I, T* grad_G, T* grad_U,
+                       T* h_dot_dhbar) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = tok[r];
+      const T* g_row = G ? G + t * I : nullptr;
+      const T* u_row = U + t * I;
+      T* dg_row = dG + r * I;
+      T* du_row = dU + r * I;
+      const T* h_row = h + r * I;
+      const T* dhl_row = dh_lora ? dh_lora + r * I : nullptr;
+      const T* dhbar_row = dhbar + t * I;
+      T* gG_row = grad_G ? grad_G + t * I : nullptr;
+      T* gU_row = grad_U + t * I;
+      const T wr = w[r];
+      T dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < I; ++i) {
+        dot += h_row[i] * dhbar_row[i];
+        const T dh = wr * dhbar_row[i] + (dhl_row ? dhl_row[i] : T(0));
+        const T u = u_row[i] + s * du_row[i];
+        if (g_row) {
+          const T g = g_row[i] + s * dg_row[i];
+          const T dg = dh * u * act_grad<act>(g);
+          const T du = dh * act_value<act>(g);
+          dg_row[i] = dg;
+          du_row[i] = du;
+          gG_row[i] += dg;
+          gU_row[i] += du;
+        } else {
+          const T du = dh * act_grad<act>(u);
+          du_row[i] = du;
+          gU_row[i] += du;
+        }
+      }
+      h_dot_dhbar[r] = dot;
+    }
+  });
+}
+
+void check_inputs(const Tensor& x, const c10::optional<Tensor>& gate, const Tensor& up, const Tensor& weights,
+                  const Tensor& indices, const ExpertLoras& l, int64_t E) {
+  check_cpu_float(x, "x");
+  check_cpu_float(up, "up");
+  check_cpu_float(weights, "weights");
+  check_dim(x, 2, "x");
+  check_dim(up, 2, "up");
+  const int64_t T_ = x.size(0), H = x.size(1), I = up.size(1);
+  TORCH_CHECK(up.size(0) == T_, "moelora cpu backend: up must be [T=", T_, ", I], got ", up.sizes());
+  if (has(gate)) {
+    check_cpu_float(*gate, "gate");
+    TORCH_CHECK(gate->sizes() == up.sizes(), "moelora cpu backend: gate must match up ", up.sizes(), ", got ",
+                gate->sizes());
+  }
+  TORCH_CHECK(weights.dim() == 2 && weights.sizes() == indices.sizes() && weights.size(0) == T_,
+              "moelora cpu backend: weights and indices must both be [T=", T_, ", k], got ", weights.sizes(),
+              " and ", indices.sizes());
+  auto check_pair = [&](const c10::optional<Tensor>& A, const c10::optional<Tensor>& B, int64_t in, int64_t out,
+                        const char* name) {
+    TORCH_CHECK(has(A) == has(B), "moelora cpu backend: ", name, " needs both A and B or neither");
+    if (!has(A)) return;
+    check_cpu_float(*A, name);
+    check_cpu_float(*B, name);
+    TORCH_CHECK(A->dim() == 3 && B->dim() == 3 && A->size(0) == E && B->size(0) == E && A->size(2) == in &&
+                    (out < 0 || B->size(1) == out) && A->size(1) == B->size(2),
+                "moelora cpu backend: ", name, " must be A [E=", E, ", r, ", in, "] and B [E, ", out,
+                ", r], got ", A->sizes(), " and ", B->sizes());
+  };
+  check_pair(l.gate_A, l.gate_B, H, I, "gate LoRA");
+  check_pair(l.up_A, l.up_B, H, I, "up LoRA");
+  check_pair(l.down_A, l.down_B, I, -1, "down LoRA");
+  TORCH_CHECK(!has(l.gate_A) || has(gate), "moelora cpu backend: a gate LoRA needs the gate projection");
+}
+
+Tensor empty_like_or_none(const c10::optional<Tensor>& t) {
+  return has(t) ? at::zeros_like(*t) : Tensor();
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<Tensor>& gate, const Tensor& up,
+                                           const Tensor& weights, const Tensor& indices,
+                                           const c10::optional<Tensor>& gate_A, const c10::optional<Tensor>& gate_B,
+                                           const c10::optional<Tensor>& up_A, const c10::optional<Tensor>& up_B,
+                                           const c10::optional<Tensor>& down_A,
+                                           const c10::optional<Tensor>& down_B, int64_t num_experts, double scaling,
+                                           std::string act_name) {
+  const ExpertLoras l{gate_A, gate_B, up_A, up_B, down_A, down_B};
+  check_inputs(x, gate, up, weights, indices, l, num_experts);
+  const Act act = parse_act(act_name);
+  const auto dt = compute_type(up);
+  const int64_t T_ = x.size(0), I = up.size(1), k = weights.size(1);
+  const auto pairs = sort_pairs(indices, num_experts);
+  auto xc = x.to(dt).contiguous();
+  auto G = has(gate) ? gate->to(dt).contiguous() : Tensor();
+  auto U = up.to(dt).contiguous();
+  auto pair_w = weights.to(dt).reshape({-1}).index_select(0, pairs.token * k + pairs.slot).contiguous();
+  auto hbar = at::zeros({T_, I}, U.options());
+  const bool down = has(down_B);
+  auto y_lora = at::zeros({T_, down ? down_B->size(1) : 0}, U.options());
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t lo = pairs.offsets[e], hi = pairs.offsets[e + 1], n = hi - lo;
+    if (n == 0) continue;
+    auto tok = pairs.token.slice(0, lo, hi);
+    auto w = pair_w.slice(0, lo, hi);
+    auto xe = (has(gate_A) || has(up_A)) ? xc.index_select(0, tok) : Tensor();
+    auto dG = maybe_delta(gate_A, gate_B, e, xe, dt, nullptr);
+    auto dU = maybe_delta(up_A, up_B, e, xe, dt, nullptr);
+    auto h = at::empty({n, I}, U.options());
+    AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn", [&] {
+      dispatch_act(act, [&](auto a) {
+        ffn_rows_forward<decltype(a)::value, scalar_t>(
+            G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
+            dG.defined() ? dG.data_ptr<scalar_t>() : nullptr, dU.defined() ? dU.data_ptr<scalar_t>() : nullptr,
+            tok.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), n, I,
+            h.data_ptr<scalar_t>(), hbar.data_ptr<scalar_t>());
+      });
+    });
+    if (down) {
+      auto yd = at::mm(at::mm(h, (*down_A)[e].to(dt).t()), (*down_B)[e].to(dt).t());
+      y_lora.index_add_(0, tok, yd.mul_(w.unsqueeze(1) * scaling));
+    }
+  }
+  return {hbar, y_lora};
+}
+
+std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10::optional<Tensor>& grad_y_lora,
+                                             const Tensor& x, const c10::optional<Tensor>& gate, const Tensor& up,
+                                             const Tensor& weights, const Tensor& indices,
+                                             const c10::optional<Tensor>& gate_A,
+                                             const c10::optional<Tensor>& gate_B, const c10::optional<Tensor>& up_A,
+                                             const c10::optional<Tensor>& up_B, const c10::optional<Tensor>& down_A,
+                                             const c10::optional<Tensor>& down_B, int64_t num_experts,
+                                             double scaling, std::string act_name) {
+  const ExpertLoras l{gate_A, gate_B, up_A, up_B, down_A, down_B};
+  check_inputs(x, gate, up, weights, indices, l, num_experts);
+  const Act act = parse_act(act_name);
+  const auto dt = compute_type(up);
+  const int64_t I = up.size(1), k = weights.size(1);
+  const auto pairs = sort_pairs(indices, num_experts);
+  const auto flat = pairs.token * k + pairs.slot;
+  auto xc = x.to(dt).contiguous();
+  auto G = has(gate) ? gate->to(dt).contiguous() : Tensor();
+  auto U = up.to(dt).contiguous();
+  auto dhbar = grad_hbar.to(dt).contiguous();
+  const bool down = has(down_B);
+  auto gy = (down && has(grad_y_lora)) ? grad_y_lora->to(dt).contiguous() : Tensor();
+  auto pair_w = weights.to(dt).reshape({-1}).index_select(0, flat).contiguous();
+
+  auto grad_x = at::zeros_like(xc);
+  auto grad_G = G.defined() ? at::zeros_like(G) : Tensor();
+  auto grad_U = at::zeros_like(U);
+  auto grad_w = at::zeros({weights.numel()}, U.options());
+  auto g_gA = empty_like_or_none(gate_A), g_gB = empty_like_or_none(gate_B);
+  auto g_uA = empty_like_or_none(up_A), g_uB = empty_like_or_none(up_B);
+  auto g_dA = empty_like_or_none(down_A), g_dB = empty_like_or_none(down_B);
+
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t lo = pairs.offsets[e], hi = pairs.offsets[e + 1], n = hi - lo;
+    if (n == 0) continue;
+    auto tok = pairs.token.slice(0, lo, hi);
+    auto w = pair_w.slice(0, lo, hi);
+    auto xe = (has(gate_A) || has(up_A)) ? xc.index_select(0, tok) : Tensor();
+    Tensor ug, uu;
+    auto dG = maybe_delta(gate_A, gate_B, e, xe, dt, &ug);
+    auto dU = maybe_delta(up_A, up_B, e, xe, dt, &uu);
+    if (G.defined() && !dG.defined()) dG = at::zeros({n, I}, U.options());
+    if (!dU.defined()) dU = at::zeros({n, I}, U.options());
+
+    // Recompute h for this expert's rows: the forward kept only hbar.
+    auto h = at::empty({n, I}, U.options());
+    AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_recompute", [&] {
+      dispatch_act(act, [&](auto a) {
+        ffn_rows_forward<decltype(a)::value, scalar_t>(
+            G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
+            dG.defined() ? dG.data_ptr<scalar_t>() : nullptr, dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(),
+            w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), n, I, h.data_ptr<scalar_t>(), nullptr);
+      });
+    });
+
+    Tensor dh_lora, lora_dot;
+    if (down) {
+      auto dAe = (*down_A)[e].to(dt), dBe = (*down_B)[e].to(dt);
+      auto ud = at::mm(h, dAe.t());  // [n, r]
+      if (gy.defined()) {
+        auto gye = gy.index_select(0, tok);
+        auto dvd = at::mm(gye, dBe);  // [n, r]
+        lora_dot = (ud * dvd).sum(1).mul_(scaling);
+        g_dB[e].copy_(at::mm((gye * w.unsqueeze(1)).t(), ud).mul_(scaling));
+        auto d_ud = dvd.mul_(w.unsqueeze(1) * scaling);
+        g_dA[e].copy_(at::mm(d_ud.t(), h));
+        dh_lora = at::mm(d_ud, dAe).contiguous();  // [n, I]
+      }
+    }
+
+    auto h_dot = at::empty({n}, U.options());
+    AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_backward", [&] {
+      dispatch_act(act, [&](auto a) {
+        ffn_rows_backward<decltype(a)::value, scalar_t>(
+            G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
+            dG.defined() ? dG.data_ptr<scalar_t>() : nullptr, dU.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+            dh_lora.defined() ? dh_lora.data_ptr<scalar_t>() : nullptr, dhbar.data_ptr<scalar_t>(),
+            tok.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), n, I,
+            grad_G.defined() ? grad_G.data_ptr<scalar_t>() : nullptr, grad_U.data_ptr<scalar_t>(),
+            h_dot.data_ptr<scalar_t>());
+      });
+    });
+    grad_w.index_copy_(0, flat.slice(0, lo, hi), lora_dot.defined() ? h_dot + lora_dot : h_dot);
+
+    // dG, dU now hold d(pre-activation) of gate and up for these rows.
+    Tensor grad_xe;
+    if (has(gate_A)) {
+      auto gAe = (*gate_A)[e].to(dt), gBe = (*gate_B)[e].to(dt);
+      auto d_ug = at::mm(dG, gBe).mul_(scaling);  // [n, r]
+      g_gB[e].copy_(at::mm(dG.t(), ug).mul_(scaling));
+      g_gA[e].copy_(at::mm(d_ug.t(), xe));
+      grad_xe = at::mm(d_ug, gAe);
+    }
+    if (has(up_A)) {
+      auto uAe = (*up_A)[e].to(dt), uBe = (*up_B)[e].to(dt);
+      auto d_uu = at::mm(dU, uBe).mul_(scaling);
+      g_uB[e].copy_(at::mm(dU.t(), uu).mul_(scaling));
+      g_uA[e].copy_(at::mm(d_uu.t(), xe));
+      grad_xe = grad_xe.defined() ? grad_xe.addmm_(d_uu, uAe) : at::mm(d_uu, uAe);
+    }
+    if (grad_xe.defined()) grad_x.index_add_(0, tok, grad_xe);
+  }
+  auto none = at::empty({0}, U.options());
+  auto out = [&](const Tensor& t, const c10::optional<Tensor>& like) {
+    return t.defined() ? t.to(like.has_value() && like->defined() ? like->scalar_type() : t.scalar_type()) : none;
+  };
+  return {grad_x.to(x.scalar_type()),
+          grad_G.defined() ? grad_G.to(gate->scalar_type()) : none,
+          grad_U.to(up.scalar_type()),
+          grad_w.view(weights.sizes()).to(weights.scalar_type()),
+          out(g_gA, gate_A),
+          out(g_gB, gate_B),
+          out(g_uA, up_A),
+          out(g_uB, up_B),
+          out(g_dA, down_A),
+          out(g_dB, down_B)};
+}
+
+}  // namespace moelora

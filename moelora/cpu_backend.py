@@ -1,0 +1,172 @@
+"""The C++ CPU backend: autograd Functions over the ops that csrc/ registers (torch.ops.moelora.*).
+
+Importing this module loads the extension moelora._C; it raises ImportError when the extension was not
+built (no compiler at install time), and moelora.backend then keeps the reference. The C++ ops compute in
+fp32 (fp64 for fp64 inputs), like the reference. What they do not cover falls back to the reference:
+DoRA (supports_dora = False) and activations other than SiLU, GELU (erf or tanh) and ReLU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import activations as hf_act
+
+from moelora import reference
+from moelora.reference import ExpertLora, Routing
+
+_spec = importlib.util.find_spec("moelora._C")
+if _spec is None or _spec.origin is None:
+    raise ImportError("moelora._C is not built")
+torch.ops.load_library(_spec.origin)
+_ops = torch.ops.moelora
+
+supports_dora = False
+lora = reference.lora  # a dense LoRA is two ATen GEMMs already
+
+
+def activation_name(act: Callable[[Tensor], Tensor]) -> str | None:
+    """The C++ name of a known activation module or function, or None."""
+    if act is F.silu or isinstance(act, torch.nn.SiLU | getattr(hf_act, "SiLUActivation", torch.nn.SiLU)):
+        return "silu"
+    if act is F.relu or isinstance(act, torch.nn.ReLU):
+        return "relu"
+    tanh_gelus = tuple(
+        getattr(hf_act, n)
+        for n in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation")
+        if hasattr(hf_act, n)
+    )
+    if isinstance(act, tanh_gelus) or (isinstance(act, torch.nn.GELU) and act.approximate == "tanh"):
+        return "gelu_tanh" if not isinstance(act, getattr(hf_act, "FastGELUActivation", ())) else None
+    if act is F.gelu or (isinstance(act, torch.nn.GELU) and act.approximate == "none"):
+        return "gelu"
+    if type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu:
+        return "gelu"
+    return None
+
+
+class _Route(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, router_weight: Tensor, top_k: int, top_p: float):
+        weights, indices, probs = _ops.route(x, router_weight, top_k, top_p)
+        ctx.save_for_backward(x, router_weight, weights, indices, probs)
+        ctx.renormalized = top_k > 0
+        ctx.mark_non_differentiable(indices)
+        return weights, indices, probs
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_indices, grad_probs):
+        x, router_weight, weights, indices, probs = ctx.saved_tensors
+        if grad_weights is None:
+            grad_weights = torch.zeros_like(weights)
+        grad_x, grad_router = _ops.route_backward(
+            grad_weights, grad_probs, x, router_weight, weights, indices, probs, ctx.renormalized
+        )
+        return grad_x, grad_router, None, None
+
+
+def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: float | None = None) -> Routing:
+    """moelora.reference.route in C++: one GEMM, then softmax and top-k / top-p per token."""
+    if (top_k is None) == (top_p is None):
+        raise ValueError("route: pass exactly one of top_k and top_p")
+    weights, indices, probs = _Route.apply(x, router_weight, top_k or 0, float(top_p or 0.0))
+    return Routing(weights, indices, probs)
+
+
+class _MoeLora(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, indices, A, B, scaling):
+        ctx.save_for_backward(x, weights, indices, A, B)
+        ctx.scaling = scaling
+        return _ops.moe_lora(x, weights, indices, A, B, scaling)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weights, indices, A, B = ctx.saved_tensors
+        grad_x, grad_w, grad_A, grad_B = _ops.moe_lora_backward(grad_y, x, weights, indices, A, B, ctx.scaling)
+        return grad_x, grad_w, None, grad_A, grad_B, None
+
+
+def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """moelora.reference.moe_lora in C++ (per-expert gathered GEMMs)."""
+    return _MoeLora.apply(x, weights, indices, A, B, float(scaling))
+
+
+class _MixLoraFfn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, num_experts, scaling, act):
+        hbar, y_lora = _ops.mixlora_ffn(
+            x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, num_experts, scaling, act
+        )
+        ctx.save_for_backward(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB)
+        ctx.args = (num_experts, scaling, act)
+        ctx.mark_non_differentiable(indices)
+        return hbar, y_lora
+
+    @staticmethod
+    def backward(ctx, grad_hbar, grad_y_lora):
+        x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB = ctx.saved_tensors
+        if grad_hbar is None:
+            grad_hbar = torch.zeros(up.shape, dtype=reference.compute_dtype(up))
+        grads = _ops.mixlora_ffn_backward(
+            grad_hbar, grad_y_lora, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, *ctx.args
+        )
+        # The C++ side returns a 1-d empty tensor for an input that has no gradient (an absent LoRA or gate).
+        grad_x, grad_gate, grad_up, grad_w, *lora_grads = (
+            None if g.dim() == 1 and g.numel() == 0 else g for g in grads
+        )
+        return (grad_x, grad_gate, grad_up, grad_w, None, *lora_grads, None, None, None)
+
+
+def mixlora_ffn(
+    x: Tensor,
+    gate: Tensor | None,
+    up: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    *,
+    gate_lora: ExpertLora | None,
+    up_lora: ExpertLora | None,
+    down_lora: ExpertLora | None,
+    down_proj: Callable[[Tensor], Tensor],
+    act: Callable[[Tensor], Tensor],
+    scaling: float,
+    down_bias: Tensor | None = None,
+    **dora_only: Tensor | None,
+) -> Tensor:
+    """moelora.reference.mixlora_ffn with the rank-r work, activation and weighted sum in C++.
+
+    The frozen down projection runs here, once, on hbar (so a quantised base layer still works).
+    """
+    act_name = activation_name(act)
+    loras = [gate_lora, up_lora, down_lora]
+    if act_name is None or dora_only.get("down_dropout") is not None or all(p is None for p in loras):
+        # Not covered in C++: another activation, dropout on h_j (training with lora_dropout > 0).
+        return reference.mixlora_ffn(
+            x,
+            gate,
+            up,
+            weights,
+            indices,
+            gate_lora=gate_lora,
+            up_lora=up_lora,
+            down_lora=down_lora,
+            down_proj=down_proj,
+            act=act,
+            scaling=scaling,
+            down_bias=down_bias,
+            **dora_only,
+        )
+    E = next(p.A.shape[0] for p in loras if p is not None)
+    flat = [t for p in loras for t in ((p.A, p.B) if p is not None else (None, None))]
+    hbar, y_lora = _MixLoraFfn.apply(x, gate, up, weights, indices, *flat, E, float(scaling), act_name)
+    y = down_proj(hbar.to(up.dtype)).to(hbar.dtype)
+    if down_bias is not None:
+        y = y + (weights.to(hbar.dtype).sum(dim=-1, keepdim=True) - 1.0) * down_bias.to(hbar.dtype)
+    if down_lora is not None:
+        y = y + y_lora
+    return y.to(up.dtype)
