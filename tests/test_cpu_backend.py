@@ -171,7 +171,8 @@ def test_mixlora_ffn(T, H, I, E, k, r, mode, act, adapted, dtype):
     assert_close(got, want, dtype, "y")
     inputs = [("x", x), ("up", up), ("weights", w)] + ([("gate", gate)] if gate is not None else [])
     inputs += [(f"{p}.{ab}", t) for p, lo in loras.items() for ab, t in zip("AB", lo, strict=False)]
-    for (name, _), a, b in zip(inputs, _grads(got, [t for _, t in inputs]), _grads(want, [t for _, t in inputs]), strict=False):
+    tensors = [t for _, t in inputs]
+    for (name, _), a, b in zip(inputs, _grads(got, tensors), _grads(want, tensors), strict=True):
         assert_close(a, b, dtype, f"grad {name}")
 
 
