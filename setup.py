@@ -35,7 +35,7 @@ else:
                 _warn(f"building {ext.name} failed ({type(e).__name__}: {e})")
 
     if sources:
-        ext_modules = [CppExtension("moelora._C", sources, extra_compile_args=["-O3", "-fopenmp"])]
+        ext_modules = [CppExtension("moelora._C", sources, extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"])]
         cmdclass = {"build_ext": OptionalBuildExtension}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -24,64 +24,65 @@ Tensor maybe_delta(const c10::optional<Tensor>& A, const c10::optional<Tensor>& 
   return at::mm(u, (*B)[e].to(dt).t());
 }
 
-// One expert's rows: h[n] = act(G[t] + s dG[n]) * (U[t] + s dU[n]) (ungated: act(U[t] + s dU[n])),
-// hbar[t] += w[n] h[n] (skipped when hbar is null: the backward's recompute). Rows of one expert are distinct tokens, so rows run in parallel without races.
-template <Act act, typename T>
+// One expert's rows: h[n] = act(G[t] + s dG[n]) * (U[t] + s dU[n]) (GATED false: act(U[t] + s dU[n])),
+// and with ACC hbar[t] += w[n] h[n] (the backward's recompute needs h only). Rows of one expert are distinct
+// tokens, so rows run in parallel without races. The branches are template arguments: a branch inside the
+// inner loop stops gcc from vectorising it.
+template <Act act, typename T, bool GATED, bool ACC>
 void ffn_rows_forward(const T* G, const T* U, const T* dG, const T* dU, const int64_t* tok, const T* w, T s,
                       int64_t n, int64_t I, T* h, T* hbar) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = tok[r];
-      const T* g_row = G ? G + t * I : nullptr;
       const T* u_row = U + t * I;
-      const T* dg_row = dG ? dG + r * I : nullptr;
-      const T* du_row = dU ? dU + r * I : nullptr;
+      const T* du_row = dU + r * I;
+      const T* g_row = GATED ? G + t * I : nullptr;
+      const T* dg_row = GATED ? dG + r * I : nullptr;
       T* h_row = h + r * I;
-      T* hbar_row = hbar ? hbar + t * I : nullptr;
+      T* hbar_row = ACC ? hbar + t * I : nullptr;
       const T wr = w[r];
-#pragma omp simd
       for (int64_t i = 0; i < I; ++i) {
-        const T u = u_row[i] + (du_row ? s * du_row[i] : T(0));
+        const T u = u_row[i] + s * du_row[i];
         T v;
-        if (g_row) {
-          const T g = g_row[i] + (dg_row ? s * dg_row[i] : T(0));
-          v = act_value<act>(g) * u;
+        if constexpr (GATED) {
+          v = act_value<act>(g_row[i] + s * dg_row[i]) * u;
         } else {
           v = act_value<act>(u);
         }
         h_row[i] = v;
-        if (hbar_row) hbar_row[i] += wr * v;
+        if constexpr (ACC) hbar_row[i] += wr * v;
       }
     }
   });
 }
 
-// Backward of the rows: dh = w dhbar[t] + dh_lora[n]; writes d(pre-activation) of gate into dG and of up
-// into dU (in place of the deltas, read first), adds them to grad_G[t], grad_U[t], and dot(h, dhbar[t]).
-template <Act act, typename T>
+// Backward of the rows: dh = w dhbar[t] (+ dh_lora[n] with LORA); writes d(pre-activation) of gate into dG
+// and of up into dU (in place of the deltas, read first), adds them to grad_G[t], grad_U[t], and returns
+// dot(h[n], dhbar[t]) (the routing weight's gradient through hbar) in h_dot[n].
+template <Act act, typename T, bool GATED, bool LORA>
 void ffn_rows_backward(const T* G, const T* U, T* dG, T* dU, const T* h, const T* dh_lora, const T* dhbar,
                        const int64_t* tok, const T* w, T s, int64_t n, int64_t I, T* grad_G, T* grad_U,
-                       T* h_dot_dhbar) {
+                       T* h_dot) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = tok[r];
-      const T* g_row = G ? G + t * I : nullptr;
       const T* u_row = U + t * I;
-      T* dg_row = dG + r * I;
       T* du_row = dU + r * I;
-      const T* h_row = h + r * I;
-      const T* dhl_row = dh_lora ? dh_lora + r * I : nullptr;
-      const T* dhbar_row = dhbar + t * I;
-      T* gG_row = grad_G ? grad_G + t * I : nullptr;
       T* gU_row = grad_U + t * I;
+      const T* g_row = GATED ? G + t * I : nullptr;
+      T* dg_row = GATED ? dG + r * I : nullptr;
+      T* gG_row = GATED ? grad_G + t * I : nullptr;
+      const T* h_row = h + r * I;
+      const T* dhl_row = LORA ? dh_lora + r * I : nullptr;
+      const T* dhbar_row = dhbar + t * I;
       const T wr = w[r];
       T dot = 0;
-#pragma omp simd reduction(+ : dot)
       for (int64_t i = 0; i < I; ++i) {
         dot += h_row[i] * dhbar_row[i];
-        const T dh = wr * dhbar_row[i] + (dhl_row ? dhl_row[i] : T(0));
+        T dh = wr * dhbar_row[i];
+        if constexpr (LORA) dh += dhl_row[i];
         const T u = u_row[i] + s * du_row[i];
-        if (g_row) {
+        if constexpr (GATED) {
           const T g = g_row[i] + s * dg_row[i];
           const T dg = dh * u * act_grad<act>(g);
           const T du = dh * act_value<act>(g);
@@ -95,9 +96,20 @@ void ffn_rows_backward(const T* G, const T* U, T* dG, T* dU, const T* h, const T
           gU_row[i] += du;
         }
       }
-      h_dot_dhbar[r] = dot;
+      h_dot[r] = dot;
     }
   });
+}
+
+// Calls fn(bool_constant<a>, bool_constant<b>) for runtime flags a, b.
+template <typename Fn>
+void dispatch_flags(bool a, bool b, Fn&& fn) {
+  using t = std::true_type;
+  using f = std::false_type;
+  if (a && b) return fn(t{}, t{});
+  if (a) return fn(t{}, f{});
+  if (b) return fn(f{}, t{});
+  return fn(f{}, f{});
 }
 
 void check_inputs(const Tensor& x, const c10::optional<Tensor>& gate, const Tensor& up, const Tensor& weights,
@@ -168,14 +180,18 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
     auto xe = (has(gate_A) || has(up_A)) ? xc.index_select(0, tok) : Tensor();
     auto dG = maybe_delta(gate_A, gate_B, e, xe, dt, nullptr);
     auto dU = maybe_delta(up_A, up_B, e, xe, dt, nullptr);
+    if (G.defined() && !dG.defined()) dG = at::zeros({n, I}, U.options());
+    if (!dU.defined()) dU = at::zeros({n, I}, U.options());
     auto h = at::empty({n, I}, U.options());
     AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn", [&] {
       dispatch_act(act, [&](auto a) {
-        ffn_rows_forward<decltype(a)::value, scalar_t>(
-            G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
-            dG.defined() ? dG.data_ptr<scalar_t>() : nullptr, dU.defined() ? dU.data_ptr<scalar_t>() : nullptr,
-            tok.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), n, I,
-            h.data_ptr<scalar_t>(), hbar.data_ptr<scalar_t>());
+        dispatch_flags(G.defined(), true, [&](auto gated, auto acc) {
+          ffn_rows_forward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(acc)::value>(
+              G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
+              dG.defined() ? dG.data_ptr<scalar_t>() : nullptr, dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(),
+              w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), n, I, h.data_ptr<scalar_t>(),
+              hbar.data_ptr<scalar_t>());
+        });
       });
     });
     if (down) {
@@ -233,10 +249,12 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
     auto h = at::empty({n, I}, U.options());
     AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_recompute", [&] {
       dispatch_act(act, [&](auto a) {
-        ffn_rows_forward<decltype(a)::value, scalar_t>(
-            G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
-            dG.defined() ? dG.data_ptr<scalar_t>() : nullptr, dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(),
-            w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), n, I, h.data_ptr<scalar_t>(), nullptr);
+        dispatch_flags(G.defined(), false, [&](auto gated, auto acc) {
+          ffn_rows_forward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(acc)::value>(
+              G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
+              dG.defined() ? dG.data_ptr<scalar_t>() : nullptr, dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(),
+              w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), n, I, h.data_ptr<scalar_t>(), nullptr);
+        });
       });
     });
 
@@ -258,13 +276,15 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
     auto h_dot = at::empty({n}, U.options());
     AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_backward", [&] {
       dispatch_act(act, [&](auto a) {
-        ffn_rows_backward<decltype(a)::value, scalar_t>(
-            G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
-            dG.defined() ? dG.data_ptr<scalar_t>() : nullptr, dU.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-            dh_lora.defined() ? dh_lora.data_ptr<scalar_t>() : nullptr, dhbar.data_ptr<scalar_t>(),
-            tok.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), n, I,
-            grad_G.defined() ? grad_G.data_ptr<scalar_t>() : nullptr, grad_U.data_ptr<scalar_t>(),
-            h_dot.data_ptr<scalar_t>());
+        dispatch_flags(G.defined(), dh_lora.defined(), [&](auto gated, auto lora) {
+          ffn_rows_backward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(lora)::value>(
+              G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
+              dG.defined() ? dG.data_ptr<scalar_t>() : nullptr, dU.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+              dh_lora.defined() ? dh_lora.data_ptr<scalar_t>() : nullptr, dhbar.data_ptr<scalar_t>(),
+              tok.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), n, I,
+              grad_G.defined() ? grad_G.data_ptr<scalar_t>() : nullptr, grad_U.data_ptr<scalar_t>(),
+              h_dot.data_ptr<scalar_t>());
+        });
       });
     });
     grad_w.index_copy_(0, flat.slice(0, lo, hi), lora_dot.defined() ? h_dot + lora_dot : h_dot);

@@ -207,32 +207,47 @@ def test_whole_model_cpu_backend_equals_reference(family, overrides):
 
 
 def test_thread_counts_1_and_2_give_the_same_results():
+    """Forward and backward of route + mixlora_ffn are bitwise equal with 1 and with 2 threads."""
     g = torch.Generator().manual_seed(0)
-    T, H, I, E, k, r = 200, 32, 72, 8, 2, 8
+    T, H, I, E, k, r = 300, 32, 72, 8, 2, 8
     x, up, gate = (torch.randn(T, n, generator=g) for n in (H, I, I))
-    w, idx = _routing(T, H, E, k, g, "plain")
+    router = torch.randn(E, H, generator=g)
+    dims = {"gate": (H, I), "up": (H, I), "down": (I, H)}
     loras = {
         p: ExpertLora(torch.randn(E, r, i, generator=g), torch.randn(E, o, r, generator=g))
-        for p, (i, o) in {"gate": (H, I), "up": (H, I), "down": (I, H)}.items()
+        for p, (i, o) in dims.items()
     }
     Wd = torch.randn(H, I, generator=g)
-    kwargs = dict(
-        gate_lora=loras["gate"],
-        up_lora=loras["up"],
-        down_lora=loras["down"],
-        down_proj=lambda h: h @ Wd.T,
-        act=F.silu,
-        scaling=2.0,
-    )
+    upstream = torch.randn(T, H, generator=g)
     before = torch.get_num_threads()
-    outs = []
+    runs = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            outs.append(cpu.mixlora_ffn(x, gate, up, w.float(), idx, **kwargs))
+            leaves = [
+                t.detach().requires_grad_()
+                for t in (x, up, gate, router, *[t for lo in loras.values() for t in lo[:2]])
+            ]
+            xl, ul, gl, rl, *flat = leaves
+            lo = {p: ExpertLora(flat[2 * i], flat[2 * i + 1]) for i, p in enumerate(dims)}
+            routing = cpu.route(xl, rl, top_k=k)
+            y = cpu.mixlora_ffn(
+                xl,
+                gl,
+                ul,
+                routing.weights,
+                routing.indices,
+                gate_lora=lo["gate"],
+                up_lora=lo["up"],
+                down_lora=lo["down"],
+                down_proj=lambda h: h @ Wd.T,
+                act=F.silu,
+                scaling=2.0,
+            )
+            runs.append([y, *torch.autograd.grad(y, leaves, upstream)])
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 def test_auto_picks_the_cpu_backend_and_cpu_backend_rejects_other_devices():
