@@ -21,7 +21,7 @@ from bench import memory
 from bench.plot import plot
 from bench.providers import mixlora_pkg_version
 from bench.suites import SUITES, Preset, Suite
-from bench.timing import Timing, check_parity, measure
+from bench.timing import MODES, Timing, check_parity, measure
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     threads_help = "torch CPU threads (default: torch's current count)"
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help=threads_help)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:n]")
-    memory_help = f"CPU: peak RSS growth of every case over {memory.CALLS} calls, in a subprocess (seconds per case)"
+    memory_help = f"CPU: peak RSS growth of every case over {memory.CALLS} calls, each case in a process of its own"
     p.add_argument("--memory", action="store_true", help=memory_help)
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default: bench/results)")
     p.add_argument("--no-save", action="store_true", help="print only, write no files")
@@ -287,7 +287,6 @@ def _time_case(
         row = {"status": f"error: {type(exc).__name__}: {exc}"}
         progress.log(f"{what}: {row['status']}")
         return row
-    del step
     row = {"status": "ok"} | asdict(timing)
     if timing.graph_error is not None:
         progress.log(f"{what}: CUDA graph capture failed, timed eagerly ({timing.graph_error})")
@@ -311,9 +310,9 @@ def _memory_meaning(args: argparse.Namespace, device: torch.device) -> str | Non
         return "torch.cuda.max_memory_allocated over the timed repeats, inputs included (the L2 flush buffer not)"
     if args.memory:
         return (
-            f"CPU: rise of the peak RSS (VmHWM) over {memory.CALLS} calls in a fresh subprocess, above its own RSS "
-            "after set-up: what the calls add (activations, outputs, gradients, optimiser state, allocator "
-            "caching), inputs and weights not included"
+            f"CPU: rise of the peak RSS (VmHWM) over {memory.CALLS} calls, each case in a fresh process, above that "
+            "process's RSS after set-up: what the calls add (activations, outputs, gradients, optimiser state, "
+            "allocator caching, code paged in by a first call), inputs and weights not included"
         )
     return None
 
@@ -334,15 +333,16 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("nothing to run: " + "; ".join(notes))
     meaning = _memory_meaning(args, device)
     if meaning is None:
-        notes.append("peak memory: not measured on CPU unless --memory (a subprocess per case)")
+        notes.append("peak memory: not measured on CPU unless --memory (a process per case)")
     elif args.memory and device.type != "cpu":
         notes.append("--memory is for CPU runs; on CUDA the allocator's peak is always reported")
     if args.memory and device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
         notes.append("--memory needs Linux's /proc/self/clear_refs and VmHWM: every probe will fail here")
-    notes.append(
-        "fwd runs under torch.no_grad; fwd+bwd differentiates sum(out * grad_out) w.r.t. the inputs and the "
-        "adapter tensors, never the frozen weights"
-    )
+    if any(set(pl.modes) & set(MODES) for pl in plans):
+        notes.append(
+            "fwd runs under torch.no_grad; fwd+bwd differentiates sum(out * grad_out) w.r.t. the inputs and the "
+            "adapter tensors, never the frozen weights"
+        )
     suites = [pl.suite.name for pl in plans]
     report = {
         "label": args.preset + ("-custom" if any(pl.custom for pl in plans) else ""),
@@ -444,7 +444,7 @@ def _suite_markdown(name: str, entry: dict, report: dict) -> list[str]:
     if entry["parity"]:
         lines += ["", "Parity against reference (max |got - want| / max |want|):"]
         lines += [f"- {entry['case']}={p[entry['case']]} {p['summary']}" for p in entry["parity"]]
-    lines += [f"Note: {n}" for n in entry["notes"]]
+    lines += ["", *(f"Note: {n}" for n in entry["notes"])]
     return [*lines, ""]
 
 

@@ -1,4 +1,4 @@
-"""Fixtures of the pytest-benchmark suite: one tiny shape, so that CI runs it in seconds."""
+"""Fixtures of the pytest-benchmark suites: tiny shapes, so that CI runs them in seconds."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench.providers import FfnInputs, Shape, make_inputs
+from bench.suites import Suite
 
 # Odd sizes on purpose (no powers of two); E=4, k=2 over 37 tokens leaves every expert some tokens.
 TINY = Shape(T=37, H=48, I=80, E=4, k=2, r=6)
@@ -23,3 +24,14 @@ def _one_thread():
 @pytest.fixture
 def tiny_inputs() -> FfnInputs:
     return make_inputs(TINY, seed=0)
+
+
+def tiny_shape(suite: Suite, **dims):
+    """The last (largest) row of `suite`'s tiny preset, with `dims` changed."""
+    preset = suite.presets["tiny"]
+    return suite.shape(preset.cases[-1], {**preset.dims, **dims})
+
+
+def skip_if_missing(suite: Suite, provider: str) -> None:
+    if (why := suite.missing(provider, torch.device("cpu"))) is not None:
+        pytest.skip(why)

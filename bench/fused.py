@@ -15,6 +15,15 @@ def backend_name(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "cpu"
 
 
+def fused_backend(device: torch.device) -> str:
+    """The fused backend's name for `device`, resolved once so that a lazily loaded extension is loaded now,
+    in the provider's untimed set-up, not in its first timed (or memory-probed) call."""
+    name = backend_name(device)
+    with backend.set_backend(name):
+        backend.resolve(device)
+    return name
+
+
 def fused_missing(device: torch.device) -> str | None:
     """Why the fused backend cannot run tensors on `device`, or None when it can."""
     with backend.set_backend(backend_name(device)):

@@ -1,29 +1,32 @@
-"""Peak memory of one case on the CPU, measured in a fresh subprocess: `python3 -m bench.memory CASE_JSON`.
+"""Peak memory of one case on the CPU, measured in a process of its own.
 
 The child builds the case (inputs, model, the provider's set-up), resets the kernel's peak-RSS mark
-(VmHWM) to the current RSS, runs the step `calls` times and reports how far the mark rose: the memory
+(VmHWM) to its current RSS, runs the step `calls` times and reports how far the mark rose: the memory
 those calls add on top of the set-up (activations, outputs, gradients, optimiser state, allocator
-caching), not counting the inputs.
+caching), inputs and weights not counted.
 
-Not ru_maxrss: a child started by subprocess inherits the parent's peak through exec (measured here: a
-child of an 813 MiB process reports ru_maxrss = 813 MiB on its first line), which would hide any growth
-smaller than the benchmark process itself. Linux only; elsewhere the probe reports that it cannot measure.
+Children are forked from a forkserver that has imported bench.suites once: importing moelora (and so
+transformers) takes about 7 s here, a fork a few ms. The server only imports, it runs no torch op, so
+its children start with no thread pool to inherit.
+
+Not ru_maxrss: a child inherits its parent's peak through exec (measured here: a child of an 813 MiB
+process reports ru_maxrss = 813 MiB on its first line), which hides any growth smaller than the parent.
+Linux only (/proc/self/status, /proc/self/clear_refs); elsewhere every probe fails with the reason.
 """
 
 from __future__ import annotations
 
 import gc
-import json
-import subprocess
-import sys
+import multiprocessing
 from dataclasses import asdict
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 CALLS = 3
+_context: Any = None
 
 
 def _hwm_kib() -> int:
@@ -39,23 +42,10 @@ def _reset_hwm() -> None:
         f.write("5")
 
 
-def probe(suite: str, shape: Any, provider: str, mode: str, dtype: str, threads: int, calls: int = CALLS) -> float:
-    """MiB of peak-RSS growth over `calls` calls of one case, in a subprocess; raises RuntimeError if it fails."""
-    case = {"suite": suite, "shape": asdict(shape), "provider": provider, "mode": mode, "dtype": dtype}
-    case |= {"threads": threads, "calls": calls}
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.memory", json.dumps(case)], cwd=ROOT, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"memory probe failed: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["growth_mib"]
-
-
-def main(argv: list[str]) -> int:
+def measure(case: dict) -> float:
+    """In this process: build `case`, reset the mark, run its step `calls` times; MiB the mark rose."""
     from bench.suites import SUITES
 
-    case = json.loads(argv[0])
     torch.set_num_threads(case["threads"])
     suite = SUITES[case["suite"]]
     dims = dict(case["shape"])
@@ -67,10 +57,34 @@ def main(argv: list[str]) -> int:
     before = _hwm_kib()
     for _ in range(case["calls"]):
         step()
-    after = _hwm_kib()
-    print(json.dumps({"baseline_mib": before / 1024, "peak_mib": after / 1024, "growth_mib": (after - before) / 1024}))
-    return 0
+    return (_hwm_kib() - before) / 1024
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def _child(case: dict, conn: Connection) -> None:
+    try:
+        conn.send(("ok", measure(case)))
+    except Exception as exc:  # reported by the parent as this case's memory error
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def probe(suite: str, shape: Any, provider: str, mode: str, dtype: str, threads: int, calls: int = CALLS) -> float:
+    """MiB of peak-RSS growth over `calls` calls of one case, in a fresh child; RuntimeError if it fails."""
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(["bench.suites", "bench.memory"])
+    case = {"suite": suite, "shape": asdict(shape), "provider": provider, "mode": mode, "dtype": dtype}
+    case |= {"threads": threads, "calls": calls}
+    receive, send = _context.Pipe(duplex=False)
+    child = _context.Process(target=_child, args=(case, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        status, value = receive.recv()
+    except EOFError:
+        status, value = "error", "the child died before reporting"
+    finally:
+        child.join()
+    if status != "ok":
+        raise RuntimeError(f"memory probe failed: {value} (exit code {child.exitcode})")
+    return value

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import moelora
-from bench.fused import backend_name
+from bench.fused import fused_backend
 
 PROVIDERS = ("base", "reference", "fused")
 MODES = ("train", "generate")
@@ -102,23 +102,25 @@ def build(inp: ModelInputs, adapters: bool) -> nn.Module:
     return model.eval()
 
 
-def backend_for(name: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if name == "reference":
-        return moelora.set_backend("reference")
-    if name == "fused":
-        return moelora.set_backend(backend_name(device))
-    return contextlib.nullcontext()
+def backend_for(name: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """What each call of provider `name` enters. Resolved now, in the untimed set-up, so that a lazily
+    loaded fused extension does not load inside the first timed call."""
+    if name == "base":
+        return contextlib.nullcontext
+    chosen = "reference" if name == "reference" else fused_backend(device)
+    return lambda: moelora.set_backend(chosen)
 
 
 def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
     """One timed unit of provider `name` in `mode`; the model (and optimiser) is built here, untimed."""
     model = build(inp, adapters=name != "base")
+    enter = backend_for(name, inp.device)
     if mode == "generate":
         mask = torch.ones_like(inp.prompt)
         n = inp.shape.N
 
         def generate() -> Tensor:
-            with torch.no_grad(), backend_for(name, inp.device):
+            with torch.no_grad(), enter():
                 return model.generate(
                     input_ids=inp.prompt,
                     attention_mask=mask,
@@ -142,7 +144,7 @@ def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def train_step() -> Tensor:
-        with backend_for(name, inp.device):
+        with enter():
             loss = model(input_ids=inp.ids, labels=inp.ids).loss
             loss.backward()
         opt.step()
@@ -155,7 +157,7 @@ def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
 def outputs(name: str, inp: ModelInputs, with_grads: bool) -> dict[str, Tensor]:
     """What parity compares: the logits and, with_grads, the loss and every adapter parameter's gradient."""
     model = build(inp, adapters=True)
-    with backend_for(name, inp.device):
+    with backend_for(name, inp.device)():
         if not with_grads:
             with torch.no_grad():
                 return {"logits": model(input_ids=inp.ids).logits}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.fused import backend_name
+from bench.fused import fused_backend
 from bench.providers import Shape
 from moelora import backend, ops, reference
 
@@ -80,7 +80,7 @@ def loop_moe_lora(inp: MoeLoraInputs) -> Tensor:
 
 
 def fused_moe_lora(inp: MoeLoraInputs) -> Callable[[], Tensor]:
-    name = backend_name(inp.x.device)
+    name = fused_backend(inp.x.device)
 
     def run() -> Tensor:
         with backend.set_backend(name):

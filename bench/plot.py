@@ -15,10 +15,14 @@ def plot(report: dict, path: Path) -> str | None:
 
         matplotlib.use("Agg")  # files only: no display is needed or wanted
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullLocator
     except ImportError:
         return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
 
     entries = [(name, report[name]) for name in report["suites"]]
+    # One colour per provider across every panel.
+    order = dict.fromkeys(p for _, e in entries for p in e["providers"])
+    colour = {p: f"C{i}" for i, p in enumerate(order)}
     cols = max(len(e["modes"]) for _, e in entries)
     fig, axes = plt.subplots(len(entries), cols, figsize=(5.5 * cols, 4 * len(entries)), squeeze=False)
     for row, (name, entry) in zip(axes, entries, strict=True):
@@ -34,9 +38,12 @@ def plot(report: dict, path: Path) -> str | None:
                 )
                 if points:
                     xs, ys = zip(*points, strict=True)
-                    ax.plot(xs, ys, marker="o", label=provider)
+                    ax.plot(xs, ys, marker="o", label=provider, color=colour[provider])
             ax.set_xscale("log")
             ax.set_yscale("log")
+            cases = entry[entry["case"]]
+            ax.set_xticks(cases, [str(c) for c in cases])  # the measured sizes, not powers of ten
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xlabel(AXIS.get(entry["case"], entry["case"]))
             ax.set_ylabel("median ms")
             ax.set_title(f"{name}: {mode} ({entry['label']})")

@@ -21,14 +21,14 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.fused import backend_name
+from bench.fused import fused_backend
 from moelora import backend, ops, reference
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -108,12 +108,6 @@ def make_inputs(
     )
 
 
-def with_dtype(inp: FfnInputs, dtype: torch.dtype) -> FfnInputs:
-    """The same inputs with x, grad_out and the frozen weights in `dtype`; the fp32 adapters are shared."""
-    linears = {p: _frozen_linear(getattr(inp, p).weight.detach().to(dtype)) for p in PROJ}
-    return replace(inp, x=inp.x.detach().to(dtype).requires_grad_(), grad_out=inp.grad_out.to(dtype), **linears)
-
-
 def grad_targets(name: str, inp: FfnInputs) -> list[tuple[str, Tensor]]:
     """What the fwd+bwd mode differentiates for provider `name`: never the frozen base weights."""
     if name == "base":
@@ -178,7 +172,7 @@ def reference_ffn(inp: FfnInputs) -> Tensor:
 
 def fused_ffn(inp: FfnInputs) -> Callable[[], Tensor]:
     """moelora.ops under the device's fused backend; the backend is entered per call (microseconds)."""
-    name = backend_name(inp.x.device)
+    name = fused_backend(inp.x.device)
 
     def run() -> Tensor:
         with backend.set_backend(name):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.fused import backend_name
+from bench.fused import fused_backend
 from moelora import backend, ops, reference
 from moelora.reference import Routing
 
@@ -77,7 +77,7 @@ def naive_route(inp: RouteInputs) -> Routing:
 
 
 def fused_route(inp: RouteInputs) -> Callable[[], Routing]:
-    name = backend_name(inp.x.device)
+    name = fused_backend(inp.x.device)
 
     def run() -> Routing:
         with backend.set_backend(name):

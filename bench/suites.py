@@ -21,7 +21,7 @@ from torch import Tensor
 
 from bench import model, moe_lora, providers, route
 from bench.fused import fused_missing
-from bench.timing import ROUTER_GRAD_TOLERANCE, TOLERANCE, make_step, primary
+from bench.timing import MODES, ROUTER_GRAD_TOLERANCE, TOLERANCE, make_step, primary
 
 Ratio = tuple[str, str, str]  # numerator, denominator, what a value above 1 means
 
@@ -68,7 +68,7 @@ class OpSuite:
     graph_safe: tuple[str, ...] = ()  # providers without host syncs, so CUDA-graph capturable
     notes: tuple[str, ...] = ()  # printed under the suite's table
     case: str = "T"
-    modes: tuple[str, ...] = ("fwd", "fwd+bwd")
+    modes: tuple[str, ...] = MODES
     grad_mode: str = "fwd+bwd"
 
     @property
@@ -195,7 +195,7 @@ FFN = OpSuite(
 
 ROUTE = OpSuite(
     name="route",
-    title="Router softmax + top-k",
+    title="Router: softmax + top-k / top-p",
     presets={
         "tiny": Preset((1, 37), _route_dims(H=48, E=4), warmup=1, repeats=3),
         "small": Preset((1, 128, 512, 2048), _route_dims(H=512), warmup=5, repeats=30),

@@ -14,6 +14,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from bench.suites import Suite
 
+MODES = ("fwd", "fwd+bwd")  # of the op suites; the model suite has its own
 # Allowed max |got - want| / max |want|, in fp32. Summing in another order (Wd per expert or once) moves
 # y and the x / LoRA gradients by ~1e-6 (at most 1.9e-6 over 200 seeds at T=1). The router gradient of a
 # whole FFN is a difference of the chosen experts' contributions and loses digits when they nearly cancel:
@@ -43,7 +44,7 @@ def make_step(fn: Callable[[], Any], targets: list[Tensor], grad_out: Tensor, mo
         return step
     if mode == "fwd+bwd":
         return lambda: torch.autograd.grad(primary(fn()), targets, grad_out)
-    raise ValueError(f"mode must be fwd or fwd+bwd, got {mode!r}")
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 @dataclass

@@ -68,6 +68,14 @@ inline Pairs sort_pairs(const Tensor& indices, int64_t num_experts) {
   return {token, slot, offsets};
 }
 
+// Hot row loops are compiled twice, for AVX2 + FMA and for baseline x86-64, and picked at load time, so the
+// extension runs anywhere and uses 8-wide vectors where the CPU has them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MOELORA_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MOELORA_VECTOR_CLONES
+#endif
+
 enum class Act { kSilu, kGeluTanh, kGeluErf, kRelu };
 
 inline Act parse_act(const std::string& name) {

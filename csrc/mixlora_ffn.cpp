@@ -16,12 +16,22 @@ struct ExpertLoras {
 
 bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
-Tensor maybe_delta(const c10::optional<Tensor>& A, const c10::optional<Tensor>& B, int64_t e, const Tensor& xe,
-                   at::ScalarType dt, Tensor* rank_out) {
-  if (!has(A)) return Tensor();
+// Rows per chunk: an expert's rows are processed CHUNK at a time through reused buffers ([CHUNK, I] each,
+// 2.9 MB at I = 2816), so that no [n_e, I] tensor is allocated and page-faulted per expert (fresh 46 MB
+// allocations cost more here than the arithmetic on them).
+constexpr int64_t CHUNK = 256;
+
+// The frozen projections' LoRA delta of one chunk, B (A xe), written into `out` [m, I]; the rank-space
+// activations A xe [m, r] are returned (the backward needs them).
+Tensor lora_delta_into(const c10::optional<Tensor>& A, const c10::optional<Tensor>& B, int64_t e, const Tensor& xe,
+                       at::ScalarType dt, Tensor out) {
   auto u = at::mm(xe, (*A)[e].to(dt).t());
-  if (rank_out != nullptr) *rank_out = u;
-  return at::mm(u, (*B)[e].to(dt).t());
+  at::mm_out(out, u, (*B)[e].to(dt).t());
+  return u;
+}
+
+Tensor grad_buffer(const c10::optional<Tensor>& t, at::ScalarType dt) {
+  return has(t) ? at::zeros(t->sizes(), t->options().dtype(dt)) : Tensor();
 }
 
 // One expert's rows: h[n] = act(G[t] + s dG[n]) * (U[t] + s dU[n]) (GATED false: act(U[t] + s dU[n])),
@@ -29,29 +39,29 @@ Tensor maybe_delta(const c10::optional<Tensor>& A, const c10::optional<Tensor>& 
 // tokens, so rows run in parallel without races. The branches are template arguments: a branch inside the
 // inner loop stops gcc from vectorising it.
 template <Act act, typename T, bool GATED, bool ACC>
+MOELORA_VECTOR_CLONES void ffn_row_forward(const T* g_row, const T* u_row, const T* dg_row, const T* du_row, T s,
+                                           T wr, int64_t I, T* h_row, T* hbar_row) {
+  for (int64_t i = 0; i < I; ++i) {
+    const T u = u_row[i] + s * du_row[i];
+    T v;
+    if constexpr (GATED) {
+      v = act_value<act>(g_row[i] + s * dg_row[i]) * u;
+    } else {
+      v = act_value<act>(u);
+    }
+    h_row[i] = v;
+    if constexpr (ACC) hbar_row[i] += wr * v;
+  }
+}
+
+template <Act act, typename T, bool GATED, bool ACC>
 void ffn_rows_forward(const T* G, const T* U, const T* dG, const T* dU, const int64_t* tok, const T* w, T s,
                       int64_t n, int64_t I, T* h, T* hbar) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = tok[r];
-      const T* u_row = U + t * I;
-      const T* du_row = dU + r * I;
-      const T* g_row = GATED ? G + t * I : nullptr;
-      const T* dg_row = GATED ? dG + r * I : nullptr;
-      T* h_row = h + r * I;
-      T* hbar_row = ACC ? hbar + t * I : nullptr;
-      const T wr = w[r];
-      for (int64_t i = 0; i < I; ++i) {
-        const T u = u_row[i] + s * du_row[i];
-        T v;
-        if constexpr (GATED) {
-          v = act_value<act>(g_row[i] + s * dg_row[i]) * u;
-        } else {
-          v = act_value<act>(u);
-        }
-        h_row[i] = v;
-        if constexpr (ACC) hbar_row[i] += wr * v;
-      }
+      ffn_row_forward<act, T, GATED, ACC>(GATED ? G + t * I : nullptr, U + t * I, GATED ? dG + r * I : nullptr,
+                                          dU + r * I, s, w[r], I, h + r * I, ACC ? hbar + t * I : nullptr);
     }
   });
 }
@@ -60,43 +70,45 @@ void ffn_rows_forward(const T* G, const T* U, const T* dG, const T* dU, const in
 // and of up into dU (in place of the deltas, read first), adds them to grad_G[t], grad_U[t], and returns
 // dot(h[n], dhbar[t]) (the routing weight's gradient through hbar) in h_dot[n].
 template <Act act, typename T, bool GATED, bool LORA>
+MOELORA_VECTOR_CLONES T ffn_row_backward(const T* g_row, const T* u_row, T* dg_row, T* du_row, const T* h_row,
+                                         const T* dhl_row, const T* dhbar_row, T s, T wr, int64_t I, T* gG_row,
+                                         T* gU_row) {
+  T dot = 0;
+  // A reduction vectorises only when allowed to reorder the sum: the order is fixed per build, not per thread.
+#pragma omp simd reduction(+ : dot)
+  for (int64_t i = 0; i < I; ++i) {
+    dot += h_row[i] * dhbar_row[i];
+    T dh = wr * dhbar_row[i];
+    if constexpr (LORA) dh += dhl_row[i];
+    const T u = u_row[i] + s * du_row[i];
+    if constexpr (GATED) {
+      const T g = g_row[i] + s * dg_row[i];
+      const T dg = dh * u * act_grad<act>(g);
+      const T du = dh * act_value<act>(g);
+      dg_row[i] = dg;
+      du_row[i] = du;
+      gG_row[i] += dg;
+      gU_row[i] += du;
+    } else {
+      const T du = dh * act_grad<act>(u);
+      du_row[i] = du;
+      gU_row[i] += du;
+    }
+  }
+  return dot;
+}
+
+template <Act act, typename T, bool GATED, bool LORA>
 void ffn_rows_backward(const T* G, const T* U, T* dG, T* dU, const T* h, const T* dh_lora, const T* dhbar,
                        const int64_t* tok, const T* w, T s, int64_t n, int64_t I, T* grad_G, T* grad_U,
                        T* h_dot) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = tok[r];
-      const T* u_row = U + t * I;
-      T* du_row = dU + r * I;
-      T* gU_row = grad_U + t * I;
-      const T* g_row = GATED ? G + t * I : nullptr;
-      T* dg_row = GATED ? dG + r * I : nullptr;
-      T* gG_row = GATED ? grad_G + t * I : nullptr;
-      const T* h_row = h + r * I;
-      const T* dhl_row = LORA ? dh_lora + r * I : nullptr;
-      const T* dhbar_row = dhbar + t * I;
-      const T wr = w[r];
-      T dot = 0;
-      for (int64_t i = 0; i < I; ++i) {
-        dot += h_row[i] * dhbar_row[i];
-        T dh = wr * dhbar_row[i];
-        if constexpr (LORA) dh += dhl_row[i];
-        const T u = u_row[i] + s * du_row[i];
-        if constexpr (GATED) {
-          const T g = g_row[i] + s * dg_row[i];
-          const T dg = dh * u * act_grad<act>(g);
-          const T du = dh * act_value<act>(g);
-          dg_row[i] = dg;
-          du_row[i] = du;
-          gG_row[i] += dg;
-          gU_row[i] += du;
-        } else {
-          const T du = dh * act_grad<act>(u);
-          du_row[i] = du;
-          gU_row[i] += du;
-        }
-      }
-      h_dot[r] = dot;
+      h_dot[r] = ffn_row_backward<act, T, GATED, LORA>(
+          GATED ? G + t * I : nullptr, U + t * I, GATED ? dG + r * I : nullptr, dU + r * I, h + r * I,
+          LORA ? dh_lora + r * I : nullptr, dhbar + t * I, s, w[r], I, GATED ? grad_G + t * I : nullptr,
+          grad_U + t * I);
     }
   });
 }
@@ -146,10 +158,6 @@ void check_inputs(const Tensor& x, const c10::optional<Tensor>& gate, const Tens
   TORCH_CHECK(!has(l.gate_A) || has(gate), "moelora cpu backend: a gate LoRA needs the gate projection");
 }
 
-Tensor empty_like_or_none(const c10::optional<Tensor>& t) {
-  return has(t) ? at::zeros_like(*t) : Tensor();
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<Tensor>& gate, const Tensor& up,
@@ -172,31 +180,35 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
   auto hbar = at::zeros({T_, I}, U.options());
   const bool down = has(down_B);
   auto y_lora = at::zeros({T_, down ? down_B->size(1) : 0}, U.options());
+  const int64_t rows = std::min(CHUNK, std::max<int64_t>(pairs.token.numel(), 1));
+  auto x_buf = at::empty({rows, x.size(1)}, U.options());
+  auto dG_buf = at::zeros({rows, I}, U.options());  // stays zero when the gate has no LoRA
+  auto dU_buf = at::zeros({rows, I}, U.options());
+  auto h_buf = at::empty({rows, I}, U.options());
   for (int64_t e = 0; e < num_experts; ++e) {
-    const int64_t lo = pairs.offsets[e], hi = pairs.offsets[e + 1], n = hi - lo;
-    if (n == 0) continue;
-    auto tok = pairs.token.slice(0, lo, hi);
-    auto w = pair_w.slice(0, lo, hi);
-    auto xe = (has(gate_A) || has(up_A)) ? xc.index_select(0, tok) : Tensor();
-    auto dG = maybe_delta(gate_A, gate_B, e, xe, dt, nullptr);
-    auto dU = maybe_delta(up_A, up_B, e, xe, dt, nullptr);
-    if (G.defined() && !dG.defined()) dG = at::zeros({n, I}, U.options());
-    if (!dU.defined()) dU = at::zeros({n, I}, U.options());
-    auto h = at::empty({n, I}, U.options());
-    AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn", [&] {
-      dispatch_act(act, [&](auto a) {
-        dispatch_flags(G.defined(), true, [&](auto gated, auto acc) {
-          ffn_rows_forward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(acc)::value>(
-              G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
-              dG.defined() ? dG.data_ptr<scalar_t>() : nullptr, dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(),
-              w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), n, I, h.data_ptr<scalar_t>(),
-              hbar.data_ptr<scalar_t>());
+    for (int64_t lo = pairs.offsets[e]; lo < pairs.offsets[e + 1]; lo += CHUNK) {
+      const int64_t m = std::min(CHUNK, pairs.offsets[e + 1] - lo);
+      auto tok = pairs.token.slice(0, lo, lo + m);
+      auto w = pair_w.slice(0, lo, lo + m);
+      auto xe = x_buf.narrow(0, 0, m);
+      auto dG = dG_buf.narrow(0, 0, m), dU = dU_buf.narrow(0, 0, m), h = h_buf.narrow(0, 0, m);
+      if (has(gate_A) || has(up_A)) at::index_select_out(xe, xc, 0, tok);
+      if (has(gate_A)) lora_delta_into(gate_A, gate_B, e, xe, dt, dG);
+      if (has(up_A)) lora_delta_into(up_A, up_B, e, xe, dt, dU);
+      AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn", [&] {
+        dispatch_act(act, [&](auto a) {
+          dispatch_flags(G.defined(), true, [&](auto gated, auto acc) {
+            ffn_rows_forward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(acc)::value>(
+                G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(),
+                dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(), w.data_ptr<scalar_t>(),
+                static_cast<scalar_t>(scaling), m, I, h.data_ptr<scalar_t>(), hbar.data_ptr<scalar_t>());
+          });
         });
       });
-    });
-    if (down) {
-      auto yd = at::mm(at::mm(h, (*down_A)[e].to(dt).t()), (*down_B)[e].to(dt).t());
-      y_lora.index_add_(0, tok, yd.mul_(w.unsqueeze(1) * scaling));
+      if (down) {
+        auto yd = at::mm(at::mm(h, (*down_A)[e].to(dt).t()), (*down_B)[e].to(dt).t());
+        y_lora.index_add_(0, tok, yd.mul_(w.unsqueeze(1) * scaling));
+      }
     }
   }
   return {hbar, y_lora};
@@ -229,87 +241,93 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
   auto grad_G = G.defined() ? at::zeros_like(G) : Tensor();
   auto grad_U = at::zeros_like(U);
   auto grad_w = at::zeros({weights.numel()}, U.options());
-  auto g_gA = empty_like_or_none(gate_A), g_gB = empty_like_or_none(gate_B);
-  auto g_uA = empty_like_or_none(up_A), g_uB = empty_like_or_none(up_B);
-  auto g_dA = empty_like_or_none(down_A), g_dB = empty_like_or_none(down_B);
+  auto g_gA = grad_buffer(gate_A, dt), g_gB = grad_buffer(gate_B, dt);
+  auto g_uA = grad_buffer(up_A, dt), g_uB = grad_buffer(up_B, dt);
+  auto g_dA = grad_buffer(down_A, dt), g_dB = grad_buffer(down_B, dt);
 
+  const int64_t rows = std::min(CHUNK, std::max<int64_t>(pairs.token.numel(), 1));
+  auto x_buf = at::empty({rows, x.size(1)}, U.options());
+  auto dG_buf = at::empty({rows, I}, U.options());
+  auto dU_buf = at::empty({rows, I}, U.options());
+  auto h_buf = at::empty({rows, I}, U.options());
+  auto dhl_buf = at::empty({rows, I}, U.options());
+  auto h_dot_buf = at::empty({rows}, U.options());
   for (int64_t e = 0; e < num_experts; ++e) {
-    const int64_t lo = pairs.offsets[e], hi = pairs.offsets[e + 1], n = hi - lo;
-    if (n == 0) continue;
-    auto tok = pairs.token.slice(0, lo, hi);
-    auto w = pair_w.slice(0, lo, hi);
-    auto xe = (has(gate_A) || has(up_A)) ? xc.index_select(0, tok) : Tensor();
-    Tensor ug, uu;
-    auto dG = maybe_delta(gate_A, gate_B, e, xe, dt, &ug);
-    auto dU = maybe_delta(up_A, up_B, e, xe, dt, &uu);
-    if (G.defined() && !dG.defined()) dG = at::zeros({n, I}, U.options());
-    if (!dU.defined()) dU = at::zeros({n, I}, U.options());
+    for (int64_t lo = pairs.offsets[e]; lo < pairs.offsets[e + 1]; lo += CHUNK) {
+      const int64_t m = std::min(CHUNK, pairs.offsets[e + 1] - lo);
+      auto tok = pairs.token.slice(0, lo, lo + m);
+      auto w = pair_w.slice(0, lo, lo + m);
+      auto xe = x_buf.narrow(0, 0, m);
+      auto dG = dG_buf.narrow(0, 0, m), dU = dU_buf.narrow(0, 0, m), h = h_buf.narrow(0, 0, m);
+      if (has(gate_A) || has(up_A)) at::index_select_out(xe, xc, 0, tok);
+      Tensor ug, uu;
+      if (has(gate_A)) ug = lora_delta_into(gate_A, gate_B, e, xe, dt, dG);
+      else dG.zero_();
+      if (has(up_A)) uu = lora_delta_into(up_A, up_B, e, xe, dt, dU);
+      else dU.zero_();
 
-    // Recompute h for this expert's rows: the forward kept only hbar.
-    auto h = at::empty({n, I}, U.options());
-    AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_recompute", [&] {
-      dispatch_act(act, [&](auto a) {
-        dispatch_flags(G.defined(), false, [&](auto gated, auto acc) {
-          ffn_rows_forward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(acc)::value>(
-              G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
-              dG.defined() ? dG.data_ptr<scalar_t>() : nullptr, dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(),
-              w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), n, I, h.data_ptr<scalar_t>(), nullptr);
+      // Recompute h for these rows: the forward kept only hbar.
+      AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_recompute", [&] {
+        dispatch_act(act, [&](auto a) {
+          dispatch_flags(G.defined(), false, [&](auto gated, auto acc) {
+            ffn_rows_forward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(acc)::value>(
+                G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(),
+                dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(), w.data_ptr<scalar_t>(),
+                static_cast<scalar_t>(scaling), m, I, h.data_ptr<scalar_t>(), nullptr);
+          });
         });
       });
-    });
 
-    Tensor dh_lora, lora_dot;
-    if (down) {
-      auto dAe = (*down_A)[e].to(dt), dBe = (*down_B)[e].to(dt);
-      auto ud = at::mm(h, dAe.t());  // [n, r]
-      if (gy.defined()) {
+      Tensor dh_lora, lora_dot;
+      if (down && gy.defined()) {
+        auto dAe = (*down_A)[e].to(dt), dBe = (*down_B)[e].to(dt);
+        auto ud = at::mm(h, dAe.t());  // [m, r]
         auto gye = gy.index_select(0, tok);
-        auto dvd = at::mm(gye, dBe);  // [n, r]
+        auto dvd = at::mm(gye, dBe);  // [m, r] = Bd^T dy per row
         lora_dot = (ud * dvd).sum(1).mul_(scaling);
-        g_dB[e].copy_(at::mm((gye * w.unsqueeze(1)).t(), ud).mul_(scaling));
+        g_dB[e].addmm_(gye.mul_(w.unsqueeze(1)).t(), ud, 1.0, scaling);
         auto d_ud = dvd.mul_(w.unsqueeze(1) * scaling);
-        g_dA[e].copy_(at::mm(d_ud.t(), h));
-        dh_lora = at::mm(d_ud, dAe).contiguous();  // [n, I]
+        g_dA[e].addmm_(d_ud.t(), h);
+        dh_lora = dhl_buf.narrow(0, 0, m);
+        at::mm_out(dh_lora, d_ud, dAe);
       }
-    }
 
-    auto h_dot = at::empty({n}, U.options());
-    AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_backward", [&] {
-      dispatch_act(act, [&](auto a) {
-        dispatch_flags(G.defined(), dh_lora.defined(), [&](auto gated, auto lora) {
-          ffn_rows_backward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(lora)::value>(
-              G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
-              dG.defined() ? dG.data_ptr<scalar_t>() : nullptr, dU.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-              dh_lora.defined() ? dh_lora.data_ptr<scalar_t>() : nullptr, dhbar.data_ptr<scalar_t>(),
-              tok.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), n, I,
-              grad_G.defined() ? grad_G.data_ptr<scalar_t>() : nullptr, grad_U.data_ptr<scalar_t>(),
-              h_dot.data_ptr<scalar_t>());
+      auto h_dot = h_dot_buf.narrow(0, 0, m);
+      AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_backward", [&] {
+        dispatch_act(act, [&](auto a) {
+          dispatch_flags(G.defined(), dh_lora.defined(), [&](auto gated, auto lora) {
+            ffn_rows_backward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(lora)::value>(
+                G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(),
+                dU.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+                dh_lora.defined() ? dh_lora.data_ptr<scalar_t>() : nullptr, dhbar.data_ptr<scalar_t>(),
+                tok.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), m, I,
+                grad_G.defined() ? grad_G.data_ptr<scalar_t>() : nullptr, grad_U.data_ptr<scalar_t>(),
+                h_dot.data_ptr<scalar_t>());
+          });
         });
       });
-    });
-    grad_w.index_copy_(0, flat.slice(0, lo, hi), lora_dot.defined() ? h_dot + lora_dot : h_dot);
+      grad_w.index_copy_(0, flat.slice(0, lo, lo + m), lora_dot.defined() ? h_dot + lora_dot : h_dot);
 
-    // dG, dU now hold d(pre-activation) of gate and up for these rows.
-    Tensor grad_xe;
-    if (has(gate_A)) {
-      auto gAe = (*gate_A)[e].to(dt), gBe = (*gate_B)[e].to(dt);
-      auto d_ug = at::mm(dG, gBe).mul_(scaling);  // [n, r]
-      g_gB[e].copy_(at::mm(dG.t(), ug).mul_(scaling));
-      g_gA[e].copy_(at::mm(d_ug.t(), xe));
-      grad_xe = at::mm(d_ug, gAe);
+      // dG, dU now hold d(pre-activation) of gate and up for these rows.
+      Tensor grad_xe;
+      if (has(gate_A)) {
+        auto d_ug = at::mm(dG, (*gate_B)[e].to(dt)).mul_(scaling);  // [m, r]
+        g_gB[e].addmm_(dG.t(), ug, 1.0, scaling);
+        g_gA[e].addmm_(d_ug.t(), xe);
+        grad_xe = at::mm(d_ug, (*gate_A)[e].to(dt));
+      }
+      if (has(up_A)) {
+        auto d_uu = at::mm(dU, (*up_B)[e].to(dt)).mul_(scaling);
+        g_uB[e].addmm_(dU.t(), uu, 1.0, scaling);
+        g_uA[e].addmm_(d_uu.t(), xe);
+        grad_xe = grad_xe.defined() ? grad_xe.addmm_(d_uu, (*up_A)[e].to(dt)) : at::mm(d_uu, (*up_A)[e].to(dt));
+      }
+      if (grad_xe.defined()) grad_x.index_add_(0, tok, grad_xe);
     }
-    if (has(up_A)) {
-      auto uAe = (*up_A)[e].to(dt), uBe = (*up_B)[e].to(dt);
-      auto d_uu = at::mm(dU, uBe).mul_(scaling);
-      g_uB[e].copy_(at::mm(dU.t(), uu).mul_(scaling));
-      g_uA[e].copy_(at::mm(d_uu.t(), xe));
-      grad_xe = grad_xe.defined() ? grad_xe.addmm_(d_uu, uAe) : at::mm(d_uu, uAe);
-    }
-    if (grad_xe.defined()) grad_x.index_add_(0, tok, grad_xe);
   }
   auto none = at::empty({0}, U.options());
   auto out = [&](const Tensor& t, const c10::optional<Tensor>& like) {
-    return t.defined() ? t.to(like.has_value() && like->defined() ? like->scalar_type() : t.scalar_type()) : none;
+    return t.defined() ? t.to(like->scalar_type()) : none;
   };
   return {grad_x.to(x.scalar_type()),
           grad_G.defined() ? grad_G.to(gate->scalar_type()) : none,
