@@ -8,7 +8,7 @@ install:
 
 # The README's test command: install, lint, unit tests, then a smoke run of the benchmark suites.
 test: install
-	$(PYTHON) -m ruff check moelora kernels bench tests
+	$(PYTHON) -m ruff check moelora kernels bench tests setup.py
 	$(PYTHON) -m pytest -q tests
 	$(PYTHON) -m pytest -q bench --benchmark-disable -p no:cacheprovider
 
@@ -17,5 +17,5 @@ bench: install
 	$(PYTHON) -m bench $(ARGS)
 
 lint: install
-	$(PYTHON) -m ruff check moelora kernels bench tests
+	$(PYTHON) -m ruff check moelora kernels bench tests setup.py
 	$(PYTHON) -m ruff format --check moelora kernels bench tests

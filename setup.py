@@ -35,7 +35,9 @@ else:
                 _warn(f"building {ext.name} failed ({type(e).__name__}: {e})")
 
     if sources:
-        ext_modules = [CppExtension("moelora._C", sources, extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"])]
+        # -fno-trapping-math lets gcc vectorise the clamps in csrc/common.h's fast_exp (torch builds with it too).
+        flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+        ext_modules = [CppExtension("moelora._C", sources, extra_compile_args=flags)]
         cmdclass = {"build_ext": OptionalBuildExtension}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
