@@ -149,7 +149,7 @@ def to_moe_peft(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def from_moe_peft(tensors: dict[str, Tensor], swaps: list, config: MixLoraConfig) -> dict[str, Tensor]:
+def from_moe_peft(tensors: dict[str, Tensor], config: MixLoraConfig) -> dict[str, Tensor]:
     """MoE-PEFT's keys -> ours (experts stacked). Unknown keys and missing experts raise ValueError."""
     out: dict[str, Tensor] = {}
     experts: dict[str, dict[int, Tensor]] = {}

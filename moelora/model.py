@@ -165,8 +165,6 @@ class MoeLoraModel(nn.Module):
         except AttributeError:
             return getattr(self._modules["model"], name)
 
-    # -- adapters -------------------------------------------------------------------------------
-
     def _wrappers(self) -> Iterator[LoraLinear | MixLoraFFN]:
         for module in self.model.modules():
             if isinstance(module, LoraLinear | MixLoraFFN):
@@ -225,8 +223,6 @@ class MoeLoraModel(nn.Module):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
-    # -- forward --------------------------------------------------------------------------------
-
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -243,7 +239,7 @@ class MoeLoraModel(nn.Module):
         finally:
             for f in ffns:
                 f.router_log = None
-        if log and (labels is not None or self.training):
+        if log and isinstance(outputs, dict) and (labels is not None or self.training):  # dict: a ModelOutput
             config = self.peft_config[self.active_adapter]
             aux = self._aux_loss(log, attention_mask, config.num_experts)
             outputs["aux_loss"] = aux
@@ -264,8 +260,6 @@ class MoeLoraModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.generate(*args, **kwargs)
-
-    # -- files ----------------------------------------------------------------------------------
 
     def save_pretrained(
         self, save_directory: str, format: str = "moelora", adapter_name: str | None = None, **_: Any
@@ -301,7 +295,7 @@ class MoeLoraModel(nn.Module):
         config, tensors, fmt = formats.load(directory)
         swaps, targets = plan_injection(self.model, config, adapter_name)
         if fmt == "moe-peft":
-            tensors = formats.from_moe_peft(tensors, swaps, config)
+            tensors = formats.from_moe_peft(tensors, config)
         params = adapter_parameters(swaps)
         if fmt == "moe-peft":  # it stores no DoRA magnitudes: they are recomputed below
             params = {k: v for k, v in params.items() if not k.endswith("lora_magnitude_vector")}

@@ -28,8 +28,15 @@ def test_env_var_picks_the_backend(monkeypatch):
     assert moelora.get_backend() == "auto"
 
 
-def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
+@pytest.fixture
+def no_fused_backend(monkeypatch):
+    """As on a machine where neither moelora._C nor the Triton kernels exist."""
+    monkeypatch.setattr(backend, "_registered", {"reference": reference})
+    monkeypatch.setattr(backend, "_cpu_tried", True)
     monkeypatch.setattr(backend, "_warned", set())
+
+
+def test_auto_falls_back_to_reference_with_one_warning(no_fused_backend):
     x, w = torch.randn(5, 8), torch.randn(4, 8)
     with moelora.set_backend("auto"), pytest.warns(RuntimeWarning, match="using the pure-PyTorch reference"):
         assert backend.resolve(x.device) is reference
@@ -41,8 +48,13 @@ def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["triton", "cpu"])
-def test_unavailable_fused_backend_raises_a_clear_error(name):
+def test_unavailable_fused_backend_raises_a_clear_error(name, no_fused_backend):
     with moelora.set_backend(name), pytest.raises(RuntimeError, match=f"backend '{name}' was requested but"):
+        ops.route(torch.randn(3, 8), torch.randn(4, 8), top_k=1)
+
+
+def test_triton_backend_does_not_exist_yet():
+    with moelora.set_backend("triton"), pytest.raises(RuntimeError, match="Triton kernels are not part"):
         ops.route(torch.randn(3, 8), torch.randn(4, 8), top_k=1)
 
 

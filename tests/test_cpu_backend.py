@@ -103,6 +103,7 @@ MOE_CASES = [
     pytest.param(63, 24, 33, 4, 4, 4, "plain", id="T63-E4-kE-r4"),
     pytest.param(63, 24, 33, 16, 2, 32, "one-expert", id="T63-E16-k2-r32-one"),
     pytest.param(33, 20, 17, 4, 3, 8, "unused-slots", id="T33-E4-k3-unused"),
+    pytest.param(500, 24, 33, 8, 2, 16, "plain", id="T500-E8-k2-r16"),
 ]
 
 
@@ -133,6 +134,7 @@ FFN_CASES = [
     pytest.param(33, 20, 36, 4, 2, 8, "plain", "silu", ("gate", "up"), id="T33-no-down-lora"),
     pytest.param(33, 20, 36, 4, 2, 8, "plain", "gelu_new", ("up", "down"), id="T33-ungated-phi"),
     pytest.param(33, 20, 36, 4, 2, 8, "plain", "relu", ("gate", "down"), id="T33-relu-no-up-lora"),
+    pytest.param(500, 24, 300, 8, 2, 16, "one-expert", "silu", ("gate", "up", "down"), id="T500-one-expert-2-chunks"),
 ]
 
 
@@ -248,6 +250,28 @@ def test_thread_counts_1_and_2_give_the_same_results():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_without_the_extension_auto_warns_and_cpu_raises(monkeypatch):
+    """A machine where moelora._C could not be built: the package works, on the reference."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_extension(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "moelora" and fromlist and "cpu_backend" in fromlist:
+            raise ImportError("moelora._C is not built (simulated)")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", no_extension)
+    monkeypatch.setattr(backend, "_registered", {"reference": reference})
+    monkeypatch.setattr(backend, "_cpu_tried", False)
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(backend, "_why_missing", dict(backend._why_missing))
+    with moelora.set_backend("auto"), pytest.warns(RuntimeWarning, match="moelora._C is not built"):
+        assert backend.resolve(torch.device("cpu")) is reference
+    with moelora.set_backend("cpu"), pytest.raises(RuntimeError, match="backend 'cpu' was requested but"):
+        backend.resolve(torch.device("cpu"))
 
 
 def test_auto_picks_the_cpu_backend_and_cpu_backend_rejects_other_devices():
