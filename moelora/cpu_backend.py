@@ -14,7 +14,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import activations as hf_act
 
 from moelora import reference
 from moelora.reference import ExpertLora, Routing
@@ -29,24 +28,26 @@ supports_dora = False
 lora = reference.lora  # a dense LoRA is two ATen GEMMs already
 
 
+# Activations whose math csrc/common.h implements, by class name (HF's classes and torch's modules).
+_ACTIVATION_CLASSES = {
+    "SiLUActivation": "silu",
+    "SiLU": "silu",
+    "ReLU": "relu",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+}
+_ACTIVATION_FUNCTIONS = {F.silu: "silu", F.relu: "relu", F.gelu: "gelu"}
+
+
 def activation_name(act: Callable[[Tensor], Tensor]) -> str | None:
-    """The C++ name of a known activation module or function, or None."""
-    if act is F.silu or isinstance(act, torch.nn.SiLU | getattr(hf_act, "SiLUActivation", torch.nn.SiLU)):
-        return "silu"
-    if act is F.relu or isinstance(act, torch.nn.ReLU):
-        return "relu"
-    tanh_gelus = tuple(
-        getattr(hf_act, n)
-        for n in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation")
-        if hasattr(hf_act, n)
-    )
-    if isinstance(act, tanh_gelus) or (isinstance(act, torch.nn.GELU) and act.approximate == "tanh"):
-        return "gelu_tanh" if not isinstance(act, getattr(hf_act, "FastGELUActivation", ())) else None
-    if act is F.gelu or (isinstance(act, torch.nn.GELU) and act.approximate == "none"):
-        return "gelu"
-    if type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu:
-        return "gelu"
-    return None
+    """The C++ name of a known activation module or function, or None (then the reference runs)."""
+    kind = type(act).__name__
+    if kind == "GELU":
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    if kind == "GELUActivation":  # HF's "gelu": erf GELU through F.gelu (its python variant is not matched)
+        return "gelu" if getattr(act, "act", None) is F.gelu else None
+    return _ACTIVATION_CLASSES.get(kind) or _ACTIVATION_FUNCTIONS.get(act)
 
 
 class _Route(torch.autograd.Function):

@@ -1,0 +1,295 @@
+"""`route` in Triton: router logits, softmax, then top-k (renormalised) or top-p (not renormalised).
+
+The math of `moelora.reference.route`, fused per block of tokens: one read of x and the router weight
+gives the logits in registers (never written), then softmax, selection and the outputs. The backward
+turns the upstream gradients of weights and probs into grad_logits [T, E] in a kernel; grad_x and
+grad_router are then two GEMMs, left to torch. CUDA tensors; CPU tensors under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moelora.reference import Routing, compute_dtype
+
+# One pinned config: routing is memory-bound (E is small), and a multi-config autotune crashes the
+# interpreter. BT >= 16 and BH >= 16 because tl.dot needs 16 on the GPU.
+BLOCK_T = 32
+BLOCK_H = 64
+NUM_WARPS = 4
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+@triton.jit
+def route_fwd_kernel(
+    x_ptr,  # [T, H] any float dtype
+    wr_ptr,  # [E, H] any float dtype
+    weights_ptr,  # [T, K] compute dtype, contiguous
+    indices_ptr,  # [T, K] int64, contiguous
+    probs_ptr,  # [T, E] compute dtype, contiguous
+    top_p,  # fp32 scalar, used only when TOP_P
+    T,
+    H,
+    E,
+    stride_xt,
+    stride_xh,
+    stride_we,
+    stride_wh,
+    K: tl.constexpr,
+    TOP_P: tl.constexpr,
+    DT: tl.constexpr,
+    BT: tl.constexpr,
+    BH: tl.constexpr,
+    BE: tl.constexpr,
+    BK: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    o_t = i_t * BT + tl.arange(0, BT)  # [BT]
+    m_t = o_t < T
+    o_t64 = o_t.to(tl.int64)
+    o_e = tl.arange(0, BE)  # [BE]
+    m_e = o_e < E
+    o_k = tl.arange(0, BK)  # [BK]
+    m_k = o_k < K
+
+    b_l = tl.zeros([BT, BE], dtype=DT)
+    for i_h in range(0, tl.cdiv(H, BH)):
+        o_h = i_h * BH + tl.arange(0, BH)  # [BH]
+        m_h = o_h < H
+        p_x = x_ptr + o_t64[:, None] * stride_xt + o_h[None, :] * stride_xh
+        b_x = tl.load(p_x, mask=m_t[:, None] & m_h[None, :], other=0.0).to(DT)  # [BT, BH]
+        p_w = wr_ptr + o_e.to(tl.int64)[:, None] * stride_we + o_h[None, :] * stride_wh
+        b_w = tl.load(p_w, mask=m_e[:, None] & m_h[None, :], other=0.0).to(DT)  # [BE, BH]
+        b_l = tl.dot(b_x, tl.trans(b_w), acc=b_l, input_precision="ieee")  # [BT, BE]
+
+    b_l = tl.where(m_e[None, :], b_l, float("-inf"))
+    b_p = tl.exp(b_l - tl.max(b_l, axis=1)[:, None])
+    b_p = tl.where(m_e[None, :], b_p, 0.0)
+    b_p = b_p / tl.sum(b_p, axis=1)[:, None]  # [BT, BE]
+    p_p = probs_ptr + o_t64[:, None] * E + o_e[None, :]
+    tl.store(p_p, b_p.to(probs_ptr.dtype.element_ty), mask=m_t[:, None] & m_e[None, :])
+
+    # K rounds of argmax, ties to the lower index: slot j holds the j-th largest probability.
+    b_cur = tl.where(m_e[None, :], b_p, -1.0)  # probs are >= 0: -1 marks padding and taken experts
+    b_w = tl.zeros([BT, BK], dtype=DT)
+    b_i = tl.full([BT, BK], -1, dtype=tl.int64)
+    for j in range(0, K):
+        b_max = tl.max(b_cur, axis=1)  # [BT]
+        b_arg = tl.min(tl.where(b_cur == b_max[:, None], o_e[None, :], BE), axis=1)  # [BT]
+        b_w = tl.where(o_k[None, :] == j, b_max[:, None], b_w)
+        b_i = tl.where(o_k[None, :] == j, b_arg.to(tl.int64)[:, None], b_i)
+        b_cur = tl.where(o_e[None, :] == b_arg[:, None], -1.0, b_cur)
+
+    if TOP_P:
+        # MoE-PEFT: keep a slot while the mass before it is <= top_p; the first slot always; not renormalised.
+        b_before = tl.cumsum(b_w, axis=1) - b_w
+        b_keep = (b_before <= top_p) | (top_p >= 1.0) | (o_k[None, :] == 0)
+        b_w = tl.where(b_keep, b_w, 0.0)
+        b_i = tl.where(b_keep, b_i, -1)
+    else:
+        b_w = b_w / tl.sum(b_w, axis=1)[:, None]
+
+    m_tk = m_t[:, None] & m_k[None, :]
+    tl.store(weights_ptr + o_t64[:, None] * K + o_k[None, :], b_w.to(weights_ptr.dtype.element_ty), mask=m_tk)
+    tl.store(indices_ptr + o_t64[:, None] * K + o_k[None, :], b_i, mask=m_tk)
+
+
+@triton.jit
+def route_bwd_kernel_logits(
+    dw_ptr,  # [T, K] contiguous: upstream gradient of weights
+    dp_ptr,  # [T, E] contiguous: upstream gradient of probs, read only when HAS_DP
+    weights_ptr,  # [T, K] contiguous
+    indices_ptr,  # [T, K] int64 contiguous, -1 = unused slot
+    probs_ptr,  # [T, E] contiguous
+    dl_ptr,  # [T, E] contiguous, compute dtype: gradient of the router logits
+    T,
+    E,
+    K: tl.constexpr,
+    RENORM: tl.constexpr,
+    HAS_DP: tl.constexpr,
+    DT: tl.constexpr,
+    BT: tl.constexpr,
+    BE: tl.constexpr,
+    BK: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    o_t = i_t * BT + tl.arange(0, BT)  # [BT]
+    m_t = o_t < T
+    o_t64 = o_t.to(tl.int64)
+    o_e = tl.arange(0, BE)  # [BE]
+    m_te = m_t[:, None] & (o_e < E)[None, :]
+    o_k = tl.arange(0, BK)  # [BK]
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
+
+    b_p = tl.load(probs_ptr + o_t64[:, None] * E + o_e[None, :], mask=m_te, other=0.0).to(DT)  # [BT, BE]
+    if HAS_DP:
+        b_dp = tl.load(dp_ptr + o_t64[:, None] * E + o_e[None, :], mask=m_te, other=0.0).to(DT)
+    else:
+        b_dp = tl.zeros([BT, BE], dtype=DT)
+    b_dw = tl.load(dw_ptr + o_t64[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(DT)  # [BT, BK]
+
+    # Scatter the slot gradients onto their experts; an unused slot (-1) matches no expert.
+    b_sel = tl.zeros([BT, BE], dtype=DT)  # 1 where the expert was selected
+    b_dsel = tl.zeros([BT, BE], dtype=DT)  # dw of the slot that selected the expert
+    for j in range(0, K):
+        b_dwj = tl.sum(tl.where(o_k[None, :] == j, b_dw, 0.0), axis=1)  # [BT]
+        b_ij = tl.load(indices_ptr + o_t64 * K + j, mask=m_t, other=-1)  # [BT]
+        b_hit = o_e[None, :] == b_ij[:, None]  # [BT, BE]
+        b_sel = tl.where(b_hit, 1.0, b_sel)
+        b_dsel = tl.where(b_hit, b_dwj[:, None], b_dsel)
+
+    if RENORM:
+        # w_j = p_{e_j} / S, S = sum of selected probs: dp_{e_j} += (dw_j - sum_i dw_i w_i) / S.
+        b_w = tl.load(weights_ptr + o_t64[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(DT)
+        b_c = tl.sum(b_dw * b_w, axis=1)  # [BT]
+        b_s = tl.sum(b_p * b_sel, axis=1)  # [BT]
+        b_s = tl.where(m_t, b_s, 1.0)
+        b_dp += b_sel * (b_dsel - b_c[:, None]) / b_s[:, None]
+    else:
+        b_dp += b_dsel
+
+    b_dl = b_p * (b_dp - tl.sum(b_p * b_dp, axis=1)[:, None])  # softmax backward
+    tl.store(dl_ptr + o_t64[:, None] * E + o_e[None, :], b_dl.to(dl_ptr.dtype.element_ty), mask=m_te)
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def route_fwd(x: Tensor, router_weight: Tensor, k: int, top_p: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    T, H = x.shape
+    E = router_weight.shape[0]
+    dt = compute_dtype(x)
+    weights = torch.empty(T, k, dtype=dt, device=x.device)
+    indices = torch.empty(T, k, dtype=torch.int64, device=x.device)
+    probs = torch.empty(T, E, dtype=dt, device=x.device)
+    route_fwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+        x_ptr=x,
+        wr_ptr=router_weight,
+        weights_ptr=weights,
+        indices_ptr=indices,
+        probs_ptr=probs,
+        top_p=float(top_p or 0.0),
+        T=T,
+        H=H,
+        E=E,
+        stride_xt=x.stride(0),
+        stride_xh=x.stride(1),
+        stride_we=router_weight.stride(0),
+        stride_wh=router_weight.stride(1),
+        K=k,
+        TOP_P=top_p is not None,
+        DT=_TL_DTYPES[dt],
+        BT=BLOCK_T,
+        BH=BLOCK_H,
+        BE=_pad(E),
+        BK=triton.next_power_of_2(k),
+        num_warps=NUM_WARPS,
+    )
+    return weights, indices, probs
+
+
+def route_bwd(
+    grad_weights: Tensor,
+    grad_probs: Tensor | None,
+    x: Tensor,
+    router_weight: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    probs: Tensor,
+    renormalized: bool,
+) -> tuple[Tensor, Tensor]:
+    T, k = weights.shape
+    E = probs.shape[1]
+    dt = probs.dtype
+    grad_weights = grad_weights.contiguous()
+    grad_probs = grad_probs.contiguous() if grad_probs is not None else None
+    grad_logits = torch.empty(T, E, dtype=dt, device=x.device)
+    route_bwd_kernel_logits[(triton.cdiv(T, BLOCK_T),)](
+        dw_ptr=grad_weights,
+        dp_ptr=grad_probs if grad_probs is not None else probs,
+        weights_ptr=weights,
+        indices_ptr=indices,
+        probs_ptr=probs,
+        dl_ptr=grad_logits,
+        T=T,
+        E=E,
+        K=k,
+        RENORM=renormalized,
+        HAS_DP=grad_probs is not None,
+        DT=_TL_DTYPES[dt],
+        BT=BLOCK_T,
+        BE=_pad(E),
+        BK=triton.next_power_of_2(k),
+        num_warps=NUM_WARPS,
+    )
+    grad_x = (grad_logits @ router_weight.to(dt)).to(x.dtype)  # [T, H]
+    grad_router = (grad_logits.t() @ x.to(dt)).to(router_weight.dtype)  # [E, H]
+    return grad_x, grad_router
+
+
+class RouteFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, router_weight: Tensor, top_k: int | None, top_p: float | None):
+        k = top_k if top_k is not None else router_weight.shape[0]
+        weights, indices, probs = route_fwd(x, router_weight, k, top_p)
+        ctx.save_for_backward(x, router_weight, weights, indices, probs)
+        ctx.renormalized = top_k is not None
+        ctx.mark_non_differentiable(indices)
+        return weights, indices, probs
+
+    @staticmethod
+    def backward(ctx, grad_weights: Tensor | None, _grad_indices: Tensor | None, grad_probs: Tensor | None):
+        x, router_weight, weights, indices, probs = ctx.saved_tensors
+        if grad_weights is None:
+            grad_weights = torch.zeros_like(weights)
+        grad_x, grad_router = route_bwd(
+            grad_weights, grad_probs, x, router_weight, weights, indices, probs, ctx.renormalized
+        )
+        return grad_x, grad_router, None, None
+
+
+def _check(x: Tensor, router_weight: Tensor, top_k: int | None, top_p: float | None) -> None:
+    if (top_k is None) == (top_p is None):
+        raise ValueError("route: pass exactly one of top_k and top_p")
+    if x.dim() != 2:
+        raise ValueError(f"route: x must be 2-D [T, H], got shape {tuple(x.shape)}")
+    if router_weight.dim() != 2:
+        raise ValueError(f"route: router_weight must be 2-D [E, H], got shape {tuple(router_weight.shape)}")
+    if x.shape[1] != router_weight.shape[1]:
+        raise ValueError(f"route: x has H={x.shape[1]} but router_weight has H={router_weight.shape[1]}")
+    for name, t in (("x", x), ("router_weight", router_weight)):
+        if not t.is_floating_point():
+            raise TypeError(f"route: {name} must be a floating-point tensor, got {t.dtype}")
+    if x.device != router_weight.device:
+        raise ValueError(f"route: x is on {x.device} but router_weight is on {router_weight.device}")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"route: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+    E = router_weight.shape[0]
+    if E < 1:
+        raise ValueError("route: router_weight has no experts (E = 0)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E):
+        raise ValueError(f"route: top_k must be an int in 1..{E} (E experts), got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"route: top_p must be in (0, 1], got {top_p!r}")
+
+
+def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: float | None = None) -> Routing:
+    """`moelora.reference.route` in Triton: logits, softmax, top-k renormalised or top-p not renormalised.
+
+    x [T, H] fp16 / bf16 / fp32 / fp64; router_weight [E, H] any float dtype, same device. Exactly one of
+    top_k (int in 1..E) and top_p (float in (0, 1]). Computes in fp32 (fp64 for fp64 x), ties to the
+    lower expert index. Returns Routing(weights, indices, probs):
+    top-k: weights [T, top_k] summing to 1, indices [T, top_k] int64, in descending probability;
+    top-p: weights [T, E] (0 in unused slots), indices [T, E] int64 (-1 in unused slots);
+    probs [T, E]. weights and probs are fp32 (fp64 for fp64 x); gradients flow to x and router_weight.
+    """
+    _check(x, router_weight, top_k, top_p)
+    weights, indices, probs = RouteFunction.apply(x, router_weight, top_k, None if top_p is None else float(top_p))
+    return Routing(weights, indices, probs)
