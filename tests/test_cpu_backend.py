@@ -135,6 +135,7 @@ FFN_CASES = [
     pytest.param(33, 20, 36, 4, 2, 8, "plain", "gelu_new", ("up", "down"), id="T33-ungated-phi"),
     pytest.param(33, 20, 36, 4, 2, 8, "plain", "relu", ("gate", "down"), id="T33-relu-no-up-lora"),
     pytest.param(500, 24, 300, 8, 2, 16, "one-expert", "silu", ("gate", "up", "down"), id="T500-one-expert-2-chunks"),
+    pytest.param(33, 20, 36, 4, 2, 8, "plain", "quick_gelu", ("gate", "up", "down"), id="T33-quick-gelu-reference"),
 ]
 
 
