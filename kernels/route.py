@@ -169,6 +169,8 @@ def route_fwd(x: Tensor, router_weight: Tensor, k: int, top_p: float | None) -> 
     weights = torch.empty(T, k, dtype=dt, device=x.device)
     indices = torch.empty(T, k, dtype=torch.int64, device=x.device)
     probs = torch.empty(T, E, dtype=dt, device=x.device)
+    if T == 0:
+        return weights, indices, probs
     route_fwd_kernel[(triton.cdiv(T, BLOCK_T),)](
         x_ptr=x,
         wr_ptr=router_weight,
@@ -211,24 +213,25 @@ def route_bwd(
     grad_weights = grad_weights.contiguous()
     grad_probs = grad_probs.contiguous() if grad_probs is not None else None
     grad_logits = torch.empty(T, E, dtype=dt, device=x.device)
-    route_bwd_kernel_logits[(triton.cdiv(T, BLOCK_T),)](
-        dw_ptr=grad_weights,
-        dp_ptr=grad_probs if grad_probs is not None else probs,
-        weights_ptr=weights,
-        indices_ptr=indices,
-        probs_ptr=probs,
-        dl_ptr=grad_logits,
-        T=T,
-        E=E,
-        K=k,
-        RENORM=renormalized,
-        HAS_DP=grad_probs is not None,
-        DT=_TL_DTYPES[dt],
-        BT=BLOCK_T,
-        BE=_pad(E),
-        BK=triton.next_power_of_2(k),
-        num_warps=NUM_WARPS,
-    )
+    if T > 0:  # a grid of 0 programs is not launchable; the empty [0, E] gives zero gradients below
+        route_bwd_kernel_logits[(triton.cdiv(T, BLOCK_T),)](
+            dw_ptr=grad_weights,
+            dp_ptr=grad_probs if grad_probs is not None else probs,
+            weights_ptr=weights,
+            indices_ptr=indices,
+            probs_ptr=probs,
+            dl_ptr=grad_logits,
+            T=T,
+            E=E,
+            K=k,
+            RENORM=renormalized,
+            HAS_DP=grad_probs is not None,
+            DT=_TL_DTYPES[dt],
+            BT=BLOCK_T,
+            BE=_pad(E),
+            BK=triton.next_power_of_2(k),
+            num_warps=NUM_WARPS,
+        )
     grad_x = (grad_logits @ router_weight.to(dt)).to(x.dtype)  # [T, H]
     grad_router = (grad_logits.t() @ x.to(dt)).to(router_weight.dtype)  # [E, H]
     return grad_x, grad_router

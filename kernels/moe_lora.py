@@ -1,0 +1,427 @@
+"""Triton `moe_lora`, dense-masked regime (small E*r): y[t] = sum_j w[t, j] * s * B[e_j] A[e_j] x[t].
+
+One pass over x computes every expert's rank-space activation, u = x @ A_all^T [T, E*r] (A_all is A seen
+as [E*r, in]); the routing gates zero the columns of unpicked experts, v = s * gate * u; one GEMM with
+K = E*r, y = v @ B_all (B_all is B seen as [E*r, out]), sums the k picked experts in registers. No sort,
+no padding of token groups, no atomics anywhere (forward or backward): results are deterministic. Worth it
+while E*r is small (MixLoRA: 8 x 16 = 128): the (E - k) * r wasted columns are cheap next to reading x.
+Large E*r wants the sorted, ScatterMoE-style path instead.
+
+The rank r never reaches `tl.dot` alone: every GEMM tiles the flat E*r axis with constexpr blocks >= 16
+and masks the tail, so r = 4 or 8 needs no padding and 16-bit dots stay legal on the GPU. Expert weights
+are addressed in place through (expert, rank, column) strides: no permuted copies of A or B.
+The rank-space tensors u, v, dv, du stay in fp32 (design.md, op 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# One pinned config per kernel: multi-config autotune crashes the Triton interpreter, and these GEMMs are
+# memory-bound at MixLoRA sizes, so the tile matters less than reading x once. Not tuned on a GPU yet.
+SHRINK_BLOCK_T = 32
+SHRINK_MAX_BLOCK_N = 256  # E*r <= 256 columns in one program: x is read once
+SHRINK_BLOCK_D = 32
+EXPAND_BLOCK_T = 32
+EXPAND_BLOCK_C = 64
+EXPAND_BLOCK_N = 64
+WGRAD_BLOCK_N = 64
+WGRAD_BLOCK_C = 64
+WGRAD_BLOCK_T = 32
+NUM_WARPS = 4
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def moe_lora_fwd_kernel_shrink(
+    x_ptr,  # [T, D]: x (forward) or dy (backward)
+    w_ptr,  # [E, R, D] through strides: A (forward) or B as [E, r, out] (backward)
+    weights_ptr,  # [T, K] routing weights
+    indices_ptr,  # [T, K] int, -1 = unused slot
+    raw_ptr,  # [T, N] fp32, N = E*R: u or dv, ungated (written only if STORE_RAW)
+    gated_ptr,  # [T, N] fp32: s * gate * raw, i.e. v or du
+    T,
+    D,
+    N,
+    R,
+    scaling,
+    stride_xt,
+    stride_xd,
+    stride_we,
+    stride_wr,
+    stride_wd,
+    stride_gwt,
+    stride_gwk,
+    stride_it,
+    stride_ik,
+    stride_ot,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    STORE_RAW: tl.constexpr,
+    FP32: tl.constexpr,
+):
+    i_t, i_n = tl.program_id(0), tl.program_id(1)
+    o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
+    o_n = i_n * BN + tl.arange(0, BN)  # [BN]
+    m_t = o_t < T
+    m_n = o_n < N
+    e_n = o_n // R  # [BN] expert of each rank-space column
+    p_w = w_ptr + e_n.to(tl.int64) * stride_we + (o_n % R).to(tl.int64) * stride_wr  # [BN]
+
+    b_acc = tl.zeros([BT, BN], dtype=tl.float32)
+    for i_d in range(0, tl.cdiv(D, BD)):
+        o_d = (i_d * BD + tl.arange(0, BD)).to(tl.int64)
+        m_d = o_d < D
+        b_x = tl.load(
+            x_ptr + o_t[:, None] * stride_xt + o_d[None, :] * stride_xd, mask=m_t[:, None] & m_d[None, :], other=0.0
+        )  # [BT, BD]
+        b_w = tl.load(p_w[None, :] + o_d[:, None] * stride_wd, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
+        if FP32:
+            b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc=b_acc, input_precision="ieee")
+        else:
+            b_acc = tl.dot(b_x, b_w.to(b_x.dtype), acc=b_acc)
+
+    # gate[t, n] = sum of the weights of the slots of t that picked column n's expert (0 if none did);
+    # -1 and out-of-range indices match no column.
+    b_gate = tl.zeros([BT, BN], dtype=tl.float32)
+    for j in tl.static_range(K):
+        b_e = tl.load(indices_ptr + o_t * stride_it + j * stride_ik, mask=m_t, other=-1)  # [BT]
+        b_wj = tl.load(weights_ptr + o_t * stride_gwt + j * stride_gwk, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+        b_gate += tl.where(b_e[:, None] == e_n[None, :], b_wj[:, None], 0.0)
+
+    m_tn = m_t[:, None] & m_n[None, :]
+    o_out = o_t[:, None] * stride_ot + o_n[None, :]  # [BT, BN]
+    if STORE_RAW:
+        tl.store(raw_ptr + o_out, b_acc, mask=m_tn)
+    tl.store(gated_ptr + o_out, b_acc * b_gate * scaling, mask=m_tn)
+
+
+@triton.jit
+def moe_lora_fwd_kernel_expand(
+    v_ptr,  # [T, N] fp32 gated rank-space activations, N = E*R
+    w_ptr,  # [E, R, C] through strides: B as [E, r, out] (forward) or A (backward, grad_x)
+    y_ptr,  # [T, C]
+    T,
+    C,
+    N,
+    R,
+    stride_vt,
+    stride_we,
+    stride_wr,
+    stride_wc,
+    stride_yt,
+    stride_yc,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BN: tl.constexpr,
+    FP32: tl.constexpr,
+):
+    i_t, i_c = tl.program_id(0), tl.program_id(1)
+    o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
+    o_c = (i_c * BC + tl.arange(0, BC)).to(tl.int64)  # [BC]
+    m_t = o_t < T
+    m_c = o_c < C
+
+    b_acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for i_n in range(0, tl.cdiv(N, BN)):
+        o_n = i_n * BN + tl.arange(0, BN)
+        m_n = o_n < N
+        b_v = tl.load(v_ptr + o_t[:, None] * stride_vt + o_n[None, :], mask=m_t[:, None] & m_n[None, :], other=0.0)
+        p_w = w_ptr + (o_n // R).to(tl.int64) * stride_we + (o_n % R).to(tl.int64) * stride_wr  # [BN]
+        b_w = tl.load(p_w[:, None] + o_c[None, :] * stride_wc, mask=m_n[:, None] & m_c[None, :], other=0.0)  # [BN, BC]
+        if FP32:
+            b_acc = tl.dot(b_v, b_w.to(tl.float32), acc=b_acc, input_precision="ieee")
+        else:
+            # 16-bit weights: v rounded to their dtype for the tensor-core dot, fp32 accumulate.
+            b_acc = tl.dot(b_v.to(b_w.dtype), b_w, acc=b_acc)
+
+    p_y = y_ptr + o_t[:, None] * stride_yt + o_c[None, :] * stride_yc
+    tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+
+
+@triton.jit
+def moe_lora_bwd_kernel_wgrad(
+    lhs_ptr,  # [T, N] fp32: du (grad of A) or v (grad of B)
+    rhs_ptr,  # [T, C]: x (grad of A) or dy (grad of B)
+    g_ptr,  # [E, R, C] through strides: grad_A, or grad_B as [E, r, out]
+    T,
+    C,
+    N,
+    R,
+    stride_lt,
+    stride_rt,
+    stride_rc,
+    stride_ge,
+    stride_gr,
+    stride_gc,
+    BN: tl.constexpr,
+    BC: tl.constexpr,
+    BT: tl.constexpr,
+    FP32: tl.constexpr,
+):
+    # g[n, c] = sum_t lhs[t, n] * rhs[t, c]: each program owns its output tile and loops over all tokens,
+    # so no split-K and no atomics.
+    i_n, i_c = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)  # [BN]
+    o_c = (i_c * BC + tl.arange(0, BC)).to(tl.int64)  # [BC]
+    m_n = o_n < N
+    m_c = o_c < C
+
+    b_acc = tl.zeros([BN, BC], dtype=tl.float32)
+    for i_t in range(0, tl.cdiv(T, BT)):
+        o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)
+        m_t = o_t < T
+        b_l = tl.load(lhs_ptr + o_t[None, :] * stride_lt + o_n[:, None], mask=m_n[:, None] & m_t[None, :], other=0.0)
+        b_r = tl.load(
+            rhs_ptr + o_t[:, None] * stride_rt + o_c[None, :] * stride_rc, mask=m_t[:, None] & m_c[None, :], other=0.0
+        )  # [BT, BC]
+        if FP32:
+            b_acc = tl.dot(b_l, b_r.to(tl.float32), acc=b_acc, input_precision="ieee")  # [BN, BT] @ [BT, BC]
+        else:
+            b_acc = tl.dot(b_l.to(b_r.dtype), b_r, acc=b_acc)
+
+    p_g = g_ptr + (o_n // R).to(tl.int64)[:, None] * stride_ge + (o_n % R).to(tl.int64)[:, None] * stride_gr
+    tl.store(p_g + o_c[None, :] * stride_gc, b_acc.to(g_ptr.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
+
+
+def _use_fp32(*tensors: Tensor) -> bool:
+    """fp32 ieee dots unless every operand shares one 16-bit dtype (then tensor-core dots, fp32 accumulate)."""
+    dtypes = {t.dtype for t in tensors}
+    return len(dtypes) != 1 or torch.float32 in dtypes
+
+
+def _rank_block(n: int, cap: int) -> int:
+    return min(cap, max(16, triton.next_power_of_2(n)))
+
+
+def _shrink(
+    x: Tensor,
+    w: Tensor,
+    w_strides: tuple[int, int, int],
+    R: int,
+    weights: Tensor,
+    indices: Tensor,
+    scaling: float,
+    raw: bool,
+) -> tuple[Tensor | None, Tensor]:
+    """x [T, D] against w seen as [E, R, D] through w_strides -> (raw [T, E*R] fp32 or None, gated [T, E*R] fp32)."""
+    T, D = x.shape
+    N = w.shape[0] * R
+    gated = torch.empty(T, N, dtype=torch.float32, device=x.device)
+    out_raw = torch.empty(T, N, dtype=torch.float32, device=x.device) if raw else gated
+    BN = _rank_block(N, SHRINK_MAX_BLOCK_N)
+    grid = (triton.cdiv(T, SHRINK_BLOCK_T), triton.cdiv(N, BN))
+    moe_lora_fwd_kernel_shrink[grid](
+        x_ptr=x,
+        w_ptr=w,
+        weights_ptr=weights,
+        indices_ptr=indices,
+        raw_ptr=out_raw,
+        gated_ptr=gated,
+        T=T,
+        D=D,
+        N=N,
+        R=R,
+        scaling=scaling,
+        stride_xt=x.stride(0),
+        stride_xd=x.stride(1),
+        stride_we=w_strides[0],
+        stride_wr=w_strides[1],
+        stride_wd=w_strides[2],
+        stride_gwt=weights.stride(0),
+        stride_gwk=weights.stride(1),
+        stride_it=indices.stride(0),
+        stride_ik=indices.stride(1),
+        stride_ot=gated.stride(0),
+        K=weights.shape[1],
+        BT=SHRINK_BLOCK_T,
+        BN=BN,
+        BD=SHRINK_BLOCK_D,
+        STORE_RAW=raw,
+        FP32=_use_fp32(x, w),
+        num_warps=NUM_WARPS,
+    )
+    return (out_raw if raw else None), gated
+
+
+def _expand(v: Tensor, w: Tensor, w_strides: tuple[int, int, int], R: int, C: int, dtype: torch.dtype) -> Tensor:
+    """v [T, E*R] fp32 times w seen as [E*R, C] through w_strides (expert, rank, column) -> [T, C] in dtype."""
+    T, N = v.shape
+    y = torch.empty(T, C, dtype=dtype, device=v.device)
+    grid = (triton.cdiv(T, EXPAND_BLOCK_T), triton.cdiv(C, EXPAND_BLOCK_C))
+    moe_lora_fwd_kernel_expand[grid](
+        v_ptr=v,
+        w_ptr=w,
+        y_ptr=y,
+        T=T,
+        C=C,
+        N=N,
+        R=R,
+        stride_vt=v.stride(0),
+        stride_we=w_strides[0],
+        stride_wr=w_strides[1],
+        stride_wc=w_strides[2],
+        stride_yt=y.stride(0),
+        stride_yc=y.stride(1),
+        BT=EXPAND_BLOCK_T,
+        BC=EXPAND_BLOCK_C,
+        BN=_rank_block(N, EXPAND_BLOCK_N),
+        FP32=w.dtype == torch.float32,
+        num_warps=NUM_WARPS,
+    )
+    return y
+
+
+def _wgrad(lhs: Tensor, rhs: Tensor, grad: Tensor, g_strides: tuple[int, int, int], R: int) -> Tensor:
+    """grad seen as [E*R, C] through g_strides <- lhs^T @ rhs; lhs [T, E*R] fp32, rhs [T, C]."""
+    T, N = lhs.shape
+    C = rhs.shape[1]
+    BN = _rank_block(N, WGRAD_BLOCK_N)
+    grid = (triton.cdiv(N, BN), triton.cdiv(C, WGRAD_BLOCK_C))
+    moe_lora_bwd_kernel_wgrad[grid](
+        lhs_ptr=lhs,
+        rhs_ptr=rhs,
+        g_ptr=grad,
+        T=T,
+        C=C,
+        N=N,
+        R=R,
+        stride_lt=lhs.stride(0),
+        stride_rt=rhs.stride(0),
+        stride_rc=rhs.stride(1),
+        stride_ge=g_strides[0],
+        stride_gr=g_strides[1],
+        stride_gc=g_strides[2],
+        BN=BN,
+        BC=WGRAD_BLOCK_C,
+        BT=WGRAD_BLOCK_T,
+        FP32=rhs.dtype == torch.float32,
+        num_warps=NUM_WARPS,
+    )
+    return grad
+
+
+def _a_strides(A: Tensor) -> tuple[int, int, int]:
+    return A.stride(0), A.stride(1), A.stride(2)  # A [E, r, in] as (expert, rank, column)
+
+
+def _b_strides(B: Tensor) -> tuple[int, int, int]:
+    return B.stride(0), B.stride(2), B.stride(1)  # B [E, out, r] as (expert, rank, column)
+
+
+def moe_lora_fwd(
+    x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float, save_u: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """-> y [T, out] in x's dtype, u [T, E*r] fp32 (None unless save_u), v [T, E*r] fp32."""
+    u, v = _shrink(x, A, _a_strides(A), A.shape[1], weights, indices, scaling, raw=save_u)
+    y = _expand(v, B, _b_strides(B), A.shape[1], B.shape[1], x.dtype)
+    return y, u, v
+
+
+def moe_lora_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    A: Tensor,
+    B: Tensor,
+    u: Tensor,
+    v: Tensor,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> grad_x [T, in], grad_weights [T, k] (weights' dtype), grad_A [E, r, in], grad_B [E, out, r].
+
+    dv = dy @ B_all^T and du = s * gate * dv come from the shrink kernel run on dy; grad_x = du @ A_all
+    from the expand kernel; grad_A = du^T @ x and grad_B = v^T @ dy from the wgrad kernel. grad_weights is
+    an elementwise product and a sum over r columns in PyTorch (no GEMM). No atomics.
+    """
+    E, r, _ = A.shape
+    T = weights.shape[0]
+    dv, du = _shrink(dy, B, _b_strides(B), r, weights, indices, scaling, raw=True)
+    grad_x = _expand(du, A, _a_strides(A), r, x.shape[1], x.dtype)
+    grad_A = _wgrad(du, x, torch.empty_like(A), _a_strides(A), r)
+    grad_B = torch.empty_like(B)
+    _wgrad(v, dy, grad_B, _b_strides(grad_B), r)
+    per_expert = (dv * u).view(T, E, r).sum(dim=-1)  # [T, E]: <dy, B_e A_e x> per expert
+    valid = (indices >= 0) & (indices < E)
+    picked = per_expert.gather(1, torch.where(valid, indices, 0).long())  # [T, k]
+    grad_w = torch.where(valid, picked * scaling, 0.0).to(weights.dtype)
+    return grad_x, grad_w, grad_A, grad_B
+
+
+class MoeLoraFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, indices, A, B, scaling):
+        y, u, v = moe_lora_fwd(x, weights, indices, A, B, scaling, save_u=True)
+        ctx.save_for_backward(x, weights, indices, A, B, u, v)
+        ctx.scaling = scaling
+        ctx.mark_non_differentiable(indices)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weights, indices, A, B, u, v = ctx.saved_tensors
+        grad_x, grad_w, grad_A, grad_B = moe_lora_bwd(dy, x, weights, indices, A, B, u, v, ctx.scaling)
+        return grad_x, grad_w, None, grad_A, grad_B, None
+
+
+def _check_inputs(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor) -> None:
+    for name, t, dims in (("x", x, 2), ("weights", weights, 2), ("indices", indices, 2), ("A", A, 3), ("B", B, 3)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"moe_lora: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != dims:
+            raise ValueError(f"moe_lora: {name} must be {dims}-d, got shape {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"moe_lora: {name} is on {t.device} but x is on {x.device}")
+    for name, t in (("x", x), ("weights", weights), ("A", A), ("B", B)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"moe_lora: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"moe_lora: indices must be int32 or int64, got {indices.dtype}")
+    T, d_in = x.shape
+    E, r, a_in = A.shape
+    if weights.shape[0] != T or indices.shape != weights.shape:
+        raise ValueError(
+            f"moe_lora: weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be [T={T}, k]"
+        )
+    if a_in != d_in:
+        raise ValueError(f"moe_lora: A is [E, r, in={a_in}] but x has in={d_in}")
+    if B.shape[0] != E or B.shape[2] != r:
+        raise ValueError(f"moe_lora: B must be [E={E}, out, r={r}], got {tuple(B.shape)}")
+    if E == 0 or r == 0:
+        raise ValueError(f"moe_lora: A has no experts or rank 0: {tuple(A.shape)}")
+    # Range of indices: checked only where it costs no host sync (CPU tensors, i.e. the interpreter). On
+    # CUDA an index >= E (or < -1) silently contributes nothing and gets a zero weight gradient.
+    if indices.device.type == "cpu" and indices.numel() > 0:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < -1 or hi >= E:
+            raise ValueError(f"moe_lora: indices must lie in [-1, E={E}), got values in [{lo}, {hi}]")
+
+
+def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """Gathered per-expert LoRA, dense-masked: y[t] = sum_j weights[t, j] * s * B[e] A[e] x[t], e = indices[t, j].
+
+    Args:
+        x: [T, in] float16 / bfloat16 / float32.
+        weights: [T, k] routing weights (fp32 in practice; any of the float dtypes above).
+        indices: [T, k] int32 / int64 expert ids, -1 = unused slot (contributes nothing).
+        A: [E, r, in] LoRA down projections.
+        B: [E, out, r] LoRA up projections.
+        scaling: s (lora_alpha / r).
+    Returns:
+        [T, out] in x's dtype. Rank-space activations [T, E*r] are fp32. Differentiable in x, weights, A, B.
+    Meant for small E*r (<= 256 or so): every token computes every expert's r columns.
+    """
+    _check_inputs(x, weights, indices, A, B)
+    if x.shape[0] == 0:
+        return x.new_zeros(0, B.shape[1])
+    scaling = float(scaling)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, A, B)):
+        return MoeLoraFunction.apply(x, weights, indices, A, B, scaling)
+    return moe_lora_fwd(x, weights, indices, A, B, scaling, save_u=False)[0]

@@ -1,0 +1,209 @@
+"""Triton moe_lora (dense-masked) under the Triton CPU interpreter against moelora.reference.moe_lora.
+
+Forward and the gradients of x, weights, A and B, fp32 and fp16 (bf16 math is broken in the interpreter:
+checked on a GPU only). Tolerances follow flash-attn's rule: both the kernel and PyTorch at the test dtype
+are compared with an fp64 reference, and the kernel may err by twice PyTorch's own error plus 4 ulps of
+the test dtype (relative to the largest value).
+
+The kernel runs in a subprocess worker (this file run as a script): `import moelora` (conftest) already
+imports triton, and TRITON_INTERPRET must be set before that for triton's own jit helpers (tl.zeros, ...)
+to be interpreted. The worker also keeps an interpreter segfault from killing the pytest process.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (effective in the worker): CPU tensors
+
+import json
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from moelora.kernels.moe_lora import moe_lora
+
+from moelora import reference
+
+IN, OUT = 20, 36  # not multiples of any block size
+SCALING = 2.0
+NAMES = ("y", "grad_x", "grad_weights", "grad_A", "grad_B")
+
+
+@contextmanager
+def nan_empty():
+    """torch.empty / empty_like return NaN-filled float tensors, so an output a kernel leaves unwritten fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **kw: nan_fill(empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: nan_fill(empty_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def make_routing(T: int, E: int, k: int, kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """weights [T, k] fp32 and indices [T, k] int64; kind picks the MoE edge case."""
+    indices = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    if kind == "empty-expert" and k < E:  # the last expert gets no token
+        indices = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])
+    elif kind == "one-expert":  # every token's first slot is expert 0, the other slots unused
+        indices = torch.full((T, k), -1, dtype=torch.int64)
+        indices[:, 0] = 0
+    elif kind == "unused-slots":
+        indices[torch.rand(T, k, generator=g) < 0.3] = -1
+    weights = torch.rand(T, k, generator=g) + 0.1
+    return weights, indices
+
+
+def run(fn, x, weights, indices, A, B, upstream):
+    y = fn(x, weights, indices, A, B, SCALING)
+    return (y, *torch.autograd.grad(y, (x, weights, A, B), upstream))
+
+
+CASES = [
+    # T, E, r, k, kind
+    (1, 1, 4, 1, "topk"),
+    (7, 4, 8, 2, "topk"),
+    (7, 8, 4, 8, "topk"),
+    (63, 4, 4, 4, "topk"),
+    (63, 8, 16, 2, "empty-expert"),
+    (63, 4, 8, 2, "one-expert"),
+    (63, 8, 16, 2, "unused-slots"),
+    (63, 16, 32, 1, "topk"),  # E*r = 512: several rank-space tiles
+    (500, 8, 16, 2, "topk"),  # MixLoRA's 8 x 16
+    (500, 16, 16, 2, "empty-expert"),  # E*r = 256: one tile
+]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def case_id(T, E, r, k, kind, dtype_name):
+    return f"T{T}-E{E}-r{r}-k{k}-{kind}-{dtype_name}"
+
+
+def check_case(T, E, r, k, kind, dtype_name) -> list[str]:
+    """Kernel vs reference for one case; returns the failures (empty = pass). Runs in the worker."""
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator().manual_seed(T * 1000 + E * 10 + r + k)
+    weights, indices = make_routing(T, E, k, kind, g)
+    x = torch.randn(T, IN, generator=g, dtype=torch.float64).to(dtype)
+    A = (torch.randn(E, r, IN, generator=g, dtype=torch.float64) / IN**0.5).to(dtype)
+    B = (torch.randn(E, OUT, r, generator=g, dtype=torch.float64) / r**0.5).to(dtype)
+    upstream = torch.randn(T, OUT, generator=g, dtype=torch.float64).to(dtype)
+
+    def leaves(*ts):
+        return [t.detach().clone().requires_grad_() for t in ts]
+
+    # fp64 oracle from the same inputs, already rounded to the test dtype.
+    x64, w64, A64, B64 = (t.double() for t in (x, weights, A, B))
+    want = run(reference.moe_lora, *leaves(x64, w64), indices, *leaves(A64, B64), upstream.double())
+    torch_lp = run(reference.moe_lora, *leaves(x, weights), indices, *leaves(A, B), upstream)
+    with nan_empty():
+        got = run(moe_lora, *leaves(x, weights), indices, *leaves(A, B), upstream)
+
+    eps = torch.finfo(dtype).eps
+    failures = []
+    for name, gk, gt, gw in zip(NAMES, got, torch_lp, want, strict=True):
+        if gk.dtype != gt.dtype or gk.shape != gt.shape:
+            failures.append(f"{name}: {gk.dtype}{tuple(gk.shape)} != {gt.dtype}{tuple(gt.shape)}")
+            continue
+        if not torch.isfinite(gk).all():
+            failures.append(f"{name}: non-finite values (an unwritten output?)")
+            continue
+        err_kernel = (gk.double() - gw).abs().max().item()
+        err_torch = (gt.double() - gw).abs().max().item()
+        tol = 2 * err_torch + 4 * eps * gw.abs().max().item() + 1e-12
+        if err_kernel > tol:
+            failures.append(f"{name}: error {err_kernel:.3g} > {tol:.3g} (torch {err_torch:.3g})")
+    return failures
+
+
+def check_no_grad_int32() -> list[str]:
+    """Inference path (no autograd, u not stored) with int32 indices."""
+    g = torch.Generator().manual_seed(0)
+    weights, indices = make_routing(7, 4, 2, "unused-slots", g)
+    x, A, B = torch.randn(7, IN, generator=g), torch.randn(4, 8, IN, generator=g), torch.randn(4, OUT, 8, generator=g)
+    with torch.no_grad(), nan_empty():
+        got = moe_lora(x, weights, indices.int(), A, B, SCALING)
+    want = reference.moe_lora(x, weights, indices, A, B, SCALING)
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    return [] if err < 1e-5 else [f"relative error {err:.3g}"]
+
+
+def worker() -> dict[str, list[str]]:
+    results = {case_id(*c, d): check_case(*c, d) for c in CASES for d in DTYPES}
+    results["no-grad-int32"] = check_no_grad_int32()
+    return results
+
+
+@pytest.fixture(scope="module")
+def worker_results() -> dict[str, list[str]]:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize(
+    ("T", "E", "r", "k", "kind"), [pytest.param(*c, id="T{}-E{}-r{}-k{}-{}".format(*c)) for c in CASES]
+)
+def test_matches_reference(worker_results, T, E, r, k, kind, dtype_name):
+    failures = worker_results[case_id(T, E, r, k, kind, dtype_name)]
+    assert not failures, "; ".join(failures)
+
+
+def test_no_grad_path_and_int32_indices(worker_results):
+    failures = worker_results["no-grad-int32"]
+    assert not failures, "; ".join(failures)
+
+
+def test_empty_tokens():
+    y = moe_lora(torch.zeros(0, IN), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long), *_weights(), SCALING)
+    assert y.shape == (0, OUT)
+
+
+def _weights(E=4, r=8):
+    return torch.randn(E, r, IN), torch.randn(E, OUT, r)
+
+
+def _good():
+    A, B = _weights()
+    return dict(x=torch.randn(5, IN), weights=torch.rand(5, 2), indices=torch.zeros(5, 2, dtype=torch.long), A=A, B=B)
+
+
+BAD = [
+    ("x-1d", dict(x=torch.randn(IN)), ValueError, "x must be 2-d"),
+    ("x-int", dict(x=torch.ones(5, IN, dtype=torch.long)), TypeError, "x must be float16"),
+    ("x-fp64", dict(x=torch.randn(5, IN, dtype=torch.float64)), TypeError, "x must be float16"),
+    ("weights-rows", dict(weights=torch.rand(4, 2)), ValueError, "weights"),
+    ("indices-shape", dict(indices=torch.zeros(5, 3, dtype=torch.long)), ValueError, "indices"),
+    ("indices-float", dict(indices=torch.zeros(5, 2)), TypeError, "indices must be int32 or int64"),
+    ("A-in", dict(A=torch.randn(4, 8, IN + 1)), ValueError, "A is"),
+    ("B-experts", dict(B=torch.randn(3, OUT, 8)), ValueError, "B must be"),
+    ("B-rank", dict(B=torch.randn(4, OUT, 4)), ValueError, "B must be"),
+    ("A-device", dict(A=torch.randn(4, 8, IN, device="meta")), ValueError, "A is on meta"),
+    ("index-too-big", dict(indices=torch.full((5, 2), 4)), ValueError, "indices must lie in"),
+    ("index-below-minus-1", dict(indices=torch.full((5, 2), -2)), ValueError, "indices must lie in"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "match"), [pytest.param(*b[1:], id=b[0]) for b in BAD])
+def test_bad_inputs(change, error, match):
+    args = {**_good(), **change}
+    with pytest.raises(error, match=match):
+        moe_lora(args["x"], args["weights"], args["indices"], args["A"], args["B"], SCALING)
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker()))
