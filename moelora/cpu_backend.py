@@ -24,6 +24,45 @@ if _spec is None or _spec.origin is None:
 torch.ops.load_library(_spec.origin)
 _ops = torch.ops.moelora
 
+
+# Fake (meta) kernels: output shapes without running C++, so that torch.compile traces through the ops.
+@torch.library.register_fake("moelora::route")
+def _route_fake(x, router_weight, top_k, top_p):
+    dt = reference.compute_dtype(x)
+    k = top_k if top_k > 0 else router_weight.shape[0]
+    probs = x.new_empty(x.shape[0], router_weight.shape[0], dtype=dt)
+    return x.new_empty(x.shape[0], k, dtype=dt), x.new_empty(x.shape[0], k, dtype=torch.int64), probs
+
+
+@torch.library.register_fake("moelora::route_backward")
+def _route_backward_fake(grad_weights, grad_probs, x, router_weight, weights, indices, probs, renormalized):
+    return torch.empty_like(x), torch.empty_like(router_weight)
+
+
+@torch.library.register_fake("moelora::moe_lora")
+def _moe_lora_fake(x, weights, indices, A, B, scaling):
+    return x.new_empty(x.shape[0], B.shape[1])
+
+
+@torch.library.register_fake("moelora::moe_lora_backward")
+def _moe_lora_backward_fake(grad_y, x, weights, indices, A, B, scaling):
+    return torch.empty_like(x), torch.empty_like(weights), torch.empty_like(A), torch.empty_like(B)
+
+
+@torch.library.register_fake("moelora::mixlora_ffn")
+def _mixlora_ffn_fake(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, num_experts, scaling, act):
+    dt = reference.compute_dtype(up)
+    hidden = dB.shape[1] if dB is not None else 0
+    return up.new_empty(up.shape, dtype=dt), up.new_empty(up.shape[0], hidden, dtype=dt)
+
+
+@torch.library.register_fake("moelora::mixlora_ffn_backward")
+def _mixlora_ffn_backward_fake(grad_hbar, grad_y_lora, x, gate, up, weights, indices, *loras_and_args):
+    none = up.new_empty(0, dtype=reference.compute_dtype(up))
+    like = [x, gate, up, weights, *loras_and_args[:6]]
+    return [torch.empty_like(t) if t is not None else none for t in like]
+
+
 supports_dora = False
 lora = reference.lora  # a dense LoRA is two ATen GEMMs already
 
