@@ -4,7 +4,7 @@
 // works). Per expert the gathered rows go through ATen GEMMs for the rank-r work and one fused, vectorised
 // row loop for the activation, the product and the weighted sum: h exists only for one expert's rows at a
 // time, never as [T, k, I]. The backward recomputes h rather than storing it.
-#include "common.h"
+#include "ops.h"
 
 namespace moelora {
 

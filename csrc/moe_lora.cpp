@@ -1,5 +1,5 @@
 // moe_lora: y[t] = sum_j w[t, j] * s * B_e A_e x[t], per expert on its gathered rows (ATen GEMMs).
-#include "common.h"
+#include "ops.h"
 
 namespace moelora {
 

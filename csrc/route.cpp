@@ -2,7 +2,7 @@
 #include <algorithm>
 #include <numeric>
 
-#include "common.h"
+#include "ops.h"
 
 namespace moelora {
 
