@@ -371,7 +371,8 @@ class MoeLoraFunction(torch.autograd.Function):
         return grad_x, grad_w, None, grad_A, grad_B, None
 
 
-def _check_inputs(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor) -> None:
+def check_inputs(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor) -> None:
+    """Raise ValueError / TypeError for arguments `moe_lora` cannot run."""
     for name, t, dims in (("x", x, 2), ("weights", weights, 2), ("indices", indices, 2), ("A", A, 3), ("B", B, 3)):
         if not isinstance(t, Tensor):
             raise TypeError(f"moe_lora: {name} must be a Tensor, got {type(t).__name__}")
@@ -418,7 +419,7 @@ def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, 
         [T, out] in x's dtype. Rank-space activations [T, E*r] are fp32. Differentiable in x, weights, A, B.
     Meant for small E*r (<= 256 or so): every token computes every expert's r columns.
     """
-    _check_inputs(x, weights, indices, A, B)
+    check_inputs(x, weights, indices, A, B)
     if x.shape[0] == 0:
         return x.new_zeros(0, B.shape[1])
     scaling = float(scaling)

@@ -258,7 +258,8 @@ class RouteFunction(torch.autograd.Function):
         return grad_x, grad_router, None, None
 
 
-def _check(x: Tensor, router_weight: Tensor, top_k: int | None, top_p: float | None) -> None:
+def check_inputs(x: Tensor, router_weight: Tensor, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError / TypeError for arguments `route` cannot run; the device last, after the arguments."""
     if (top_k is None) == (top_p is None):
         raise ValueError("route: pass exactly one of top_k and top_p")
     if x.dim() != 2:
@@ -272,8 +273,6 @@ def _check(x: Tensor, router_weight: Tensor, top_k: int | None, top_p: float | N
             raise TypeError(f"route: {name} must be a floating-point tensor, got {t.dtype}")
     if x.device != router_weight.device:
         raise ValueError(f"route: x is on {x.device} but router_weight is on {router_weight.device}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"route: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
     E = router_weight.shape[0]
     if E < 1:
         raise ValueError("route: router_weight has no experts (E = 0)")
@@ -281,6 +280,8 @@ def _check(x: Tensor, router_weight: Tensor, top_k: int | None, top_p: float | N
         raise ValueError(f"route: top_k must be an int in 1..{E} (E experts), got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"route: top_p must be in (0, 1], got {top_p!r}")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"route: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
 
 
 def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: float | None = None) -> Routing:
@@ -293,6 +294,6 @@ def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: flo
     top-p: weights [T, E] (0 in unused slots), indices [T, E] int64 (-1 in unused slots);
     probs [T, E]. weights and probs are fp32 (fp64 for fp64 x); gradients flow to x and router_weight.
     """
-    _check(x, router_weight, top_k, top_p)
+    check_inputs(x, router_weight, top_k, top_p)
     weights, indices, probs = RouteFunction.apply(x, router_weight, top_k, None if top_p is None else float(top_p))
     return Routing(weights, indices, probs)

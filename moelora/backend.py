@@ -19,11 +19,12 @@ from moelora import reference
 BACKENDS = ("auto", "triton", "cpu", "reference")
 _registered: dict[str, Any] = {"reference": reference}
 _why_missing: dict[str, str] = {
-    "triton": "the Triton kernels are not part of this release yet (they land with the kernels issue)",
+    "triton": "triton is not importable (pip install triton; Linux with an NVIDIA GPU)",
     "cpu": "the C++ extension moelora._C is not part of this release yet (it lands with the CPU backend issue)",
 }
 _override: list[str] = []
 _cpu_tried = False
+_triton_tried = False
 _warned: set[str] = set()
 
 
@@ -87,11 +88,37 @@ def _load_cpu_backend() -> None:
         _registered["cpu"] = cpu_backend
 
 
+def _interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through Triton's interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _load_triton_backend() -> None:
+    """Register the Triton backend the first time it is wanted; triton is imported only then."""
+    global _triton_tried
+    if _triton_tried:
+        return
+    _triton_tried = True
+    try:
+        from moelora import triton_backend
+    except ImportError as e:
+        _why_missing["triton"] = f"triton is not importable ({e}); pip install triton (Linux with an NVIDIA GPU)"
+    else:
+        _registered["triton"] = triton_backend
+
+
 def resolve(device: torch.device) -> Any:
     """The implementation to run for tensors on `device` under the current backend choice."""
     name = get_backend()
     if name in ("auto", "cpu") and device.type == "cpu":
         _load_cpu_backend()
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        raise RuntimeError(
+            f"moelora: backend 'triton' was requested but cannot run tensors on {device}: the Triton kernels need "
+            "CUDA tensors (TRITON_INTERPRET=1 runs them on CPU tensors through Triton's interpreter, slowly)"
+        )
+    if (name == "auto" and device.type == "cuda") or name == "triton":
+        _load_triton_backend()
     if name == "reference":
         return reference
     if name == "auto":
@@ -107,8 +134,6 @@ def resolve(device: torch.device) -> Any:
         return reference
     if name not in _registered:
         raise RuntimeError(f"moelora: backend {name!r} was requested but is not available: {_why_missing[name]}")
-    if name == "triton" and device.type != "cuda":
-        raise RuntimeError(f"moelora: backend 'triton' needs CUDA tensors, got tensors on {device}")
     if name == "cpu" and device.type != "cpu":
         raise RuntimeError(f"moelora: backend 'cpu' needs CPU tensors, got tensors on {device}")
     return _registered[name]

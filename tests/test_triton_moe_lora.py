@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (effective in the worker): CPU tensors
+if __name__ == "__main__":  # the child, before triton is imported; the pytest process itself stays uninterpreted
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import json
 import subprocess
@@ -147,7 +148,7 @@ def worker() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def worker_results() -> dict[str, list[str]]:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")

@@ -1,0 +1,1071 @@
+"""Triton `mixlora_ffn`: MixLoRA's FFN from the frozen base's G = Wg x and U = Wu x, never materialising [T, k, I].
+
+For token t, slot j, expert e = indices[t, j] (design.md, op 3):
+
+    h_j   = act(G + s Bg_e Ag_e x) * (U + s Bu_e Au_e x)          (ungated, gate None: act(U + s Bu_e Au_e x))
+    hbar  = sum_j w_j h_j                                           [T, I], written in U's dtype
+    zd    = sum_j w_j s [Ad_e h_j in expert e's r columns]          [T, E*r] fp32, the down-LoRA shrink
+    y_lora = zd @ Bd_all                                            [T, H]
+
+The caller runs the frozen down projection once on hbar and adds y_lora: y = Wd hbar + y_lora.
+
+Kernels, in the order they run:
+- `mixlora_ffn_fwd_kernel_shrink`: ua = x @ [Ag_all | Au_all]^T, [T, P*E*r] fp32, one read of x for both.
+- `mixlora_ffn_fwd_kernel`: per (token block, slice of I): the gate/up LoRA expand of each slot as a
+  dense-masked GEMM with K = E*r (the slot's expert keeps its r columns of ua, the others are masked to 0,
+  so one tile of B_all serves every token whatever its expert), activation, product, the weighted sum into
+  hbar in registers, and the down shrink of each h_j, accumulated over the slice into zd.
+- the expand y_lora = zd @ Bd_all is moe_lora's expand kernel (K = E*r).
+Backward, recomputing h (two more expand GEMMs of K = E*r per slot) instead of storing [T, k, I]:
+- q = dy_lora @ Bd_all [T, E*r] (moe_lora's shrink kernel), then
+- `mixlora_ffn_bwd_kernel_rows`: grid over (token block, slice of I); the reductions over I: rank-space
+  gradients of the gate/up LoRA [T, P*E*r] and of the routing weights [T, k]; writes dG and dU.
+- `mixlora_ffn_bwd_kernel_cols`: grid over (block of I, slice of tokens); the reductions over T: the
+  gradients of Bg, Bu and Ad.
+- grad_x, grad Ag/Au and grad Bd are moe_lora's expand and wgrad kernels on rank-space tensors.
+
+Reductions across programs (over the slices of I, or of T) go through per-slice partial buffers summed by
+torch in a fixed order: no atomics anywhere, forward or backward, so results are deterministic. The slice
+count is chosen from the shapes alone (enough programs to fill the device at decode sizes), no host sync.
+
+Dot precision: with 16-bit activations every `tl.dot` takes 16-bit operands (LoRA weights and fp32
+rank-space values rounded to the activation dtype, fp32 accumulate: tensor cores); with fp32 activations,
+ieee fp32 dots. Under the interpreter, bf16 dots are computed in fp32 (the interpreter's bf16 math is
+broken). Elementwise math (activation, product, weighted sum, gradients) is fp32. The rank axis only
+reaches `tl.dot` through the flat E*r axis tiled by constexpr blocks >= 16, so r = 4 or 8 needs no padding.
+Expert ranks beyond one block of RANK_CHUNK columns (E*r > 128) are split over a third grid axis, each
+program recomputing h for its chunk: correct, but the large-E*r regime really wants a sorted kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from moelora.kernels.moe_lora import _a_strides, _b_strides, _expand, _shrink, _wgrad
+from torch import Tensor
+
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+PIN_CONFIG_ENV = "MOELORA_TRITON_PIN_CONFIG"  # "1": one config, no autotuning (set while interpreting)
+
+RANK_CHUNK = 128  # rank-space columns one program accumulates in registers ([BT, 128] fp32 per target)
+EXPAND_BLOCK_N = 64  # K-block of the dense-masked expand GEMMs
+SHRINK_BLOCK_T = 32
+SHRINK_BLOCK_N = 128
+SHRINK_BLOCK_D = 64
+NOMINAL_BT = 32  # the token block the slice counts are computed with (the tuned one may differ)
+NOMINAL_BI = 64
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    """Tile configs of the three fused kernels. One pinned config under the interpreter (a multi-config
+    autotune crashes it) or with MOELORA_TRITON_PIN_CONFIG=1; small tiles there so that the tests cross
+    block boundaries. Not tuned on a GPU yet: the list is a starting point."""
+    if _interpreting():
+        return [triton.Config({"BT": 32, "BI": 32}, num_warps=4)]
+    if os.environ.get(PIN_CONFIG_ENV) == "1":
+        return [triton.Config({"BT": 32, "BI": 64}, num_warps=4, num_stages=2)]
+    return [
+        triton.Config({"BT": bt, "BI": bi}, num_warps=w, num_stages=s)
+        for bt, bi, w, s in ((32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 3), (16, 64, 4, 2))
+    ]
+
+
+_TUNE_KEY = ["T_BUCKET", "I", "N", "K", "GATED", "GATE_LORA", "UP_LORA", "DOWN_LORA", "DOT_DT"]
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 0:  # silu
+        a = z * tl.sigmoid(z)
+    elif ACT == 1:  # gelu, erf
+        a = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACT == 2:  # gelu, tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
+        a = z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+    else:  # relu
+        a = tl.maximum(z, 0.0)
+    return a
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """(act(z), act'(z)); relu' is 0 at 0, as torch's."""
+    if ACT == 0:
+        sg = tl.sigmoid(z)
+        a = z * sg
+        da = sg * (1.0 + z * (1.0 - sg))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        a = z * cdf
+        da = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    elif ACT == 2:
+        # 0.5 (1 + tanh(u)) = sigmoid(2u), u = c (z + 0.044715 z^3); d/dz = sg (1 - sg) 2c (1 + 3 * 0.044715 z^2)
+        sg = tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+        a = z * sg
+        da = sg + z * sg * (1.0 - sg) * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
+    else:
+        a = tl.maximum(z, 0.0)
+        da = tl.where(z > 0.0, 1.0, 0.0)
+    return a, da
+
+
+@triton.jit
+def _slot_pre(
+    b_g,  # [BT, BI] fp32 base G (ignored unless GATE_LORA)
+    b_u,  # [BT, BI] fp32 base U
+    ag_ptr,  # [T, N] fp32 rank-space rows x @ Ag_all^T (column stride 1)
+    au_ptr,  # [T, N] fp32: x @ Au_all^T
+    stride_at,
+    bg_ptr,  # [E, I, R] through strides
+    stride_bge,
+    stride_bgi,
+    stride_bgr,
+    bu_ptr,  # [E, I, R]
+    stride_bue,
+    stride_bui,
+    stride_bur,
+    o_t,
+    m_t,
+    b_e,  # [BT] the slot's expert per token
+    o_i,
+    m_i,
+    N,
+    R,
+    scaling,
+    GATE_LORA: tl.constexpr,
+    UP_LORA: tl.constexpr,
+    BN: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+):
+    """The slot's pre-activation gate and up rows, G + s Bg_e (Ag_e x) and U + s Bu_e (Au_e x), [BT, BI] fp32.
+
+    Dense-masked: sum_n [n // R == e_t] a[t, n] B[n // R, i, n % R] over all N = E*R columns, so that one
+    tile of B_all serves every token whatever its expert."""
+    b_gg = b_g
+    b_uu = b_u
+    for i_n in range(0, tl.cdiv(N, BN)):
+        o_n = i_n * BN + tl.arange(0, BN)  # [BN]
+        m_n = o_n < N
+        e_n = o_n // R
+        m_sel = m_t[:, None] & m_n[None, :] & (e_n[None, :] == b_e[:, None])  # [BT, BN]
+        o_tn = o_t[:, None] * stride_at + o_n[None, :]
+        m_ni = m_n[:, None] & m_i[None, :]
+        if GATE_LORA:
+            b_a = tl.load(ag_ptr + o_tn, mask=m_sel, other=0.0) * scaling  # [BT, BN]
+            p_b = bg_ptr + e_n.to(tl.int64)[:, None] * stride_bge + (o_n % R).to(tl.int64)[:, None] * stride_bgr
+            b_b = tl.load(p_b + o_i[None, :] * stride_bgi, mask=m_ni, other=0.0)  # [BN, BI]
+            b_gg = tl.dot(b_a.to(DOT_DT), b_b.to(DOT_DT), acc=b_gg, input_precision=PREC)
+        if UP_LORA:
+            b_a = tl.load(au_ptr + o_tn, mask=m_sel, other=0.0) * scaling
+            p_b = bu_ptr + e_n.to(tl.int64)[:, None] * stride_bue + (o_n % R).to(tl.int64)[:, None] * stride_bur
+            b_b = tl.load(p_b + o_i[None, :] * stride_bui, mask=m_ni, other=0.0)
+            b_uu = tl.dot(b_a.to(DOT_DT), b_b.to(DOT_DT), acc=b_uu, input_precision=PREC)
+    return b_gg, b_uu
+
+
+@triton.jit
+def mixlora_ffn_fwd_kernel_shrink(
+    x_ptr,  # [T, D]
+    w_ptr,  # [E', R, D] through strides (expert, rank, column): Ag, Au or both stacked
+    out_ptr,  # [T, N] fp32 contiguous, N = E' * R
+    T,
+    D,
+    N,
+    R,
+    stride_xt,
+    stride_xd,
+    stride_we,
+    stride_wr,
+    stride_wd,
+    BT: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+):
+    i_t, i_n = tl.program_id(0), tl.program_id(1)
+    o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
+    o_n = i_n * BN + tl.arange(0, BN)  # [BN]
+    m_t = o_t < T
+    m_n = o_n < N
+    p_w = w_ptr + (o_n // R).to(tl.int64) * stride_we + (o_n % R).to(tl.int64) * stride_wr  # [BN]
+    b_acc = tl.zeros([BT, BN], dtype=tl.float32)
+    for i_d in range(0, tl.cdiv(D, BD)):
+        o_d = (i_d * BD + tl.arange(0, BD)).to(tl.int64)
+        m_d = o_d < D
+        b_x = tl.load(
+            x_ptr + o_t[:, None] * stride_xt + o_d[None, :] * stride_xd, mask=m_t[:, None] & m_d[None, :], other=0.0
+        )  # [BT, BD]
+        b_w = tl.load(p_w[None, :] + o_d[:, None] * stride_wd, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
+        b_acc = tl.dot(b_x.to(DOT_DT), b_w.to(DOT_DT), acc=b_acc, input_precision=PREC)
+    tl.store(out_ptr + o_t[:, None] * N + o_n[None, :], b_acc, mask=m_t[:, None] & m_n[None, :])
+
+
+@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.jit
+def mixlora_ffn_fwd_kernel(
+    g_ptr,  # [T, I] base G, read only when GATED
+    u_ptr,  # [T, I] base U
+    weights_ptr,  # [T, K] routing weights
+    indices_ptr,  # [T, K] int, -1 = unused slot
+    ag_ptr,  # [T, N] fp32 (row stride stride_at): x @ Ag_all^T, read only when GATE_LORA
+    au_ptr,  # [T, N] fp32: x @ Au_all^T, read only when UP_LORA
+    bg_ptr,  # [E, I, R] gate B
+    bu_ptr,  # [E, I, R] up B
+    ad_ptr,  # [E, R, I] down A
+    hbar_ptr,  # [T, I] contiguous, U's dtype
+    zd_ptr,  # [S, T, N] fp32 contiguous: this I-slice's share of zd, written only when DOWN_LORA
+    T,
+    I,
+    E,
+    N,
+    R,
+    S,
+    scaling,
+    stride_gt,
+    stride_gi,
+    stride_ut,
+    stride_ui,
+    stride_wt,
+    stride_wk,
+    stride_it,
+    stride_ik,
+    stride_at,
+    stride_bge,
+    stride_bgi,
+    stride_bgr,
+    stride_bue,
+    stride_bui,
+    stride_bur,
+    stride_ade,
+    stride_adr,
+    stride_adi,
+    T_BUCKET,
+    K: tl.constexpr,
+    ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    GATE_LORA: tl.constexpr,
+    UP_LORA: tl.constexpr,
+    DOWN_LORA: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    BN: tl.constexpr,
+    NC: tl.constexpr,
+    BT: tl.constexpr,
+    BI: tl.constexpr,
+):
+    # grid: (token blocks, slices of I, chunks of the E*R rank columns of zd)
+    i_t, i_s, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
+    m_t = o_t < T
+    o_c = i_c * NC + tl.arange(0, NC)  # [NC] this program's rank columns of zd
+    m_c = o_c < N
+    e_c = o_c // R
+    # chunk 0 writes hbar; other chunks recompute it for their zd columns only ([BT] so that masks broadcast)
+    m_first = m_t & (tl.zeros([BT], dtype=tl.int32) + i_c == 0)
+    n_ib = tl.cdiv(I, BI)
+    per = tl.cdiv(n_ib, S)
+
+    b_zd = tl.zeros([BT, NC], dtype=tl.float32)
+    for i_b in range(i_s * per, tl.minimum(i_s * per + per, n_ib)):
+        o_i = (i_b * BI + tl.arange(0, BI)).to(tl.int64)  # [BI]
+        m_i = o_i < I
+        m_ti = m_t[:, None] & m_i[None, :]
+        b_u = tl.load(u_ptr + o_t[:, None] * stride_ut + o_i[None, :] * stride_ui, mask=m_ti, other=0.0).to(tl.float32)
+        b_g = b_u
+        if GATED:
+            b_g = tl.load(g_ptr + o_t[:, None] * stride_gt + o_i[None, :] * stride_gi, mask=m_ti, other=0.0)
+            b_g = b_g.to(tl.float32)
+        if DOWN_LORA:
+            p_ad = ad_ptr + e_c.to(tl.int64)[None, :] * stride_ade + (o_c % R).to(tl.int64)[None, :] * stride_adr
+            b_ad = tl.load(p_ad + o_i[:, None] * stride_adi, mask=m_i[:, None] & m_c[None, :], other=0.0)  # [BI, NC]
+        b_hbar = tl.zeros([BT, BI], dtype=tl.float32)
+        for j in range(0, K):
+            b_e = tl.load(indices_ptr + o_t * stride_it + j * stride_ik, mask=m_t, other=-1)  # [BT]
+            b_w = tl.load(weights_ptr + o_t * stride_wt + j * stride_wk, mask=m_t, other=0.0).to(tl.float32)
+            b_w = tl.where((b_e >= 0) & (b_e < E), b_w, 0.0)  # an unused slot adds nothing, whatever its weight
+            b_gg, b_uu = _slot_pre(
+                b_g, b_u, ag_ptr, au_ptr, stride_at,
+                bg_ptr, stride_bge, stride_bgi, stride_bgr, bu_ptr, stride_bue, stride_bui, stride_bur,
+                o_t, m_t, b_e, o_i, m_i, N, R, scaling, GATE_LORA, UP_LORA, BN, PREC, DOT_DT,
+            )  # fmt: skip
+            if GATED:  # noqa: SIM108 - a constexpr branch in a Triton kernel
+                b_h = _act(b_gg, ACT) * b_uu  # [BT, BI]
+            else:
+                b_h = _act(b_uu, ACT)
+            b_hbar += b_w[:, None] * b_h
+            if DOWN_LORA:
+                b_sel = tl.where(e_c[None, :] == b_e[:, None], b_w[:, None] * scaling, 0.0)  # [BT, NC]
+                b_zd += b_sel * tl.dot(b_h.to(DOT_DT), b_ad.to(DOT_DT), input_precision=PREC)
+        p_h = hbar_ptr + o_t[:, None] * I + o_i[None, :]
+        tl.store(p_h, b_hbar.to(hbar_ptr.dtype.element_ty), mask=m_first[:, None] & m_i[None, :])
+    if DOWN_LORA:
+        p_zd = zd_ptr + i_s.to(tl.int64) * T * N + o_t[:, None] * N + o_c[None, :]
+        tl.store(p_zd, b_zd, mask=m_t[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _slot_grads(
+    b_g,
+    b_u,
+    b_dh,  # [BT, BI] fp32 upstream gradient of hbar
+    b_e,
+    b_w,  # [BT] fp32, 0 for unused slots
+    ag_ptr,
+    au_ptr,
+    stride_at,
+    bg_ptr,
+    stride_bge,
+    stride_bgi,
+    stride_bgr,
+    bu_ptr,
+    stride_bue,
+    stride_bui,
+    stride_bur,
+    q_ptr,  # [T, N] fp32 contiguous: dy_lora @ Bd_all
+    ad_ptr,  # [E, R, I] through strides
+    stride_ade,
+    stride_adr,
+    stride_adi,
+    o_t,
+    m_t,
+    o_i,
+    m_i,
+    N,
+    R,
+    scaling,
+    ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    GATE_LORA: tl.constexpr,
+    UP_LORA: tl.constexpr,
+    DOWN_LORA: tl.constexpr,
+    BN: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+):
+    """One slot, recomputed: h_j, D_j = dhbar + s Ad_e^T q_e (so dw_j = <D_j, h_j> and dh_j = w_j D_j), and the
+    gradients of the pre-activation gate and up rows, dgg and duu. All [BT, BI] fp32."""
+    b_gg, b_uu = _slot_pre(
+        b_g, b_u, ag_ptr, au_ptr, stride_at,
+        bg_ptr, stride_bge, stride_bgi, stride_bgr, bu_ptr, stride_bue, stride_bui, stride_bur,
+        o_t, m_t, b_e, o_i, m_i, N, R, scaling, GATE_LORA, UP_LORA, BN, PREC, DOT_DT,
+    )  # fmt: skip
+    b_D = b_dh
+    if DOWN_LORA:
+        for i_n in range(0, tl.cdiv(N, BN)):  # D += s q_e @ Ad_e, dense-masked as in _slot_pre
+            o_n = i_n * BN + tl.arange(0, BN)  # [BN]
+            m_n = o_n < N
+            e_n = o_n // R
+            m_sel = m_t[:, None] & m_n[None, :] & (e_n[None, :] == b_e[:, None])  # [BT, BN]
+            b_q = tl.load(q_ptr + o_t[:, None] * N + o_n[None, :], mask=m_sel, other=0.0) * scaling  # [BT, BN]
+            p_a = ad_ptr + e_n.to(tl.int64)[:, None] * stride_ade + (o_n % R).to(tl.int64)[:, None] * stride_adr
+            b_a = tl.load(p_a + o_i[None, :] * stride_adi, mask=m_n[:, None] & m_i[None, :], other=0.0)  # [BN, BI]
+            b_D = tl.dot(b_q.to(DOT_DT), b_a.to(DOT_DT), acc=b_D, input_precision=PREC)
+    b_dhj = b_w[:, None] * b_D
+    if GATED:
+        b_a, b_da = _act_grad(b_gg, ACT)
+        b_h = b_a * b_uu
+        b_dgg = b_dhj * b_uu * b_da
+        b_duu = b_dhj * b_a
+    else:
+        b_a, b_da = _act_grad(b_uu, ACT)
+        b_h = b_a
+        b_dgg = b_dhj  # unused: an ungated FFN has no G
+        b_duu = b_dhj * b_da
+    return b_h, b_D, b_dgg, b_duu
+
+
+@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.jit
+def mixlora_ffn_bwd_kernel_rows(
+    g_ptr,  # [T, I] base G, read only when GATED
+    u_ptr,  # [T, I] base U
+    dh_ptr,  # [T, I] upstream gradient of hbar
+    weights_ptr,  # [T, K]
+    indices_ptr,  # [T, K] int
+    ag_ptr,  # [T, N] fp32
+    au_ptr,  # [T, N] fp32
+    q_ptr,  # [T, N] fp32 contiguous: dy_lora @ Bd_all, read only when DOWN_LORA
+    bg_ptr,  # [E, I, R]
+    bu_ptr,  # [E, I, R]
+    ad_ptr,  # [E, R, I]
+    dg_ptr,  # [T, I] contiguous out: grad of G, written only when GATED
+    du_ptr,  # [T, I] contiguous out: grad of U
+    dag_ptr,  # [S, T, N] fp32 out (strides stride_das, stride_dat, 1): s Bg_e^T dgg, this I-slice's share
+    dau_ptr,  # [S, T, N] fp32 out: s Bu_e^T duu
+    dw_ptr,  # [S, T, K] fp32 contiguous out: <D_j, h_j>, this I-slice's share
+    T,
+    I,
+    E,
+    N,
+    R,
+    S,
+    scaling,
+    stride_gt,
+    stride_gi,
+    stride_ut,
+    stride_ui,
+    stride_dht,
+    stride_dhi,
+    stride_wt,
+    stride_wk,
+    stride_it,
+    stride_ik,
+    stride_at,
+    stride_bge,
+    stride_bgi,
+    stride_bgr,
+    stride_bue,
+    stride_bui,
+    stride_bur,
+    stride_ade,
+    stride_adr,
+    stride_adi,
+    stride_das,
+    stride_dat,
+    T_BUCKET,
+    K: tl.constexpr,
+    BK: tl.constexpr,
+    ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    GATE_LORA: tl.constexpr,
+    UP_LORA: tl.constexpr,
+    DOWN_LORA: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    BN: tl.constexpr,
+    NC: tl.constexpr,
+    BT: tl.constexpr,
+    BI: tl.constexpr,
+):
+    # grid: (token blocks, slices of I, chunks of the rank columns of dag/dau)
+    i_t, i_s, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
+    m_t = o_t < T
+    o_c = i_c * NC + tl.arange(0, NC)  # [NC]
+    m_c = o_c < N
+    e_c = o_c // R
+    o_k = tl.arange(0, BK)  # [BK]
+    m_first = m_t & (tl.zeros([BT], dtype=tl.int32) + i_c == 0)  # chunk 0 writes dG, dU and dw
+    n_ib = tl.cdiv(I, BI)
+    per = tl.cdiv(n_ib, S)
+
+    b_dag = tl.zeros([BT, NC], dtype=tl.float32)
+    b_dau = tl.zeros([BT, NC], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    for i_b in range(i_s * per, tl.minimum(i_s * per + per, n_ib)):
+        o_i = (i_b * BI + tl.arange(0, BI)).to(tl.int64)  # [BI]
+        m_i = o_i < I
+        m_ti = m_t[:, None] & m_i[None, :]
+        b_u = tl.load(u_ptr + o_t[:, None] * stride_ut + o_i[None, :] * stride_ui, mask=m_ti, other=0.0).to(tl.float32)
+        b_g = b_u
+        if GATED:
+            b_g = tl.load(g_ptr + o_t[:, None] * stride_gt + o_i[None, :] * stride_gi, mask=m_ti, other=0.0)
+            b_g = b_g.to(tl.float32)
+        b_dh = tl.load(dh_ptr + o_t[:, None] * stride_dht + o_i[None, :] * stride_dhi, mask=m_ti, other=0.0)
+        b_dh = b_dh.to(tl.float32)
+        m_ic = m_i[:, None] & m_c[None, :]
+        if GATE_LORA:
+            p_bg = bg_ptr + e_c.to(tl.int64)[None, :] * stride_bge + (o_c % R).to(tl.int64)[None, :] * stride_bgr
+            b_bg = tl.load(p_bg + o_i[:, None] * stride_bgi, mask=m_ic, other=0.0)  # [BI, NC]
+        if UP_LORA:
+            p_bu = bu_ptr + e_c.to(tl.int64)[None, :] * stride_bue + (o_c % R).to(tl.int64)[None, :] * stride_bur
+            b_bu = tl.load(p_bu + o_i[:, None] * stride_bui, mask=m_ic, other=0.0)  # [BI, NC]
+        b_dgs = tl.zeros([BT, BI], dtype=tl.float32)
+        b_dus = tl.zeros([BT, BI], dtype=tl.float32)
+        for j in range(0, K):
+            b_e = tl.load(indices_ptr + o_t * stride_it + j * stride_ik, mask=m_t, other=-1)  # [BT]
+            b_valid = (b_e >= 0) & (b_e < E)
+            b_w = tl.load(weights_ptr + o_t * stride_wt + j * stride_wk, mask=m_t, other=0.0).to(tl.float32)
+            b_w = tl.where(b_valid, b_w, 0.0)
+            b_h, b_D, b_dgg, b_duu = _slot_grads(
+                b_g, b_u, b_dh, b_e, b_w, ag_ptr, au_ptr, stride_at,
+                bg_ptr, stride_bge, stride_bgi, stride_bgr, bu_ptr, stride_bue, stride_bui, stride_bur,
+                q_ptr, ad_ptr, stride_ade, stride_adr, stride_adi,
+                o_t, m_t, o_i, m_i, N, R, scaling,
+                ACT, GATED, GATE_LORA, UP_LORA, DOWN_LORA, BN, PREC, DOT_DT,
+            )  # fmt: skip
+            b_dwj = tl.where(b_valid, tl.sum(b_D * b_h, axis=1), 0.0)  # [BT]
+            b_dw += tl.where(o_k[None, :] == j, b_dwj[:, None], 0.0)
+            b_dgs += b_dgg
+            b_dus += b_duu
+            b_sel = tl.where(e_c[None, :] == b_e[:, None], scaling, 0.0)  # [BT, NC]
+            if GATE_LORA:
+                b_dag += b_sel * tl.dot(b_dgg.to(DOT_DT), b_bg.to(DOT_DT), input_precision=PREC)
+            if UP_LORA:
+                b_dau += b_sel * tl.dot(b_duu.to(DOT_DT), b_bu.to(DOT_DT), input_precision=PREC)
+        o_ti = o_t[:, None] * I + o_i[None, :]
+        if GATED:
+            tl.store(dg_ptr + o_ti, b_dgs.to(dg_ptr.dtype.element_ty), mask=m_first[:, None] & m_i[None, :])
+        tl.store(du_ptr + o_ti, b_dus.to(du_ptr.dtype.element_ty), mask=m_first[:, None] & m_i[None, :])
+
+    m_tc = m_t[:, None] & m_c[None, :]
+    o_tc = i_s.to(tl.int64) * stride_das + o_t[:, None] * stride_dat + o_c[None, :]
+    if GATE_LORA:
+        tl.store(dag_ptr + o_tc, b_dag, mask=m_tc)
+    if UP_LORA:
+        tl.store(dau_ptr + o_tc, b_dau, mask=m_tc)
+    p_dw = dw_ptr + i_s.to(tl.int64) * T * K + o_t[:, None] * K + o_k[None, :]
+    tl.store(p_dw, b_dw, mask=m_first[:, None] & (o_k < K)[None, :])
+
+
+@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.jit
+def mixlora_ffn_bwd_kernel_cols(
+    g_ptr,  # [T, I] base G, read only when GATED
+    u_ptr,  # [T, I] base U
+    dh_ptr,  # [T, I] upstream gradient of hbar
+    weights_ptr,  # [T, K]
+    indices_ptr,  # [T, K] int
+    ag_ptr,  # [T, N] fp32
+    au_ptr,  # [T, N] fp32
+    q_ptr,  # [T, N] fp32 contiguous
+    bg_ptr,  # [E, I, R]
+    bu_ptr,  # [E, I, R]
+    ad_ptr,  # [E, R, I]
+    dbg_ptr,  # [S, N, I] fp32 contiguous out: grad of Bg as (expert*rank, column), this T-slice's share
+    dbu_ptr,  # [S, N, I] fp32 out: grad of Bu
+    dad_ptr,  # [S, N, I] fp32 out: grad of Ad
+    T,
+    I,
+    E,
+    N,
+    R,
+    S,
+    scaling,
+    stride_gt,
+    stride_gi,
+    stride_ut,
+    stride_ui,
+    stride_dht,
+    stride_dhi,
+    stride_wt,
+    stride_wk,
+    stride_it,
+    stride_ik,
+    stride_at,
+    stride_bge,
+    stride_bgi,
+    stride_bgr,
+    stride_bue,
+    stride_bui,
+    stride_bur,
+    stride_ade,
+    stride_adr,
+    stride_adi,
+    T_BUCKET,
+    K: tl.constexpr,
+    ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    GATE_LORA: tl.constexpr,
+    UP_LORA: tl.constexpr,
+    DOWN_LORA: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    BN: tl.constexpr,
+    NC: tl.constexpr,
+    BT: tl.constexpr,
+    BI: tl.constexpr,
+):
+    # grid: (blocks of I, slices of T, chunks of the rank rows of the weight gradients)
+    i_i, i_s, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_i = (i_i * BI + tl.arange(0, BI)).to(tl.int64)  # [BI]
+    m_i = o_i < I
+    o_c = i_c * NC + tl.arange(0, NC)  # [NC]
+    m_c = o_c < N
+    e_c = o_c // R
+    n_tb = tl.cdiv(T, BT)
+    per = tl.cdiv(n_tb, S)
+
+    b_dbg = tl.zeros([NC, BI], dtype=tl.float32)
+    b_dbu = tl.zeros([NC, BI], dtype=tl.float32)
+    b_dad = tl.zeros([NC, BI], dtype=tl.float32)
+    for i_tb in range(i_s * per, tl.minimum(i_s * per + per, n_tb)):
+        o_t = (i_tb * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
+        m_t = o_t < T
+        m_ti = m_t[:, None] & m_i[None, :]
+        b_u = tl.load(u_ptr + o_t[:, None] * stride_ut + o_i[None, :] * stride_ui, mask=m_ti, other=0.0).to(tl.float32)
+        b_g = b_u
+        if GATED:
+            b_g = tl.load(g_ptr + o_t[:, None] * stride_gt + o_i[None, :] * stride_gi, mask=m_ti, other=0.0)
+            b_g = b_g.to(tl.float32)
+        b_dh = tl.load(dh_ptr + o_t[:, None] * stride_dht + o_i[None, :] * stride_dhi, mask=m_ti, other=0.0)
+        b_dh = b_dh.to(tl.float32)
+        for j in range(0, K):
+            b_e = tl.load(indices_ptr + o_t * stride_it + j * stride_ik, mask=m_t, other=-1)  # [BT]
+            b_w = tl.load(weights_ptr + o_t * stride_wt + j * stride_wk, mask=m_t, other=0.0).to(tl.float32)
+            b_w = tl.where((b_e >= 0) & (b_e < E), b_w, 0.0)
+            b_h, _, b_dgg, b_duu = _slot_grads(
+                b_g, b_u, b_dh, b_e, b_w, ag_ptr, au_ptr, stride_at,
+                bg_ptr, stride_bge, stride_bgi, stride_bgr, bu_ptr, stride_bue, stride_bui, stride_bur,
+                q_ptr, ad_ptr, stride_ade, stride_adr, stride_adi,
+                o_t, m_t, o_i, m_i, N, R, scaling,
+                ACT, GATED, GATE_LORA, UP_LORA, DOWN_LORA, BN, PREC, DOT_DT,
+            )  # fmt: skip
+            m_sel = m_t[:, None] & m_c[None, :] & (e_c[None, :] == b_e[:, None])  # [BT, NC]
+            o_tc = o_t[:, None] * stride_at + o_c[None, :]
+            if GATE_LORA:
+                b_l = tl.load(ag_ptr + o_tc, mask=m_sel, other=0.0) * scaling  # [BT, NC]
+                b_dbg = tl.dot(tl.trans(b_l).to(DOT_DT), b_dgg.to(DOT_DT), acc=b_dbg, input_precision=PREC)  # [NC, BI]
+            if UP_LORA:
+                b_l = tl.load(au_ptr + o_tc, mask=m_sel, other=0.0) * scaling
+                b_dbu = tl.dot(tl.trans(b_l).to(DOT_DT), b_duu.to(DOT_DT), acc=b_dbu, input_precision=PREC)
+            if DOWN_LORA:
+                b_l = tl.load(q_ptr + o_t[:, None] * N + o_c[None, :], mask=m_sel, other=0.0)
+                b_l = b_l * (b_w * scaling)[:, None]  # dc_j = w_j s q_e
+                b_dad = tl.dot(tl.trans(b_l).to(DOT_DT), b_h.to(DOT_DT), acc=b_dad, input_precision=PREC)
+
+    m_ci = m_c[:, None] & m_i[None, :]
+    o_ci = i_s.to(tl.int64) * N * I + o_c.to(tl.int64)[:, None] * I + o_i[None, :]
+    if GATE_LORA:
+        tl.store(dbg_ptr + o_ci, b_dbg, mask=m_ci)
+    if UP_LORA:
+        tl.store(dbu_ptr + o_ci, b_dbu, mask=m_ci)
+    if DOWN_LORA:
+        tl.store(dad_ptr + o_ci, b_dad, mask=m_ci)
+
+
+def _dot_mode(dtype: torch.dtype) -> tuple[str, tl.dtype]:
+    """(PREC, DOT_DT) of every tl.dot: ieee fp32 for fp32 activations (and for bf16 under the interpreter,
+    whose bf16 dots are wrong); otherwise 16-bit operands with fp32 accumulate (PREC is then moot)."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting()):
+        return "ieee", tl.float32
+    return "tf32", _TL_DTYPES[dtype]
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs worth having in flight: twice the SMs on a GPU; 4 under the interpreter, so that the tests'
+    small shapes still split the reductions over several slices."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _slices(parallel_blocks: int, reduced_blocks: int, chunks: int, device: torch.device) -> int:
+    """How many slices to split a reduction axis into: 1 when the other axes fill the device (training
+    sizes), more at decode sizes, where one program per token block would leave most SMs idle."""
+    return max(1, min(reduced_blocks, triton.cdiv(_target_programs(device), parallel_blocks * chunks)))
+
+
+def _rank_chunk(N: int) -> int:
+    return min(RANK_CHUNK, max(16, triton.next_power_of_2(N)))
+
+
+def _expand_block(N: int) -> int:
+    """K-block of the dense-masked expands; all of N at once under the interpreter (fewer, larger numpy ops)."""
+    n = max(16, triton.next_power_of_2(N))
+    return n if _interpreting() else min(EXPAND_BLOCK_N, n)
+
+
+def _t_bucket(T: int) -> int:
+    """The autotune key for the token count: its power of two, capped, so that tuning runs once per bucket."""
+    return min(triton.next_power_of_2(max(T, 1)), 16384)
+
+
+def _shrink_x(x: Tensor, As: list[Tensor], R: int) -> Tensor:
+    """x [T, D] @ [A_0 | A_1]^T with each A [E, R, D] -> [T, len(As) * E * R] fp32 (one read of x)."""
+    T, D = x.shape
+    if not As:
+        return torch.empty(T, 0, dtype=torch.float32, device=x.device)
+    W = As[0] if len(As) == 1 else torch.cat(As)  # [P*E, R, D]: a copy of P*E*R*D weights, small next to x
+    N = W.shape[0] * R
+    out = torch.empty(T, N, dtype=torch.float32, device=x.device)
+    prec, dot_dt = _dot_mode(x.dtype)
+    BN = min(SHRINK_BLOCK_N, max(16, triton.next_power_of_2(N)))
+    mixlora_ffn_fwd_kernel_shrink[(triton.cdiv(T, SHRINK_BLOCK_T), triton.cdiv(N, BN))](
+        x_ptr=x,
+        w_ptr=W,
+        out_ptr=out,
+        T=T,
+        D=D,
+        N=N,
+        R=R,
+        stride_xt=x.stride(0),
+        stride_xd=x.stride(1),
+        stride_we=W.stride(0),
+        stride_wr=W.stride(1),
+        stride_wd=W.stride(2),
+        BT=SHRINK_BLOCK_T,
+        BN=BN,
+        BD=SHRINK_BLOCK_D,
+        PREC=prec,
+        DOT_DT=dot_dt,
+        num_warps=4,
+    )
+    return out
+
+
+def _common_args(
+    gate: Tensor | None,
+    up: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    ag: Tensor,
+    au: Tensor,
+    gB: Tensor | None,
+    uB: Tensor | None,
+    dA: Tensor | None,
+    E: int,
+    R: int,
+    scaling: float,
+    act: str,
+) -> dict:
+    """The arguments the three fused kernels share. An absent tensor is replaced by `up` (never read: its
+    constexpr flag is off) with strides 0."""
+    T, I = up.shape
+    g = gate if gate is not None else up
+    bg = gB if gB is not None else up.new_empty(1, 1, 1)
+    bu = uB if uB is not None else up.new_empty(1, 1, 1)
+    ad = dA if dA is not None else up.new_empty(1, 1, 1)
+    prec, dot_dt = _dot_mode(up.dtype)
+    N = E * R
+    return dict(
+        g_ptr=g,
+        u_ptr=up,
+        weights_ptr=weights,
+        indices_ptr=indices,
+        ag_ptr=ag,
+        au_ptr=au,
+        bg_ptr=bg,
+        bu_ptr=bu,
+        ad_ptr=ad,
+        T=T,
+        I=I,
+        E=E,
+        N=N,
+        R=R,
+        scaling=scaling,
+        stride_gt=g.stride(0),
+        stride_gi=g.stride(1),
+        stride_ut=up.stride(0),
+        stride_ui=up.stride(1),
+        stride_wt=weights.stride(0),
+        stride_wk=weights.stride(1),
+        stride_it=indices.stride(0),
+        stride_ik=indices.stride(1),
+        stride_at=ag.stride(0),
+        stride_bge=bg.stride(0),
+        stride_bgi=bg.stride(1),
+        stride_bgr=bg.stride(2),
+        stride_bue=bu.stride(0),
+        stride_bui=bu.stride(1),
+        stride_bur=bu.stride(2),
+        stride_ade=ad.stride(0),
+        stride_adr=ad.stride(1),
+        stride_adi=ad.stride(2),
+        T_BUCKET=_t_bucket(T),
+        K=weights.shape[1],
+        ACT=ACTIVATIONS[act],
+        GATED=gate is not None,
+        GATE_LORA=gB is not None,
+        UP_LORA=uB is not None,
+        DOWN_LORA=dA is not None,
+        PREC=prec,
+        DOT_DT=dot_dt,
+        BN=_expand_block(N),
+        NC=_rank_chunk(N),
+    )
+
+
+def _experts(*As: Tensor | None) -> tuple[int, int]:
+    A = next(a for a in As if a is not None)
+    return A.shape[0], A.shape[1]
+
+
+def _rank_views(ua: Tensor, has_gate: bool, has_up: bool, N: int) -> tuple[Tensor, Tensor]:
+    """The gate and up column blocks of ua [T, P*N] (ua itself stands in for an absent one)."""
+    ag = ua[:, :N] if has_gate else ua
+    au = ua[:, N * has_gate :] if has_up else ua
+    return ag, au
+
+
+def mixlora_ffn_fwd(
+    x: Tensor,
+    gate: Tensor | None,
+    up: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    gA: Tensor | None,
+    gB: Tensor | None,
+    uA: Tensor | None,
+    uB: Tensor | None,
+    dA: Tensor | None,
+    dB: Tensor | None,
+    scaling: float,
+    act: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> hbar [T, I] in up's dtype, y_lora [T, H] fp32 ([T, 0] without a down LoRA), and what the backward
+    keeps: ua [T, P*E*r] fp32 (x's rank-space rows for the gate and up LoRA), zd [T, E*r] fp32 ([T, 0])."""
+    T, I = up.shape
+    E, R = _experts(gA, uA, dA)
+    N = E * R
+    ua = _shrink_x(x, [A for A in (gA, uA) if A is not None], R)
+    ag, au = _rank_views(ua, gA is not None, uA is not None, N)
+    hbar = torch.empty(T, I, dtype=up.dtype, device=up.device)
+    chunks = triton.cdiv(N, _rank_chunk(N)) if dA is not None else 1
+    S = _slices(triton.cdiv(T, NOMINAL_BT), triton.cdiv(I, NOMINAL_BI), chunks, up.device)
+    zd_part = torch.empty(S, T, N if dA is not None else 0, dtype=torch.float32, device=up.device)
+    mixlora_ffn_fwd_kernel[lambda META: (triton.cdiv(T, META["BT"]), S, chunks)](
+        **_common_args(gate, up, weights, indices, ag, au, gB, uB, dA, E, R, scaling, act),
+        hbar_ptr=hbar,
+        zd_ptr=zd_part if dA is not None else hbar,
+        S=S,
+    )
+    zd = zd_part.sum(0) if S > 1 else zd_part[0]  # fixed-order sum over the I-slices: deterministic
+    if dA is None:
+        return hbar, up.new_empty(T, 0, dtype=torch.float32), ua, zd
+    # fp32, so that the caller adds it to Wd hbar before the one rounding to the model dtype, as the reference
+    y_lora = _expand(zd, dB, _b_strides(dB), R, dB.shape[1], torch.float32)
+    return hbar, y_lora, ua, zd
+
+
+def mixlora_ffn_bwd(
+    grad_hbar: Tensor,
+    grad_y_lora: Tensor | None,
+    x: Tensor,
+    gate: Tensor | None,
+    up: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    gA: Tensor | None,
+    gB: Tensor | None,
+    uA: Tensor | None,
+    uB: Tensor | None,
+    dA: Tensor | None,
+    dB: Tensor | None,
+    ua: Tensor,
+    zd: Tensor,
+    scaling: float,
+    act: str,
+) -> tuple[Tensor | None, ...]:
+    """-> the gradients of (x, gate, up, weights, gA, gB, uA, uB, dA, dB); None for an absent input."""
+    T, I = up.shape
+    E, R = _experts(gA, uA, dA)
+    N = E * R
+    K = weights.shape[1]
+    dev = up.device
+    has_down = dA is not None and grad_y_lora is not None
+    # q = dy_lora @ Bd_all [T, N] fp32 (ua stands in, unread, without a down LoRA)
+    q = _shrink(grad_y_lora, dB, _b_strides(dB), R, weights, indices, scaling, raw=True)[0] if has_down else ua
+    ag, au = _rank_views(ua, gA is not None, uA is not None, N)
+    common = _common_args(gate, up, weights, indices, ag, au, gB, uB, dA if has_down else None, E, R, scaling, act)
+    strides = dict(stride_dht=grad_hbar.stride(0), stride_dhi=grad_hbar.stride(1))
+
+    # Reductions over I: rank-space gradients of the gate/up LoRA, routing-weight gradients; dG and dU.
+    P = (gA is not None) + (uA is not None)
+    chunks = triton.cdiv(N, _rank_chunk(N)) if P else 1
+    S = _slices(triton.cdiv(T, NOMINAL_BT), triton.cdiv(I, NOMINAL_BI), chunks, dev)
+    da = torch.empty(S, T, P * N, dtype=torch.float32, device=dev)
+    dag, dau = (da[:, :, :N], da[:, :, N * (gA is not None) :]) if P else (da, da)
+    dw = torch.empty(S, T, K, dtype=torch.float32, device=dev)
+    grad_gate = torch.empty(T, I, dtype=gate.dtype, device=dev) if gate is not None else None
+    grad_up = torch.empty(T, I, dtype=up.dtype, device=dev)
+    mixlora_ffn_bwd_kernel_rows[lambda META: (triton.cdiv(T, META["BT"]), S, chunks)](
+        **common,
+        **strides,
+        dh_ptr=grad_hbar,
+        q_ptr=q,
+        dg_ptr=grad_gate if gate is not None else grad_up,
+        du_ptr=grad_up,
+        dag_ptr=dag,
+        dau_ptr=dau,
+        dw_ptr=dw,
+        S=S,
+        stride_das=da.stride(0),
+        stride_dat=da.stride(1),
+        BK=triton.next_power_of_2(K),
+    )
+    da = da.sum(0) if S > 1 else da[0]  # [T, P*N]
+    grad_w = (dw.sum(0) if S > 1 else dw[0]).to(weights.dtype)
+    if P:
+        A_cat = torch.cat([A for A in (gA, uA) if A is not None]) if P == 2 else (gA if gA is not None else uA)
+        grad_x = _expand(da, A_cat, _a_strides(A_cat), R, x.shape[1], x.dtype)
+    else:
+        grad_x = torch.zeros_like(x)
+    grad_gA = _wgrad(da[:, :N], x, torch.empty_like(gA), _a_strides(gA), R) if gA is not None else None
+    grad_uA = None
+    if uA is not None:
+        off = N * (gA is not None)
+        grad_uA = _wgrad(da[:, off : off + N], x, torch.empty_like(uA), _a_strides(uA), R)
+
+    # Reductions over T: the gradients of Bg, Bu and Ad, as [N, I] per T-slice.
+    chunks = triton.cdiv(N, _rank_chunk(N))
+    S = _slices(triton.cdiv(I, NOMINAL_BI), triton.cdiv(T, NOMINAL_BT), chunks, dev)
+    parts = {
+        name: torch.empty(S, N, I, dtype=torch.float32, device=dev) if present else None
+        for name, present in (("bg", gB is not None), ("bu", uB is not None), ("ad", has_down))
+    }
+    mixlora_ffn_bwd_kernel_cols[lambda META: (triton.cdiv(I, META["BI"]), S, chunks)](
+        **common,
+        **strides,
+        dh_ptr=grad_hbar,
+        q_ptr=q,
+        dbg_ptr=parts["bg"] if parts["bg"] is not None else up,
+        dbu_ptr=parts["bu"] if parts["bu"] is not None else up,
+        dad_ptr=parts["ad"] if parts["ad"] is not None else up,
+        S=S,
+    )
+
+    def total(name: str) -> Tensor | None:
+        part = parts[name]
+        return None if part is None else (part.sum(0) if S > 1 else part[0]).view(E, R, I)
+
+    grad_gB = total("bg")
+    grad_uB = total("bu")
+    grad_dA = total("ad")
+    grad_gB = grad_gB.transpose(1, 2).to(gB.dtype) if grad_gB is not None else None
+    grad_uB = grad_uB.transpose(1, 2).to(uB.dtype) if grad_uB is not None else None
+    grad_dA = grad_dA.to(dA.dtype) if grad_dA is not None else None
+    grad_dB = None
+    if dB is not None:
+        grad_dB = torch.empty_like(dB)
+        if has_down:
+            _wgrad(zd, grad_y_lora, grad_dB, _b_strides(grad_dB), R)
+        else:
+            grad_dB.zero_()
+        if grad_dA is None:
+            grad_dA = torch.zeros_like(dA)
+    return grad_x, grad_gate, grad_up, grad_w, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB
+
+
+class MixLoraFfnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act):
+        hbar, y_lora, ua, zd = mixlora_ffn_fwd(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act)
+        ctx.save_for_backward(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd)
+        ctx.scaling, ctx.act = scaling, act
+        return hbar, y_lora
+
+    @staticmethod
+    def backward(ctx, grad_hbar, grad_y_lora):
+        x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd = ctx.saved_tensors
+        grads = mixlora_ffn_bwd(
+            grad_hbar, grad_y_lora, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd, ctx.scaling, ctx.act
+        )
+        return (*grads[:4], None, *grads[4:], None, None)
+
+
+def check_inputs(
+    x: Tensor,
+    gate: Tensor | None,
+    up: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    loras: dict[str, tuple[Tensor, Tensor] | None],
+    act: str,
+) -> None:
+    named = [("x", x, 2), ("gate", gate, 2), ("up", up, 2), ("weights", weights, 2), ("indices", indices, 2)]
+    for p, lo in loras.items():
+        if lo is not None:
+            if not isinstance(lo, tuple | list) or len(lo) < 2:
+                raise TypeError(f"mixlora_ffn: {p}_lora must be an (A, B) pair, got {type(lo).__name__}")
+            named += [(f"{p}_lora.A", lo[0], 3), (f"{p}_lora.B", lo[1], 3)]
+    for name, t, dims in named:
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"mixlora_ffn: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != dims:
+            raise ValueError(f"mixlora_ffn: {name} must be {dims}-d, got shape {tuple(t.shape)}")
+        if t.device != up.device:
+            raise ValueError(f"mixlora_ffn: {name} is on {t.device} but up is on {up.device}")
+        if name != "indices" and t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"mixlora_ffn: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if up.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"mixlora_ffn: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {up.device}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"mixlora_ffn: indices must be int32 or int64, got {indices.dtype}")
+    for name, t in (("x", x), ("gate", gate)):
+        if t is not None and t.dtype != up.dtype:
+            raise TypeError(f"mixlora_ffn: dtype mismatch: {name} is {t.dtype} but up is {up.dtype}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"mixlora_ffn: act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    T, I = up.shape
+    H = x.shape[1]
+    if x.shape[0] != T or (gate is not None and gate.shape != up.shape):
+        raise ValueError(
+            f"mixlora_ffn: x {tuple(x.shape)}, gate {None if gate is None else tuple(gate.shape)} and up "
+            f"{tuple(up.shape)} must be [T, H], [T, I], [T, I]"
+        )
+    if weights.shape[0] != T or indices.shape != weights.shape:
+        raise ValueError(
+            f"mixlora_ffn: weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be [T={T}, k]"
+        )
+    present = {p: lo for p, lo in loras.items() if lo is not None}
+    if not present:
+        raise ValueError("mixlora_ffn: no LoRA on any of gate, up, down: nothing for the kernel to do")
+    if loras["gate"] is not None and gate is None:
+        raise ValueError("mixlora_ffn: a gate LoRA needs the base gate G (gate is None: ungated FFN)")
+    E, r = next(iter(present.values()))[0].shape[:2]
+    if E == 0 or r == 0:
+        raise ValueError(f"mixlora_ffn: LoRA A has no experts or rank 0: [E={E}, r={r}, ...]")
+    expect = {"gate": ((E, r, H), (E, I, r)), "up": ((E, r, H), (E, I, r)), "down": ((E, r, I), (E, None, r))}
+    for p, (A, B) in present.items():
+        (a_shape, b_shape) = expect[p]
+        if tuple(A.shape) != a_shape or B.shape[0] != E or B.shape[2] != r or (b_shape[1] and B.shape[1] != b_shape[1]):
+            raise ValueError(
+                f"mixlora_ffn: {p}_lora must be A {list(a_shape)}, B [{E}, {b_shape[1] or 'H_out'}, {r}] "
+                f"(E={E}, r={r}, H={H}, I={I}), got A {tuple(A.shape)}, B {tuple(B.shape)}"
+            )
+    # Range of indices: checked only where it costs no host sync (CPU tensors, i.e. the interpreter). On
+    # CUDA an index >= E (or < -1) silently contributes nothing and gets a zero weight gradient.
+    if indices.device.type == "cpu" and indices.numel() > 0:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < -1 or hi >= E:
+            raise ValueError(f"mixlora_ffn: indices must lie in [-1, E={E}), got values in [{lo}, {hi}]")
+
+
+def mixlora_ffn(
+    x: Tensor,
+    gate: Tensor | None,
+    up: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    *,
+    gate_lora: tuple[Tensor, Tensor] | None,
+    up_lora: tuple[Tensor, Tensor] | None,
+    down_lora: tuple[Tensor, Tensor] | None,
+    scaling: float,
+    act: str = "silu",
+) -> tuple[Tensor, Tensor]:
+    """The fused part of a MixLoRA FFN: hbar = sum_j w_j h_j and the down-LoRA delta, from the base G and U.
+
+    Args:
+        x: [T, H] the LoRA input (dropout applied), float16 / bfloat16 / float32, any strides.
+        gate: [T, I] the base G = Wg x (x's dtype, any strides), or None for an ungated FFN (h = act(U + dU)).
+        up: [T, I] the base U = Wu x.
+        weights: [T, k] routing weights (fp32 in practice).
+        indices: [T, k] int32 / int64 expert ids, -1 = unused slot (adds nothing, zero weight gradient).
+        gate_lora, up_lora: (A [E, r, H], B [E, I, r]) or None (that projection stays the base).
+        down_lora: (A [E, r, I], B [E, H_out, r]) or None. At least one of the three LoRAs is required.
+        scaling: s (lora_alpha / r).
+        act: "silu", "gelu" (erf), "gelu_tanh" or "relu".
+    Returns:
+        hbar [T, I] in up's dtype: run the frozen down projection on it once;
+        y_lora [T, H_out] fp32 (sum_j w_j s Bd_e Ad_e h_j), or [T, 0] without a down LoRA.
+        y = down_proj(hbar) + y_lora; a down bias b then counts once, where the per-expert formula counts it
+        sum_j w_j times: add (sum_j w_j - 1) * b for the exact MixLoRA output.
+    Differentiable in x, gate, up, weights and every A, B; the backward recomputes h.
+    """
+    loras = {"gate": gate_lora, "up": up_lora, "down": down_lora}
+    check_inputs(x, gate, up, weights, indices, loras, act)
+    T = up.shape[0]
+    H_out = down_lora[1].shape[1] if down_lora is not None else 0
+    if T == 0:
+        return up.new_zeros(0, up.shape[1]), up.new_zeros(0, H_out, dtype=torch.float32)
+    flat = [t for lo in loras.values() for t in (lo[:2] if lo is not None else (None, None))]
+    args = (x, gate, up, weights, indices, *flat, float(scaling), act)
+    inputs = [x, gate, up, weights, *flat]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return MixLoraFfnFunction.apply(*args)
+    return mixlora_ffn_fwd(*args)[:2]

@@ -1,0 +1,332 @@
+"""The Triton backend: autograd Functions over the kernels of moelora.kernels, registered as torch.library ops.
+
+Importing this module imports triton (ImportError without it: moelora.backend then reports why). The ops
+run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (slowly, for tests). Each kernel launch
+is one `torch.library.custom_op` (namespace moelora_triton) with a fake kernel, so torch.compile traces a
+model through them as opaque calls; the autograd Functions below call the forward and backward ops.
+
+What the kernels do not cover goes to the reference, as in the cpu backend: DoRA (supports_dora = False),
+activations other than SiLU, GELU (erf or tanh) and ReLU, dropout on h_j (training with lora_dropout > 0
+on the down projection), float64 tensors, and empty batches. `lora` (one dense LoRA) is the reference's
+two GEMMs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton  # noqa: F401 - fail the import here, with triton's own message, when triton is missing
+from torch import Tensor
+
+from moelora import reference
+from moelora.kernels import mixlora_ffn as _ffn_kernels
+from moelora.kernels import moe_lora as _moe_lora_kernels
+from moelora.kernels import route as _route_kernels
+from moelora.reference import ExpertLora, Routing
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _none(t: Tensor | None, like: Tensor) -> Tensor:
+    """custom ops cannot return None: an absent gradient travels as a 1-d empty tensor."""
+    return t if t is not None else like.new_empty(0)
+
+
+def _or_none(t: Tensor) -> Tensor | None:
+    return None if t.dim() == 1 and t.numel() == 0 else t
+
+
+@torch.library.custom_op("moelora_triton::route", mutates_args=())
+def _route_op(x: Tensor, router_weight: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """top_k > 0: top-k renormalised; top_k == 0: top-p."""
+    k = top_k if top_k > 0 else router_weight.shape[0]
+    return _route_kernels.route_fwd(x, router_weight, k, top_p if top_k == 0 else None)
+
+
+@_route_op.register_fake
+def _(x, router_weight, top_k, top_p):
+    dt = reference.compute_dtype(x)
+    k = top_k if top_k > 0 else router_weight.shape[0]
+    T, E = x.shape[0], router_weight.shape[0]
+    return x.new_empty(T, k, dtype=dt), x.new_empty(T, k, dtype=torch.int64), x.new_empty(T, E, dtype=dt)
+
+
+@torch.library.custom_op("moelora_triton::route_backward", mutates_args=())
+def _route_backward_op(
+    grad_weights: Tensor,
+    grad_probs: Tensor | None,
+    x: Tensor,
+    router_weight: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    probs: Tensor,
+    renormalized: bool,
+) -> tuple[Tensor, Tensor]:
+    return _route_kernels.route_bwd(grad_weights, grad_probs, x, router_weight, weights, indices, probs, renormalized)
+
+
+@_route_backward_op.register_fake
+def _(grad_weights, grad_probs, x, router_weight, weights, indices, probs, renormalized):
+    return torch.empty_like(x), torch.empty_like(router_weight)
+
+
+@torch.library.custom_op("moelora_triton::moe_lora", mutates_args=())
+def _moe_lora_op(
+    x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> y [T, out], and the rank-space u, v [T, E*r] fp32 that the backward needs."""
+    return _moe_lora_kernels.moe_lora_fwd(x, weights, indices, A, B, scaling, save_u=True)
+
+
+@_moe_lora_op.register_fake
+def _(x, weights, indices, A, B, scaling):
+    rank_space = x.new_empty(x.shape[0], A.shape[0] * A.shape[1], dtype=torch.float32)
+    return x.new_empty(x.shape[0], B.shape[1]), rank_space, torch.empty_like(rank_space)
+
+
+@torch.library.custom_op("moelora_triton::moe_lora_backward", mutates_args=())
+def _moe_lora_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    A: Tensor,
+    B: Tensor,
+    u: Tensor,
+    v: Tensor,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _moe_lora_kernels.moe_lora_bwd(grad_y.contiguous(), x, weights, indices, A, B, u, v, scaling)
+
+
+@_moe_lora_backward_op.register_fake
+def _(grad_y, x, weights, indices, A, B, u, v, scaling):
+    return torch.empty_like(x), torch.empty_like(weights), torch.empty_like(A), torch.empty_like(B)
+
+
+@torch.library.custom_op("moelora_triton::mixlora_ffn", mutates_args=())
+def _mixlora_ffn_op(
+    x: Tensor,
+    gate: Tensor | None,
+    up: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    gA: Tensor | None,
+    gB: Tensor | None,
+    uA: Tensor | None,
+    uB: Tensor | None,
+    dA: Tensor | None,
+    dB: Tensor | None,
+    scaling: float,
+    act: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> hbar [T, I] (up's dtype), y_lora [T, H] fp32, and the backward's ua [T, P*E*r], zd [T, E*r] fp32."""
+    return _ffn_kernels.mixlora_ffn_fwd(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act)
+
+
+@_mixlora_ffn_op.register_fake
+def _(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act):
+    T, I = up.shape
+    A = next(a for a in (gA, uA, dA) if a is not None)
+    N = A.shape[0] * A.shape[1]
+    P = (gA is not None) + (uA is not None)
+    f32 = dict(dtype=torch.float32)
+    hidden = dB.shape[1] if dB is not None else 0
+    return (
+        up.new_empty(T, I),
+        up.new_empty(T, hidden, **f32),
+        up.new_empty(T, P * N, **f32),
+        up.new_empty(T, N if dA is not None else 0, **f32),
+    )
+
+
+@torch.library.custom_op("moelora_triton::mixlora_ffn_backward", mutates_args=())
+def _mixlora_ffn_backward_op(
+    grad_hbar: Tensor,
+    grad_y_lora: Tensor,
+    x: Tensor,
+    gate: Tensor | None,
+    up: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    gA: Tensor | None,
+    gB: Tensor | None,
+    uA: Tensor | None,
+    uB: Tensor | None,
+    dA: Tensor | None,
+    dB: Tensor | None,
+    ua: Tensor,
+    zd: Tensor,
+    scaling: float,
+    act: str,
+) -> list[Tensor]:
+    """-> grads of (x, gate, up, weights, gA, gB, uA, uB, dA, dB); an absent input's is a 1-d empty tensor."""
+    grads = _ffn_kernels.mixlora_ffn_bwd(
+        grad_hbar, grad_y_lora, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd, scaling, act
+    )
+    return [_none(g, up) for g in grads]
+
+
+@_mixlora_ffn_backward_op.register_fake
+def _(grad_hbar, grad_y_lora, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd, scaling, act):
+    return [
+        torch.empty_like(t) if t is not None else up.new_empty(0)
+        for t in (x, gate, up, weights, gA, gB, uA, uB, dA, dB)
+    ]
+
+
+_ops = torch.ops.moelora_triton
+supports_dora = False
+lora = reference.lora  # a dense LoRA is two cuBLAS GEMMs already
+
+
+class _Route(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, router_weight: Tensor, top_k: int, top_p: float):
+        weights, indices, probs = _ops.route(x, router_weight, top_k, top_p)
+        ctx.save_for_backward(x, router_weight, weights, indices, probs)
+        ctx.renormalized = top_k > 0
+        ctx.mark_non_differentiable(indices)
+        return weights, indices, probs
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_indices, grad_probs):
+        x, router_weight, weights, indices, probs = ctx.saved_tensors
+        grad_x, grad_router = _ops.route_backward(
+            grad_weights.contiguous(), grad_probs, x, router_weight, weights, indices, probs, ctx.renormalized
+        )
+        return grad_x, grad_router, None, None
+
+
+def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: float | None = None) -> Routing:
+    """moelora.reference.route in one Triton kernel (logits, softmax, top-k / top-p); see kernels/route.py."""
+    _route_kernels.check_inputs(x, router_weight, top_k, top_p)
+    if x.shape[0] == 0:
+        return reference.route(x, router_weight, top_k=top_k, top_p=top_p)
+    weights, indices, probs = _Route.apply(x, router_weight, top_k or 0, float(top_p or 0.0))
+    return Routing(weights, indices, probs)
+
+
+class _MoeLora(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, indices, A, B, scaling):
+        y, u, v = _ops.moe_lora(x, weights, indices, A, B, scaling)
+        ctx.save_for_backward(x, weights, indices, A, B, u, v)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weights, indices, A, B, u, v = ctx.saved_tensors
+        grad_x, grad_w, grad_A, grad_B = _ops.moe_lora_backward(grad_y, x, weights, indices, A, B, u, v, ctx.scaling)
+        return grad_x, grad_w, None, grad_A, grad_B, None
+
+
+def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """moelora.reference.moe_lora, dense-masked in Triton (kernels/moe_lora.py); fp64 and T = 0: the reference."""
+    if x.dtype not in _KERNEL_DTYPES or x.shape[0] == 0:
+        return reference.moe_lora(x, weights, indices, A, B, scaling)
+    _moe_lora_kernels.check_inputs(x, weights, indices, A, B)
+    return _MoeLora.apply(x, weights, indices, A, B, float(scaling))
+
+
+class _MixLoraFfn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act):
+        hbar, y_lora, ua, zd = _ops.mixlora_ffn(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act)
+        ctx.save_for_backward(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd)
+        ctx.args = (scaling, act)
+        ctx.mark_non_differentiable(ua, zd)
+        return hbar, y_lora, ua, zd
+
+    @staticmethod
+    def backward(ctx, grad_hbar, grad_y_lora, _grad_ua, _grad_zd):
+        x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd = ctx.saved_tensors
+        grads = _ops.mixlora_ffn_backward(
+            grad_hbar, grad_y_lora, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd, *ctx.args
+        )
+        grad_x, grad_gate, grad_up, grad_w, *lora_grads = (_or_none(g) for g in grads)
+        return (grad_x, grad_gate, grad_up, grad_w, None, *lora_grads, None, None)
+
+
+# Activations the kernels implement, by class name (HF's classes and torch's modules). The cpu backend keeps
+# the same table; both could share one once it moves out of the backend modules.
+_ACTIVATION_CLASSES = {
+    "SiLUActivation": "silu",
+    "SiLU": "silu",
+    "ReLU": "relu",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+}
+_ACTIVATION_FUNCTIONS = {F.silu: "silu", F.relu: "relu", F.gelu: "gelu"}
+
+
+def activation_name(act: Callable[[Tensor], Tensor]) -> str | None:
+    """The kernel name of a known activation module or function, or None (then the reference runs)."""
+    kind = type(act).__name__
+    if kind == "GELU":
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    if kind == "GELUActivation":  # HF's "gelu": erf GELU through F.gelu (its python variant is not matched)
+        return "gelu" if getattr(act, "act", None) is F.gelu else None
+    return _ACTIVATION_CLASSES.get(kind) or _ACTIVATION_FUNCTIONS.get(act)
+
+
+def mixlora_ffn(
+    x: Tensor,
+    gate: Tensor | None,
+    up: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    *,
+    gate_lora: ExpertLora | None,
+    up_lora: ExpertLora | None,
+    down_lora: ExpertLora | None,
+    down_proj: Callable[[Tensor], Tensor],
+    act: Callable[[Tensor], Tensor],
+    scaling: float,
+    down_bias: Tensor | None = None,
+    **dora_only: Any,
+) -> Tensor:
+    """moelora.reference.mixlora_ffn with the rank-r work, activation and weighted sum fused in Triton.
+
+    The frozen down projection runs here, once, on hbar (so a quantised base layer still works).
+    """
+    act_name = activation_name(act)
+    loras = [gate_lora, up_lora, down_lora]
+    if (
+        act_name is None
+        or dora_only.get("down_dropout") is not None
+        or all(p is None for p in loras)
+        or any(p is not None and p.magnitude is not None for p in loras)
+        or up.dtype not in _KERNEL_DTYPES
+        or up.shape[0] == 0
+    ):
+        return reference.mixlora_ffn(
+            x,
+            gate,
+            up,
+            weights,
+            indices,
+            gate_lora=gate_lora,
+            up_lora=up_lora,
+            down_lora=down_lora,
+            down_proj=down_proj,
+            act=act,
+            scaling=scaling,
+            down_bias=down_bias,
+            **dora_only,
+        )
+    pairs = {p: (lo.A, lo.B) if lo is not None else None for p, lo in zip(("gate", "up", "down"), loras, strict=True)}
+    _ffn_kernels.check_inputs(x, gate, up, weights, indices, pairs, act_name)
+    flat = [t for lo in pairs.values() for t in (lo if lo is not None else (None, None))]
+    hbar, y_lora, _, _ = _MixLoraFfn.apply(x, gate, up, weights, indices, *flat, float(scaling), act_name)
+    y = down_proj(hbar).float()
+    if down_bias is not None:
+        y = y + (weights.float().sum(dim=-1, keepdim=True) - 1.0) * down_bias.float()
+    if down_lora is not None:
+        y = y + y_lora
+    return y.to(up.dtype)
