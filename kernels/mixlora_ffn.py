@@ -981,8 +981,6 @@ def check_inputs(
             raise ValueError(f"mixlora_ffn: {name} is on {t.device} but up is on {up.device}")
         if name != "indices" and t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"mixlora_ffn: {name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if up.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"mixlora_ffn: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {up.device}")
     if indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"mixlora_ffn: indices must be int32 or int64, got {indices.dtype}")
     for name, t in (("x", x), ("gate", gate)):
@@ -1023,6 +1021,8 @@ def check_inputs(
         lo, hi = int(indices.min()), int(indices.max())
         if lo < -1 or hi >= E:
             raise ValueError(f"mixlora_ffn: indices must lie in [-1, E={E}), got values in [{lo}, {hi}]")
+    if up.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"mixlora_ffn: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {up.device}")
 
 
 def mixlora_ffn(

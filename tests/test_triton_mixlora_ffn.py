@@ -1,0 +1,337 @@
+"""Triton mixlora_ffn under the Triton CPU interpreter against moelora.reference.mixlora_ffn.
+
+y = Wd hbar + y_lora from the kernel's (hbar, y_lora), compared with the reference's y; then the gradients
+of x, gate, up, the routing weights and every present A and B. fp32 and fp16 activations (bf16 math is
+broken in the interpreter: checked on a GPU only); LoRA weights in fp32, as in a model (the kernel rounds
+them to fp16 inside its dots). Tolerances follow flash-attn's rule: the kernel and PyTorch at the test
+dtype are both compared with an fp64 reference, and the kernel may err by twice PyTorch's own error plus
+4 ulps of the test dtype (relative to the largest value).
+
+The kernels run in a worker process (this file run as a script) with TRITON_INTERPRET=1 set before triton
+is imported; the worker also keeps an interpreter segfault from killing the pytest process. The test
+shapes cross every block boundary of the interpreter's tiles (32 tokens, 32 columns of I, 128 rank
+columns) and split the reductions over several slices (the interpreter asks for 4 programs).
+"""
+
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":  # the worker, before triton is imported; the pytest process stays uninterpreted
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import json
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+pytest.importorskip("triton")
+
+from moelora.kernels.mixlora_ffn import mixlora_ffn
+
+from moelora import reference
+from moelora.reference import ExpertLora
+
+SCALING = 1.7
+ACT_FUNCTIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": ACT2FN["gelu_pytorch_tanh"], "relu": F.relu}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+ALL = ("gate", "up", "down")
+
+
+@contextmanager
+def nan_empty():
+    """torch.empty / empty_like return NaN-filled float tensors, so an output a kernel leaves unwritten fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **kw: nan_fill(empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: nan_fill(empty_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def make_routing(T: int, E: int, k: int, kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """weights [T, k] fp32 (renormalised top-k of random probabilities) and indices [T, k] int64."""
+    logits = torch.randn(T, E, generator=g)
+    if kind == "empty-expert" and k < E:
+        logits[:, E - 1] = -1e9  # the last expert gets no token
+    if kind == "one-expert":
+        logits[:, 0] = 1e9  # every token's first slot is expert 0
+    weights, indices = torch.softmax(logits, -1).topk(k, -1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    if kind == "one-expert":  # and its other slots unused, with a non-zero weight the kernel must ignore
+        indices[:, 1:] = -1
+    if kind == "unused-slots":
+        unused = torch.rand(T, k, generator=g) < 0.3
+        unused[:, 0] = False
+        indices[unused] = -1
+    return weights, indices
+
+
+# T, H, I, E, k, r, kind, act, adapted projections, gated, dtypes
+CASES = [
+    (1, 20, 40, 1, 1, 4, "topk", "silu", ALL, True, ("fp32",)),
+    (7, 20, 40, 4, 2, 8, "topk", "silu", ALL, True, ("fp32", "fp16")),
+    (7, 20, 40, 4, 4, 16, "topk", "gelu", ALL, True, ("fp32",)),  # k = E
+    (63, 36, 72, 8, 2, 16, "empty-expert", "silu", ALL, True, ("fp32", "fp16")),
+    (63, 20, 40, 8, 2, 32, "one-expert", "silu", ALL, True, ("fp32",)),  # E*r = 256: two rank chunks
+    (63, 20, 40, 16, 2, 4, "unused-slots", "gelu_tanh", ALL, True, ("fp32",)),
+    (7, 20, 40, 16, 16, 8, "topk", "silu", ALL, True, ("fp32",)),  # k = E = 16
+    (7, 20, 40, 16, 1, 32, "topk", "silu", ALL, True, ("fp32",)),  # E*r = 512: four rank chunks
+    (33, 20, 40, 4, 2, 8, "topk", "silu", ("up", "down"), True, ("fp32", "fp16")),
+    (33, 20, 40, 4, 2, 8, "topk", "gelu", ("gate", "up"), True, ("fp32",)),
+    (33, 20, 40, 4, 2, 8, "topk", "relu", ("gate", "down"), True, ("fp32",)),
+    (33, 20, 40, 4, 2, 8, "topk", "silu", ("down",), True, ("fp32",)),
+    (33, 20, 40, 4, 2, 8, "topk", "gelu_tanh", ("up", "down"), False, ("fp32", "fp16")),  # phi: fc1/fc2
+    (33, 20, 40, 4, 2, 8, "unused-slots", "relu", ("up",), False, ("fp32",)),
+    (200, 20, 40, 8, 2, 16, "topk", "silu", ALL, True, ("fp32",)),
+]
+NAMED_CASES = {
+    "T{}-H{}-I{}-E{}-k{}-r{}-{}-{}-{}-{}".format(
+        T, H, I, E, k, r, kind, act, "+".join(adapted), "gated" if gated else "ungated"
+    ): (T, H, I, E, k, r, kind, act, adapted, gated, dtypes)
+    for T, H, I, E, k, r, kind, act, adapted, gated, dtypes in CASES
+}
+
+
+def _inputs(T, H, I, E, k, r, kind, gated, adapted, dtype, g, strided=False):
+    weights, indices = make_routing(T, E, k, kind, g)
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * std).to(dtype)
+
+    x = rand(T, H)
+    if strided:  # phi3's gate_up_proj output chunked in two: row stride 2I; x a column-strided view
+        gate, up = rand(T, 2 * I).chunk(2, dim=-1)
+        x = rand(T, 2 * H)[:, ::2]
+    else:
+        gate, up = (rand(T, I) if gated else None), rand(T, I)
+    dims = {"gate": (H, I), "up": (H, I), "down": (I, H)}
+    loras = {
+        p: (
+            torch.randn(E, r, dims[p][0], generator=g) * dims[p][0] ** -0.5,
+            torch.randn(E, dims[p][1], r, generator=g) * 0.3,
+        )
+        for p in adapted
+    }
+    Wd = rand(H, I, std=I**-0.5)
+    upstream = rand(T, H)
+    return x, gate, up, weights, indices, loras, Wd, upstream
+
+
+def _run(fn, x, gate, up, weights, indices, loras, Wd, upstream, act):
+    """y and the gradients of (x, gate, up, weights, each A and B): fn is the kernel or the reference."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, gate, up, weights)]
+    lo = {p: tuple(t.detach().clone().requires_grad_() for t in ab) for p, ab in loras.items()}
+    x, gate, up, weights = leaves
+    if fn is mixlora_ffn:
+        hbar, y_lora = mixlora_ffn(
+            x, gate, up, weights, indices, **{f"{p}_lora": lo.get(p) for p in ALL}, scaling=SCALING, act=act
+        )
+        y = F.linear(hbar, Wd).float()
+        y = (y + y_lora if "down" in lo else y).to(up.dtype)
+    else:
+        y = reference.mixlora_ffn(
+            x,
+            gate,
+            up,
+            weights,
+            indices,
+            **{f"{p}_lora": ExpertLora(*lo[p]) if p in lo else None for p in ALL},
+            down_proj=lambda h: F.linear(h, Wd.to(h.dtype)),
+            act=ACT_FUNCTIONS[act],
+            scaling=SCALING,
+        )
+    names = ["x", "gate", "up", "weights"] + [f"{p}.{ab}" for p in lo for ab in "AB"]
+    inputs = [*leaves, *(t for ab in lo.values() for t in ab)]
+    kept = [(n, t) for n, t in zip(names, inputs, strict=True) if t is not None]
+    # x is unused without a gate or up LoRA: its gradient is then zero
+    grads = torch.autograd.grad(y, [t for _, t in kept], upstream.to(y.dtype), allow_unused=True)
+    return {
+        "y": y,
+        **{f"grad {n}": gr if gr is not None else torch.zeros_like(t) for (n, t), gr in zip(kept, grads, strict=True)},
+    }
+
+
+def check(T, H, I, E, k, r, kind, act, adapted, gated, dtype_name, strided=False) -> list[str]:
+    """Kernel vs reference for one case; returns the failures (empty = pass). Runs in the worker."""
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator().manual_seed(T * 1000 + E * 10 + r + k + I)
+    args = _inputs(T, H, I, E, k, r, kind, gated, adapted, dtype, g, strided)
+    x, gate, up, weights, indices, loras, Wd, upstream = args
+
+    def f64(t):
+        return t.double() if t is not None else None
+
+    loras64 = {p: (A.double(), B.double()) for p, (A, B) in loras.items()}
+    want = _run(reference, *map(f64, (x, gate, up, weights)), indices, loras64, Wd.double(), upstream.double(), act)
+    torch_lp = _run(reference, *args, act)
+    with nan_empty():
+        got = _run(mixlora_ffn, *args, act)
+
+    eps = torch.finfo(dtype).eps
+    failures = []
+    assert got.keys() == want.keys(), (got.keys(), want.keys())
+    for name in want:
+        gk, gt, gw = got[name], torch_lp[name], want[name]
+        if gk.dtype != gt.dtype or gk.shape != gt.shape:
+            failures.append(f"{name}: {gk.dtype}{tuple(gk.shape)} != {gt.dtype}{tuple(gt.shape)}")
+            continue
+        if not torch.isfinite(gk).all():
+            failures.append(f"{name}: non-finite values (an unwritten output?)")
+            continue
+        err_kernel = (gk.double() - gw).abs().max().item()
+        err_torch = (gt.double() - gw).abs().max().item()
+        tol = 2 * err_torch + 4 * eps * gw.abs().max().item() + 1e-12
+        if err_kernel > tol:
+            failures.append(f"{name}: error {err_kernel:.3g} > {tol:.3g} (torch {err_torch:.3g})")
+    return failures
+
+
+def check_no_grad_int32() -> list[str]:
+    """Inference path (no autograd) with int32 indices, a bf16-free fp32 run: y against the reference."""
+    g = torch.Generator().manual_seed(0)
+    x, gate, up, weights, indices, loras, Wd, _ = _inputs(
+        9, 20, 40, 4, 2, 8, "unused-slots", True, ALL, torch.float32, g
+    )
+    with torch.no_grad(), nan_empty():
+        hbar, y_lora = mixlora_ffn(
+            x, gate, up, weights, indices.int(), **{f"{p}_lora": loras[p] for p in ALL}, scaling=SCALING, act="silu"
+        )
+    got = F.linear(hbar, Wd) + y_lora
+    want = reference.mixlora_ffn(
+        x,
+        gate,
+        up,
+        weights,
+        indices,
+        **{f"{p}_lora": ExpertLora(*loras[p]) for p in ALL},
+        down_proj=lambda h: F.linear(h, Wd),
+        act=F.silu,
+        scaling=SCALING,
+    )
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    return [] if err < 1e-5 else [f"relative error {err:.3g}"]
+
+
+def check_deterministic() -> list[str]:
+    """Two runs, forward and backward, agree bitwise: no atomics, fixed-order sums over slices."""
+    g = torch.Generator().manual_seed(1)
+    args = _inputs(40, 20, 72, 8, 2, 16, "topk", True, ALL, torch.float32, g)
+    runs = [_run(mixlora_ffn, *args, "silu") for _ in range(2)]
+    return [name for name in runs[0] if not torch.equal(runs[0][name], runs[1][name])]
+
+
+def worker() -> dict[str, list[str]]:
+    results = {f"{name}-{d}": check(*case[:-1], d) for name, case in NAMED_CASES.items() for d in case[-1]}
+    results["strided-phi3-layout"] = check(33, 20, 40, 4, 2, 8, "topk", "silu", ALL, True, "fp32", strided=True)
+    results["no-grad-int32"] = check_no_grad_int32()
+    results["deterministic"] = check_deterministic()
+    return results
+
+
+@pytest.fixture(scope="module")
+def worker_results() -> dict[str, list[str]]:
+    # One BLAS thread: numpy's threads spin against each other on a small shared machine (24 ms -> 0.1 ms
+    # for one of the interpreter's 32x512x32 dots here).
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case_id", [f"{name}-{d}" for name, case in NAMED_CASES.items() for d in case[-1]])
+def test_matches_reference(worker_results, case_id):
+    failures = worker_results[case_id]
+    assert not failures, "; ".join(failures)
+
+
+@pytest.mark.parametrize("case_id", ["strided-phi3-layout", "no-grad-int32", "deterministic"])
+def test_layouts_inference_and_determinism(worker_results, case_id):
+    failures = worker_results[case_id]
+    assert not failures, "; ".join(failures)
+
+
+def _good(T=5, H=12, I=20, E=4, r=8):
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        x=torch.randn(T, H, generator=g),
+        gate=torch.randn(T, I, generator=g),
+        up=torch.randn(T, I, generator=g),
+        weights=torch.rand(T, 2, generator=g),
+        indices=torch.zeros(T, 2, dtype=torch.long),
+        gate_lora=(torch.randn(E, r, H, generator=g), torch.randn(E, I, r, generator=g)),
+        up_lora=(torch.randn(E, r, H, generator=g), torch.randn(E, I, r, generator=g)),
+        down_lora=(torch.randn(E, r, I, generator=g), torch.randn(E, H, r, generator=g)),
+    )
+
+
+BAD = [
+    ("x-1d", dict(x=torch.randn(12)), ValueError, "x must be 2-d"),
+    ("up-int", dict(up=torch.ones(5, 20, dtype=torch.long)), TypeError, "up must be float16"),
+    ("up-fp64", dict(up=torch.randn(5, 20, dtype=torch.float64)), TypeError, "up must be float16"),
+    ("dtype-mismatch", dict(x=torch.randn(5, 12, dtype=torch.float16)), TypeError, "dtype mismatch: x"),
+    ("gate-shape", dict(gate=torch.randn(5, 21)), ValueError, "must be \\[T, H\\], \\[T, I\\]"),
+    ("weights-rows", dict(weights=torch.rand(4, 2)), ValueError, "weights"),
+    ("indices-float", dict(indices=torch.zeros(5, 2)), TypeError, "indices must be int32 or int64"),
+    ("gate-A-in", dict(gate_lora=(torch.randn(4, 8, 13), torch.randn(4, 20, 8))), ValueError, "gate_lora must be"),
+    ("up-B-rank", dict(up_lora=(torch.randn(4, 8, 12), torch.randn(4, 20, 4))), ValueError, "up_lora must be"),
+    ("down-experts", dict(down_lora=(torch.randn(3, 8, 20), torch.randn(3, 12, 8))), ValueError, "down_lora must be"),
+    ("lora-not-pair", dict(up_lora=torch.randn(4, 8, 12)), TypeError, "up_lora must be an \\(A, B\\) pair"),
+    ("no-lora", dict(gate_lora=None, up_lora=None, down_lora=None), ValueError, "no LoRA"),
+    ("gate-lora-ungated", dict(gate=None), ValueError, "gate LoRA needs the base gate"),
+    ("device", dict(up=torch.randn(5, 20, device="meta")), ValueError, "is on cpu but up is on meta"),
+    ("index-too-big", dict(indices=torch.full((5, 2), 4)), ValueError, "indices must lie in"),
+    ("act", dict(act="tanh"), ValueError, "act must be one of"),
+    ("cpu-tensors", dict(), ValueError, "need CUDA tensors"),  # this process does not interpret
+]
+
+
+@pytest.mark.parametrize(("change", "error", "match"), [pytest.param(*b[1:], id=b[0]) for b in BAD])
+def test_bad_inputs(change, error, match, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = {**_good(), "act": "silu", **change}
+    with pytest.raises(error, match=match):
+        mixlora_ffn(
+            args["x"],
+            args["gate"],
+            args["up"],
+            args["weights"],
+            args["indices"],
+            gate_lora=args["gate_lora"],
+            up_lora=args["up_lora"],
+            down_lora=args["down_lora"],
+            scaling=SCALING,
+            act=args["act"],
+        )
+
+
+def test_empty_batch_returns_empty_outputs(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # passes the device check; nothing is launched for T = 0
+    args = _good(T=0)
+    hbar, y_lora = mixlora_ffn(
+        args["x"],
+        args["gate"],
+        args["up"],
+        args["weights"],
+        args["indices"],
+        gate_lora=args["gate_lora"],
+        up_lora=args["up_lora"],
+        down_lora=args["down_lora"],
+        scaling=SCALING,
+    )
+    assert hbar.shape == (0, 20) and y_lora.shape == (0, 12) and y_lora.dtype == torch.float32
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker()))
