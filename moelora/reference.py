@@ -218,3 +218,151 @@ def mixlora_ffn(
         )
         y = y.index_add(0, pairs.token, pairs.weight * scaling * delta)
     return y.to(out_dtype)
+
+
+# --- MiLoRA (arXiv 2410.18035): prompt-aware routing over a layer's LoRA modules --------------------------
+
+POOLINGS = ("attention", "mean", "last", "max")
+
+# PAU "safe" rational P6(x) / (1 + sum_j |b_j| |x|^j) fitted to GELU (float64 LBFGS on [-5, 5], with a
+# penalty keeping |f(x)| <= |x| outside; a (6, 5) rational grows like c|x| at both ends, so it cannot follow
+# GELU's two asymptotes). Max |f - gelu|: 0.0094 on [-3, 3], 0.022 on [-5, 5]. b_1 and b_3 start at small
+# non-zero values because |b| has zero gradient at exactly 0.
+RATIONAL_GELU_NUMERATOR = (
+    0.00514160513,
+    0.50470133,
+    0.398456507,
+    0.1009933,
+    0.00883067544,
+    0.000520574593,
+    8.68976491e-05,
+)
+RATIONAL_GELU_DENOMINATOR = (1e-3, 0.207974559, 1e-4, 1e-5, 0.000169725096)
+
+
+class PromptRouting(NamedTuple):
+    """One routing per sequence: gates [B, M] fp32 (p_m for the top-k modules, 0 elsewhere),
+    indices [B, k] int64 (selected modules, most probable first), probs [B, M] fp32 (softmax)."""
+
+    gates: Tensor
+    indices: Tensor
+    probs: Tensor
+
+
+def rational(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
+    """Pade activation unit, PAU's safe form: P(x) / (1 + sum_j |b_j| |x|^j), elementwise.
+
+    numerator [m + 1] (a_0..a_m), denominator [n] (b_1..b_n). Horner's rule in x's dtype.
+    """
+    p = numerator[-1].expand_as(x)
+    for a in numerator.flip(0)[1:]:
+        p = p * x + a
+    ax = x.abs()
+    b = denominator.abs()
+    q = b[-1].expand_as(x)
+    for bj in b.flip(0)[1:]:
+        q = q * ax + bj
+    return p / (1.0 + q * ax)
+
+
+def pool(hidden: Tensor, mask: Tensor | None, pooling: str, pool_weight: Tensor | None = None) -> Tensor:
+    """Pool each sequence's prompt states into one vector, padding ignored.
+
+    hidden [B, S, H]; mask [B, S] (1/True = prompt token) or None (every token); pooling: "attention"
+    (a = softmax over the sequence of hidden @ pool_weight, h = a^T hidden; pool_weight [H]), "mean",
+    "last" (the last prompt token, left or right padding) or "max". Returns [B, H] in the compute dtype.
+    A sequence without a single prompt token raises ValueError (this check syncs with the host).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pool: pooling must be one of {POOLINGS}, got {pooling!r}")
+    dt = compute_dtype(hidden)
+    h = hidden.to(dt)
+    B, S, _ = h.shape
+    if S == 0:
+        raise ValueError("MiLoRA: the prompt is empty (sequence length 0); routing needs at least one prompt token")
+    keep = torch.ones(B, S, dtype=torch.bool, device=h.device) if mask is None else mask.to(h.device).bool()
+    if mask is not None:
+        empty = (~keep.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"MiLoRA: sequences {empty} have an empty prompt (no token with attention_mask = 1)")
+    if pooling == "attention":
+        if pool_weight is None:
+            raise ValueError("pool: pooling='attention' needs pool_weight [H]")
+        scores = (h @ pool_weight.to(dt)).masked_fill(~keep, float("-inf"))
+        return torch.einsum("bs,bsh->bh", torch.softmax(scores, dim=1), h)
+    if pooling == "mean":
+        m = keep.to(dt).unsqueeze(-1)
+        return (h * m).sum(dim=1) / m.sum(dim=1)
+    if pooling == "max":
+        return h.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(dim=1)
+    last = (keep * torch.arange(1, S + 1, device=h.device)).argmax(dim=1)  # the last position holding a prompt token
+    return h[torch.arange(B, device=h.device), last]
+
+
+def prompt_route(
+    hidden: Tensor,
+    mask: Tensor | None,
+    router_weight: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    *,
+    top_k: int,
+    pooling: str = "attention",
+    pool_weight: Tensor | None = None,
+) -> PromptRouting:
+    """MiLoRA's router for one layer: pool the prompt, rational activation, softmax over the M modules, top-k.
+
+    hidden [B, S, H] (the states entering the layer); mask [B, S] or None; router_weight [M, H];
+    numerator [7], denominator [5] (the layer's rational activation). In fp32 (fp64 for fp64 input).
+        g = rational(pool(hidden)),  p = softmax(g @ router_weight^T),  gates = p on the top-k modules, else 0.
+    The gates are not renormalised (design.md: module m adds [m in top-k] * p_m * s * B_m A_m x).
+    """
+    M = router_weight.shape[0]
+    if not 1 <= top_k <= M:
+        raise ValueError(f"prompt_route: top_k must be in [1, {M}] (the number of LoRA modules), got {top_k}")
+    dt = compute_dtype(hidden)
+    g = rational(pool(hidden, mask, pooling, pool_weight), numerator.to(dt), denominator.to(dt))
+    probs = torch.softmax(g @ router_weight.to(dt).T, dim=-1)
+    top, indices = torch.topk(probs, top_k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(1, indices, top)
+    return PromptRouting(gates, indices, probs)
+
+
+def prompt_balance_loss(probs: Tensor) -> Tensor:
+    """MiLoRA's load-balance loss: M * sum_m f_m p_m per layer, averaged over layers.
+
+    probs [L, B, M] (every layer's routing probabilities for the same B prompts); f_m: fraction of prompts
+    whose most probable module is m (no gradient), p_m: mean probability of m.
+    """
+    M = probs.shape[-1]
+    f = F.one_hot(probs.argmax(dim=-1), M).to(probs.dtype).mean(dim=1)  # [L, M]
+    p = probs.mean(dim=1)  # [L, M]
+    return (M * (f * p).sum(dim=-1)).mean()
+
+
+def segmented_lora(
+    x: Tensor,
+    token_seq: Tensor,
+    seq_lora: Tensor,
+    seq_gate: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scaling: Tensor,
+) -> Tensor:
+    """Many LoRAs in one batch, one per sequence, each scaled by its sequence's gate (MiLoRA, multi-tenant).
+
+    x [T, in]; token_seq [T] int (the sequence of each token); seq_lora [n_seq] int (the LoRA of each
+    sequence, -1 = none); seq_gate [n_seq] fp32 (MiLoRA's p_m, or 1); A [n_lora, r, in], B [n_lora, out, r]
+    (smaller ranks zero-padded to r); scaling [n_lora] fp32.
+        y[t] = seq_gate[s] * scaling[a] * B[a] A[a] x[t],   s = token_seq[t], a = seq_lora[s]   (0 when a = -1)
+    Returns [T, out] in x's dtype. The reference loops over the LoRAs present (a host sync).
+    """
+    dt = compute_dtype(x)
+    lora_of_token = seq_lora[token_seq]
+    gate_of_token = seq_gate.to(dt)[token_seq]
+    y = x.new_zeros(x.shape[0], B.shape[1], dtype=dt)
+    for a in torch.unique(lora_of_token[lora_of_token >= 0]).tolist():
+        rows = (lora_of_token == a).nonzero().flatten()
+        delta = F.linear(F.linear(x[rows].to(dt), A[a].to(dt)), B[a].to(dt))
+        y = y.index_add(0, rows, delta * (gate_of_token[rows] * scaling[a].to(dt)).unsqueeze(-1))
+    return y.to(x.dtype)
