@@ -672,7 +672,7 @@ def _t_bucket(T: int) -> int:
     return min(triton.next_power_of_2(max(T, 1)), 16384)
 
 
-def _shrink_x(x: Tensor, As: list[Tensor], R: int) -> Tensor:
+def shrink_x(x: Tensor, As: list[Tensor], R: int) -> Tensor:
     """x [T, D] @ [A_0 | A_1]^T with each A [E, R, D] -> [T, len(As) * E * R] fp32 (one read of x)."""
     T, D = x.shape
     if not As:
@@ -777,6 +777,11 @@ def _common_args(
     )
 
 
+def _new(like: Tensor) -> Tensor:
+    """A contiguous uninitialised tensor like `like`: every gradient leaves contiguous, as the fake kernels say."""
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 def _experts(*As: Tensor | None) -> tuple[int, int]:
     A = next(a for a in As if a is not None)
     return A.shape[0], A.shape[1]
@@ -809,7 +814,7 @@ def mixlora_ffn_fwd(
     T, I = up.shape
     E, R = _experts(gA, uA, dA)
     N = E * R
-    ua = _shrink_x(x, [A for A in (gA, uA) if A is not None], R)
+    ua = shrink_x(x, [A for A in (gA, uA) if A is not None], R)
     ag, au = _rank_views(ua, gA is not None, uA is not None, N)
     hbar = torch.empty(T, I, dtype=up.dtype, device=up.device)
     chunks = triton.cdiv(N, _rank_chunk(N)) if dA is not None else 1
@@ -892,11 +897,11 @@ def mixlora_ffn_bwd(
         grad_x = _expand(da, A_cat, _a_strides(A_cat), R, x.shape[1], x.dtype)
     else:
         grad_x = torch.zeros_like(x)
-    grad_gA = _wgrad(da[:, :N], x, torch.empty_like(gA), _a_strides(gA), R) if gA is not None else None
+    grad_gA = _wgrad(da[:, :N], x, _new(gA), _a_strides(gA), R) if gA is not None else None
     grad_uA = None
     if uA is not None:
         off = N * (gA is not None)
-        grad_uA = _wgrad(da[:, off : off + N], x, torch.empty_like(uA), _a_strides(uA), R)
+        grad_uA = _wgrad(da[:, off : off + N], x, _new(uA), _a_strides(uA), R)
 
     # Reductions over T: the gradients of Bg, Bu and Ad, as [N, I] per T-slice.
     chunks = triton.cdiv(N, _rank_chunk(N))
@@ -923,12 +928,12 @@ def mixlora_ffn_bwd(
     grad_gB = total("bg")
     grad_uB = total("bu")
     grad_dA = total("ad")
-    grad_gB = grad_gB.transpose(1, 2).to(gB.dtype) if grad_gB is not None else None
-    grad_uB = grad_uB.transpose(1, 2).to(uB.dtype) if grad_uB is not None else None
+    grad_gB = grad_gB.transpose(1, 2).to(gB.dtype).contiguous() if grad_gB is not None else None
+    grad_uB = grad_uB.transpose(1, 2).to(uB.dtype).contiguous() if grad_uB is not None else None
     grad_dA = grad_dA.to(dA.dtype) if grad_dA is not None else None
     grad_dB = None
     if dB is not None:
-        grad_dB = torch.empty_like(dB)
+        grad_dB = _new(dB)
         if has_down:
             _wgrad(zd, grad_y_lora, grad_dB, _b_strides(grad_dB), R)
         else:
@@ -1015,9 +1020,9 @@ def check_inputs(
                 f"mixlora_ffn: {p}_lora must be A {list(a_shape)}, B [{E}, {b_shape[1] or 'H_out'}, {r}] "
                 f"(E={E}, r={r}, H={H}, I={I}), got A {tuple(A.shape)}, B {tuple(B.shape)}"
             )
-    # Range of indices: checked only where it costs no host sync (CPU tensors, i.e. the interpreter). On
+    # Range of indices: checked only where it costs no host sync (eager CPU tensors: the interpreter). On
     # CUDA an index >= E (or < -1) silently contributes nothing and gets a zero weight gradient.
-    if indices.device.type == "cpu" and indices.numel() > 0:
+    if indices.device.type == "cpu" and indices.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < -1 or hi >= E:
             raise ValueError(f"mixlora_ffn: indices must lie in [-1, E={E}), got values in [{lo}, {hi}]")

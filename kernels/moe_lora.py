@@ -397,9 +397,9 @@ def check_inputs(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tens
         raise ValueError(f"moe_lora: B must be [E={E}, out, r={r}], got {tuple(B.shape)}")
     if E == 0 or r == 0:
         raise ValueError(f"moe_lora: A has no experts or rank 0: {tuple(A.shape)}")
-    # Range of indices: checked only where it costs no host sync (CPU tensors, i.e. the interpreter). On
+    # Range of indices: checked only where it costs no host sync (eager CPU tensors: the interpreter). On
     # CUDA an index >= E (or < -1) silently contributes nothing and gets a zero weight gradient.
-    if indices.device.type == "cpu" and indices.numel() > 0:
+    if indices.device.type == "cpu" and indices.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < -1 or hi >= E:
             raise ValueError(f"moe_lora: indices must lie in [-1, E={E}), got values in [{lo}, {hi}]")

@@ -70,7 +70,7 @@ def _route_backward_op(
 
 @_route_backward_op.register_fake
 def _(grad_weights, grad_probs, x, router_weight, weights, indices, probs, renormalized):
-    return torch.empty_like(x), torch.empty_like(router_weight)
+    return x.new_empty(x.shape), router_weight.new_empty(router_weight.shape)
 
 
 @torch.library.custom_op("moelora_triton::moe_lora", mutates_args=())
@@ -104,7 +104,8 @@ def _moe_lora_backward_op(
 
 @_moe_lora_backward_op.register_fake
 def _(grad_y, x, weights, indices, A, B, u, v, scaling):
-    return torch.empty_like(x), torch.empty_like(weights), torch.empty_like(A), torch.empty_like(B)
+    # grad_A and grad_B are written into empty_like(A / B) by the real kernel, so they keep A's and B's strides
+    return x.new_empty(x.shape), weights.new_empty(weights.shape), torch.empty_like(A), torch.empty_like(B)
 
 
 @torch.library.custom_op("moelora_triton::mixlora_ffn", mutates_args=())
@@ -173,7 +174,7 @@ def _mixlora_ffn_backward_op(
 @_mixlora_ffn_backward_op.register_fake
 def _(grad_hbar, grad_y_lora, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd, scaling, act):
     return [
-        torch.empty_like(t) if t is not None else up.new_empty(0)
+        t.new_empty(t.shape) if t is not None else up.new_empty(0)
         for t in (x, gate, up, weights, gA, gB, uA, uB, dA, dB)
     ]
 

@@ -1,0 +1,412 @@
+"""Everything issue 3 asks of a GPU, in one call: `python -m bench.gpu_check` (about 2-4 minutes on an H100).
+
+1. Parity of the Triton ops (route, moe_lora, mixlora_ffn) against moelora.reference in bf16, fp16 and fp32,
+   forward and every gradient, with the tests' rule: the kernel's error against an fp64 reference may be
+   at most twice PyTorch's own error at that dtype plus 4 ulps (of the largest value).
+2. Races: the forward (and the backward) of each op repeated, bitwise equal every time.
+3. Timings (triton.testing.do_bench, medians, L2 flushed) of one MixLoRA FFN at the issue's goal shape
+   (H=4096, I=11008, E=8, k=2, r=16; T=8192 and T=32; bf16), forward and forward+backward, for
+   `triton` (moelora's route + fused mixlora_ffn), `lora` (the frozen FFN with one dense LoRA on gate/up/
+   down), `loop` (the per-expert loop of mixlora / MoE-PEFT) and `base` (the frozen FFN alone), with the
+   ratios the issue's goals name; and the bandwidth of the one-read-of-x kernels (route; the gate+up shrink)
+   against a device copy.
+Writes bench/results/gpu-check-<device>-<date>.json and .md (the device named) and prints the markdown.
+
+`--dry-run` runs the same code on CPU tensors under TRITON_INTERPRET=1 with tiny shapes, fp32/fp16 and
+wall-clock timing, so CI proves the script works before a GPU session spends its minutes on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if "--dry-run" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bench.providers import PROVIDERS, FfnInputs, Shape, grad_targets, make_inputs
+from moelora import reference
+from moelora.reference import ExpertLora
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GOAL = dict(H=4096, I=11008, E=8, k=2, r=16)
+GOAL_T = (8192, 32)
+BANDWIDTH_T = (4096, 8192)
+# (T, H, I, E, k, r): odd sizes, edge cases of k, and one medium shape with several blocks on every axis
+PARITY_SHAPES = [
+    (1, 64, 176, 8, 2, 16),
+    (63, 200, 344, 16, 16, 8),
+    (1000, 512, 1376, 8, 2, 16),
+    (517, 256, 704, 4, 1, 32),
+]
+DRY_PARITY_SHAPES = [(7, 20, 40, 4, 2, 8)]
+DRY_TIMING = dict(H=24, I=40, E=4, k=2, r=8)
+
+
+def _tb():
+    from moelora import triton_backend
+
+    return triton_backend
+
+
+# ---------------------------------------------------------------------------------------------- parity
+
+
+def _errors(got: dict[str, Tensor], lp: dict[str, Tensor], want: dict[str, Tensor], dtype: torch.dtype) -> dict:
+    """Per output: kernel error, torch error (both vs fp64), allowed bound, ok."""
+    eps = torch.finfo(dtype).eps
+    out = {}
+    for name in want:
+        gk, gt, gw = got[name].double(), lp[name].double(), want[name].double()
+        if not gk.is_floating_point() or got[name].dtype in (torch.int32, torch.int64):
+            out[name] = dict(ok=bool(torch.equal(got[name].cpu(), want[name].cpu())), exact=True)
+            continue
+        finite = bool(torch.isfinite(gk).all())
+        err_k = (gk - gw).abs().max().item() if gk.numel() else 0.0
+        err_t = (gt - gw).abs().max().item() if gk.numel() else 0.0
+        bound = 2 * err_t + 4 * eps * (gw.abs().max().item() if gk.numel() else 0.0) + 1e-12
+        out[name] = dict(err=err_k, torch_err=err_t, bound=bound, ok=finite and err_k <= bound)
+    return out
+
+
+def _grads(out: Tensor, inputs: list[Tensor], upstream: Tensor) -> list[Tensor]:
+    grads = torch.autograd.grad(out, inputs, upstream.to(out.dtype), allow_unused=True)
+    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs, strict=True)]
+
+
+def _leaf(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_()
+
+
+def _op_inputs(shape, dtype, device, seed=0) -> dict[str, Any]:
+    T, H, I, E, k, r = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*s, std=1.0):
+        return (torch.randn(s, generator=g, dtype=torch.float64) * std).to(device)
+
+    w, idx = torch.softmax(rand(T, E), -1).topk(k, -1)
+    return dict(
+        x=rand(T, H).to(dtype),
+        gate=rand(T, I).to(dtype),
+        up=rand(T, I).to(dtype),
+        router=rand(E, H, std=0.5).float(),
+        weights=(w / w.sum(-1, keepdim=True)).float(),
+        indices=idx,
+        loras={
+            "gate": (rand(E, r, H, std=H**-0.5).float(), rand(E, I, r, std=0.3).float()),
+            "up": (rand(E, r, H, std=H**-0.5).float(), rand(E, I, r, std=0.3).float()),
+            "down": (rand(E, r, I, std=I**-0.5).float(), rand(E, H, r, std=0.3).float()),
+        },
+        Wd=rand(H, I, std=I**-0.5).to(dtype),
+        bias=rand(H).to(dtype),
+        upstream_h=rand(T, H).to(dtype),
+        upstream_i=rand(T, I).to(dtype),
+        upstream_k=rand(T, k).float(),
+    )
+
+
+def _run_route(impl, d, cast):
+    x, router = _leaf(cast(d["x"])), _leaf(cast(d["router"]))
+    r = impl.route(x, router, top_k=d["weights"].shape[1])
+    loss_w = (r.weights * cast(d["upstream_k"])).sum() + r.probs.square().sum()
+    gx, gr = torch.autograd.grad(loss_w, [x, router])
+    return {"weights": r.weights, "indices": r.indices, "probs": r.probs, "grad x": gx, "grad router": gr}
+
+
+def _run_moe_lora(impl, d, cast):
+    A, B = d["loras"]["up"]
+    leaves = [_leaf(cast(d["x"])), _leaf(cast(d["weights"])), _leaf(cast(A)), _leaf(cast(B))]
+    x, w, A, B = leaves
+    y = impl.moe_lora(x, w, d["indices"], A, B, 2.0)
+    names = ["y", "grad x", "grad weights", "grad A", "grad B"]
+    return dict(zip(names, [y, *_grads(y, leaves, cast(d["upstream_i"]))], strict=True))
+
+
+def _run_ffn(impl, d, cast):
+    x, gate, up, w = (_leaf(cast(d[n])) for n in ("x", "gate", "up", "weights"))
+    lo = {p: ExpertLora(_leaf(cast(A)), _leaf(cast(B))) for p, (A, B) in d["loras"].items()}
+    Wd, bias = cast(d["Wd"]), cast(d["bias"])
+    y = impl.mixlora_ffn(
+        x,
+        gate,
+        up,
+        w,
+        d["indices"],
+        gate_lora=lo["gate"],
+        up_lora=lo["up"],
+        down_lora=lo["down"],
+        down_proj=lambda h: F.linear(h, Wd.to(h.dtype), bias.to(h.dtype)),
+        act=F.silu,
+        scaling=2.0,
+        down_bias=bias,
+    )
+    inputs = [x, gate, up, w, *(t for p in lo.values() for t in (p.A, p.B))]
+    names = ["y", "grad x", "grad gate", "grad up", "grad weights"] + [f"grad {p}.{ab}" for p in lo for ab in "AB"]
+    return dict(zip(names, [y, *_grads(y, inputs, cast(d["upstream_h"]))], strict=True))
+
+
+OPS: dict[str, Callable] = {"route": _run_route, "moe_lora": _run_moe_lora, "mixlora_ffn": _run_ffn}
+
+
+def parity(shapes, dtypes: list[str], device: torch.device) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            d = _op_inputs(shape, dtype, device)
+            for op, fn in OPS.items():
+                want = fn(reference, d, lambda t: t.double() if t.is_floating_point() else t)
+                lp = fn(reference, d, lambda t: t)
+                got = fn(_tb(), d, lambda t: t)
+                errs = _errors(got, lp, want, dtype)
+                if op == "route":  # near-ties may pick another expert at 16-bit: indices compared, not bounded
+                    errs.pop("indices")
+                rows.append(dict(op=op, shape=shape, dtype=dname, ok=all(e["ok"] for e in errs.values()), errors=errs))
+    return rows
+
+
+def races(shapes, dtypes: list[str], device: torch.device, repeats: int) -> list[dict]:
+    """The same inputs `repeats` times: every output and gradient must be bitwise equal to the first run's."""
+    rows = []
+    for shape in shapes:
+        for dname in dtypes:
+            d = _op_inputs(shape, DTYPES[dname], device, seed=1)
+            for op, fn in OPS.items():
+                first = fn(_tb(), d, lambda t: t)
+                bad = set()
+                for _ in range(repeats - 1):
+                    again = fn(_tb(), d, lambda t: t)
+                    bad |= {n for n in first if not torch.equal(first[n], again[n])}
+                fwd = {"y", "weights", "indices", "probs"}
+                rows.append(
+                    dict(
+                        op=op,
+                        shape=shape,
+                        dtype=dname,
+                        forward_bitwise=not (bad & fwd),
+                        backward_bitwise=not (bad - fwd),
+                        differing=sorted(bad),
+                    )
+                )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- timings
+
+
+def _triton_ffn(inp: FfnInputs) -> Callable[[], Tensor]:
+    """route + fused mixlora_ffn of the triton backend, as MixLoraFFN calls them (gate and up from the base)."""
+    tb = _tb()
+    loras = {p: ExpertLora(*inp.experts[p]) for p in ("gate_proj", "up_proj", "down_proj")}
+
+    def run() -> Tensor:
+        x = inp.x
+        routing = tb.route(x, inp.router, top_k=inp.top_k)
+        return tb.mixlora_ffn(
+            x,
+            inp.gate_proj(x),
+            inp.up_proj(x),
+            routing.weights,
+            routing.indices,
+            gate_lora=loras["gate_proj"],
+            up_lora=loras["up_proj"],
+            down_lora=loras["down_proj"],
+            down_proj=inp.down_proj,
+            act=F.silu,
+            scaling=inp.scaling,
+        )
+
+    return run
+
+
+def _bench(step: Callable[[], object], device: torch.device, dry: bool) -> float:
+    """Median milliseconds: triton.testing.do_bench on a GPU (it flushes L2), wall clock under --dry-run."""
+    if dry:
+        step()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    import triton.testing
+
+    return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+
+
+def ffn_timings(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
+    providers = {"triton": _triton_ffn, "lora": PROVIDERS["lora"], "loop": PROVIDERS["loop"], "base": PROVIDERS["base"]}
+    rows = []
+    for T in Ts:
+        shape = Shape(T=T, **dims)
+        inp = make_inputs(shape, dtype, device)
+        row: dict[str, Any] = dict(T=T, **dims, ms={})
+        for name, factory in providers.items():
+            fn = factory(inp)
+            targets = [t for _, t in grad_targets("fused" if name == "triton" else name, inp)]
+            for mode in ("fwd", "fwd+bwd"):
+                if mode == "fwd":
+
+                    def step(fn=fn):
+                        with torch.no_grad():
+                            return fn()
+                else:
+
+                    def step(fn=fn, targets=targets, grad_out=inp.grad_out):
+                        return torch.autograd.grad(fn(), targets, grad_out)
+
+                row["ms"][f"{name} {mode}"] = _bench(step, device, dry)
+            del fn
+        ms = row["ms"]
+        row["ratios"] = {f"triton / lora {m}": ms[f"triton {m}"] / ms[f"lora {m}"] for m in ("fwd", "fwd+bwd")} | {
+            f"loop / triton {m}": ms[f"loop {m}"] / ms[f"triton {m}"] for m in ("fwd", "fwd+bwd")
+        }
+        rows.append(row)
+        del inp
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bandwidth(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
+    """GB/s of the kernels that read x once (route; the gate+up LoRA shrink), next to a device copy's."""
+    from moelora.kernels import mixlora_ffn as ffn_kernels
+    from moelora.kernels import route as route_kernels
+
+    rows = []
+    H, E, r, k = dims["H"], dims["E"], dims["r"], dims["k"]
+    for T in Ts:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
+        router = (torch.randn(E, H, generator=g) * 0.02).to(device)
+        As = [(torch.randn(E, r, H, generator=g) * H**-0.5).to(device) for _ in range(2)]
+        x_bytes = x.numel() * x.element_size()
+        copy_ms = _bench(x.clone, device, dry)
+        route_ms = _bench(lambda x=x, router=router: route_kernels.route_fwd(x, router, k, None), device, dry)
+        shrink_ms = _bench(lambda x=x, As=As: ffn_kernels.shrink_x(x, As, r), device, dry)
+        copy_gbs = 2 * x_bytes / copy_ms / 1e6  # a copy reads and writes x
+        rows.append(
+            dict(
+                T=T,
+                H=H,
+                copy_GBps=copy_gbs,
+                route_GBps=x_bytes / route_ms / 1e6,
+                shrink_GBps=x_bytes / shrink_ms / 1e6,
+                route_fraction_of_copy=x_bytes / route_ms / 1e6 / copy_gbs,
+                shrink_fraction_of_copy=x_bytes / shrink_ms / 1e6 / copy_gbs,
+            )
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def device_name(device: torch.device) -> str:
+    from bench.cli import _slug, device_string
+
+    if device.type == "cuda":
+        return device_string(device, 0)
+    return _slug(f"cpu-interpreter-{torch.get_num_threads()}t")
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# gpu_check on {report['device']} ({report['date']})", ""]
+    lines += [f"torch {report['versions']['torch']}, triton {report['versions']['triton']}"]
+    if report["dry_run"]:
+        lines += ["", "**Dry run** (CPU, Triton interpreter, tiny shapes): proves the script, measures nothing."]
+    bad = [r for r in report["parity"] if not r["ok"]]
+    lines += [
+        "",
+        f"## Parity: {len(report['parity']) - len(bad)}/{len(report['parity'])} op x shape x dtype cases pass",
+    ]
+    for r in bad:
+        worst = {n: e for n, e in r["errors"].items() if not e["ok"]}
+        lines.append(f"- FAIL {r['op']} {r['shape']} {r['dtype']}: {worst}")
+    racy = [r for r in report["races"] if not (r["forward_bitwise"] and r["backward_bitwise"])]
+    lines += [
+        "",
+        f"## Repeat runs: {len(report['races']) - len(racy)}/{len(report['races'])} bitwise equal (fwd + bwd)",
+    ]
+    for r in racy:
+        lines.append(f"- {r['op']} {r['shape']} {r['dtype']}: differing {r['differing']}")
+    lines += ["", f"## MixLoRA FFN timings ({report['timing_dtype']}, median ms)", ""]
+    for row in report["ffn"]:
+        dims = ", ".join(f"{n}={row[n]}" for n in ("T", "H", "I", "E", "k", "r"))
+        lines += [f"### {dims}", "", "| provider | fwd | fwd+bwd |", "|---|---|---|"]
+        for p in ("triton", "lora", "loop", "base"):
+            lines.append(f"| {p} | {row['ms'][f'{p} fwd']:.3f} | {row['ms'][f'{p} fwd+bwd']:.3f} |")
+        lines += [""] + [f"- {k}: {v:.2f}x" for k, v in row["ratios"].items()] + [""]
+    lines += ["Goals: triton / lora fwd+bwd <= 1.10 at T=8192; loop / triton >= 3 (fwd, fwd+bwd), >= 5 at T=32.", ""]
+    lines += ["## One read of x: bandwidth", "", "| T | copy GB/s | route GB/s (frac) | shrink GB/s (frac) |"]
+    lines += ["|---|---|---|---|"]
+    for b in report["bandwidth"]:
+        lines.append(
+            f"| {b['T']} | {b['copy_GBps']:.0f} | {b['route_GBps']:.0f} ({b['route_fraction_of_copy']:.2f}) "
+            f"| {b['shrink_GBps']:.0f} ({b['shrink_fraction_of_copy']:.2f}) |"
+        )
+    lines += ["", "Goal: the fused route+shrink at >= 0.75 of copy bandwidth for T >= 4096 (route and shrink are "]
+    lines += ["separate kernels today, each one read of x)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dry-run", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes, wall clock")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where the files go")
+    ap.add_argument("--repeats", type=int, default=10, help="runs per op for the bitwise race check")
+    args = ap.parse_args(argv)
+    dry = args.dry_run
+    if dry:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32
+    else:
+        print("gpu_check: no CUDA device; use --dry-run to exercise the script on CPU", file=sys.stderr)
+        return 2
+    import triton
+
+    dtypes = ["fp32", "fp16"] if dry else ["bf16", "fp16", "fp32"]
+    shapes = DRY_PARITY_SHAPES if dry else PARITY_SHAPES
+    timing_dtype = torch.float32 if dry else torch.bfloat16
+    dims = DRY_TIMING if dry else GOAL
+    Ts = (7, 3) if dry else GOAL_T
+    report = dict(
+        device=device_name(device),
+        date=datetime.date.today().isoformat(),
+        dry_run=dry,
+        versions=dict(torch=torch.__version__, triton=triton.__version__),
+        parity=parity(shapes, dtypes, device),
+        races=races(shapes[:1] if dry else shapes[1:3], dtypes, device, 2 if dry else args.repeats),
+        timing_dtype=str(timing_dtype).removeprefix("torch."),
+        ffn=ffn_timings(Ts, dims, timing_dtype, device, dry),
+        bandwidth=bandwidth((5,) if dry else BANDWIDTH_T, dims, timing_dtype, device, dry),
+    )
+    text = markdown(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"gpu-check-{report['device']}-{report['date']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    ok = all(r["ok"] for r in report["parity"]) and all(
+        r["forward_bitwise"] and r["backward_bitwise"] for r in report["races"]
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
