@@ -1,0 +1,746 @@
+"""`prompt_route` in Triton: MiLoRA's once-per-prompt router (pool, rational activation, softmax, top-k).
+
+The math of `moelora.reference.prompt_route`, in fp32 whatever the input dtype. Forward, three launches:
+1. scores (attention pooling only): s[b, t] = hidden[b, t] . pool_weight, -inf on padding; grid (B, S blocks).
+2. pool: pooled[b, h] over the prompt, padding ignored (attention: one online-softmax pass over hidden that
+   also leaves lse[b] for the backward); grid (B, H blocks): prompts are long and H wide, B small.
+3. head: g = rational(pooled), logits = g @ Wr^T, softmax, top-k, gates; one program per sequence, M small.
+Backward: the head's (grid over H blocks, a loop over the B sequences inside, so d router_weight sums in
+registers; d numerator / d denominator leave one partial row per H block, summed by torch), then the pool's
+(attention: ds[b, t] first, then d hidden and one d pool_weight row per sequence, summed by torch). No
+atomics anywhere: the results are deterministic. The top-k selection is piecewise constant: gradients
+flow through the gate values (p on the selected modules) and the probabilities only.
+
+No host sync. An all-padding sequence (a mask row of zeros) is where the reference raises; here it pools to
+the zero vector, so its routing is that of g = rational(0) = numerator[0] in every feature, and its hidden
+states get zero gradient. The model layer checks for empty prompts once at prefill.
+CUDA tensors; CPU tensors under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moelora.reference import POOLINGS, PromptRouting
+
+# One pinned config (a multi-config autotune crashes the interpreter). The router is a few reductions over
+# [B, S, H] with B small, memory-bound: blocks are sized for coalesced H loads, not tuned on a GPU yet.
+BLOCK_S = 16
+BLOCK_H = 64
+NUM_WARPS = 4
+MAX_MODULES = 64  # the head keeps [M, BLOCK_H] router tiles in registers; MiLoRA has M = 7
+
+POOL_CODES = {name: code for code, name in enumerate(POOLINGS)}  # attention 0, mean 1, last 2, max 3
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _keep(mask_ptr, i_b, o_s, m_s, stride_mb, stride_ms, HAS_MASK: tl.constexpr):
+    """[BS] True where position o_s of sequence i_b is a prompt token (in range, mask != 0)."""
+    b_keep = m_s
+    if HAS_MASK:
+        b_m = tl.load(mask_ptr + i_b * stride_mb + o_s * stride_ms, mask=m_s, other=0)
+        b_keep = m_s & (b_m != 0)
+    return b_keep
+
+
+@triton.jit
+def _rational(x, num_ptr, den_ptr, NUM: tl.constexpr, DEN: tl.constexpr):
+    """PAU's safe rational P(x) / (1 + sum_j |b_j| |x|^j) by Horner's rule, fp32."""
+    b_p = tl.zeros_like(x) + tl.load(num_ptr + NUM - 1).to(tl.float32)
+    for j in tl.static_range(1, NUM):
+        b_p = b_p * x + tl.load(num_ptr + NUM - 1 - j).to(tl.float32)
+    b_ax = tl.abs(x)
+    b_q = tl.zeros_like(x) + tl.abs(tl.load(den_ptr + DEN - 1).to(tl.float32))
+    for j in tl.static_range(1, DEN):
+        b_q = b_q * b_ax + tl.abs(tl.load(den_ptr + DEN - 1 - j).to(tl.float32))
+    return b_p / (1.0 + b_q * b_ax)
+
+
+@triton.jit
+def prompt_route_fwd_kernel_scores(
+    hidden_ptr,  # [B, S, H] any float dtype, strided
+    mask_ptr,  # [B, S] nonzero = prompt token; read only when HAS_MASK
+    w_ptr,  # [H] pool_weight, contiguous
+    scores_ptr,  # [B, S] fp32 contiguous: -inf on padding
+    S,
+    H,
+    stride_hb,
+    stride_hs,
+    stride_hh,
+    stride_mb,
+    stride_ms,
+    HAS_MASK: tl.constexpr,
+    BS: tl.constexpr,
+    BH: tl.constexpr,
+):
+    i_b, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    o_s = (i_s * BS + tl.arange(0, BS)).to(tl.int64)  # [BS]
+    m_s = o_s < S
+    m_keep = _keep(mask_ptr, i_b, o_s, m_s, stride_mb, stride_ms, HAS_MASK)
+    p_row = hidden_ptr + i_b * stride_hb + o_s * stride_hs  # [BS]
+
+    b_acc = tl.zeros([BS], dtype=tl.float32)
+    for i_h in range(0, tl.cdiv(H, BH)):
+        o_h = (i_h * BH + tl.arange(0, BH)).to(tl.int64)  # [BH]
+        m_h = o_h < H
+        b_x = tl.load(p_row[:, None] + o_h[None, :] * stride_hh, mask=m_keep[:, None] & m_h[None, :], other=0.0)
+        b_w = tl.load(w_ptr + o_h, mask=m_h, other=0.0).to(tl.float32)  # [BH]
+        b_acc += tl.sum(b_x.to(tl.float32) * b_w[None, :], axis=1)  # [BS]
+    tl.store(scores_ptr + i_b * S + o_s, tl.where(m_keep, b_acc, float("-inf")), mask=m_s)
+
+
+@triton.jit
+def prompt_route_fwd_kernel_pool(
+    hidden_ptr,  # [B, S, H] any float dtype, strided
+    mask_ptr,  # [B, S]; read only when HAS_MASK
+    scores_ptr,  # [B, S] fp32 contiguous; read only for attention pooling
+    pooled_ptr,  # [B, H] fp32 contiguous
+    lse_ptr,  # [B] fp32: log-sum-exp of the scores (attention pooling only; 0 for an empty prompt)
+    S,
+    H,
+    stride_hb,
+    stride_hs,
+    stride_hh,
+    stride_mb,
+    stride_ms,
+    POOL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BS: tl.constexpr,
+    BH: tl.constexpr,
+):
+    i_b, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    o_h = (i_h * BH + tl.arange(0, BH)).to(tl.int64)  # [BH]
+    m_h = o_h < H
+    p_col = hidden_ptr + i_b * stride_hb + o_h * stride_hh  # [BH]
+
+    if POOL == 2:  # last: the largest prompt position, then one row
+        b_pos = tl.full([BS], -1, dtype=tl.int64)
+        for i_s in range(0, tl.cdiv(S, BS)):
+            o_s = (i_s * BS + tl.arange(0, BS)).to(tl.int64)
+            m_keep = _keep(mask_ptr, i_b, o_s, o_s < S, stride_mb, stride_ms, HAS_MASK)
+            b_pos = tl.maximum(b_pos, tl.where(m_keep, o_s, -1))
+        last = tl.max(b_pos, axis=0)
+        m_last = m_h & ((o_h * 0 + last) >= 0)  # [BH]; the interpreter rejects a vector & scalar mask
+        b_h = tl.load(p_col + tl.maximum(last, 0) * stride_hs, mask=m_last, other=0.0).to(tl.float32)
+    elif POOL == 0:  # attention: online softmax over the scores, hidden read once
+        b_run = tl.full([BH], -1e30, dtype=tl.float32)  # running max (finite, so exp(-inf - max) = 0)
+        b_l = tl.zeros([BH], dtype=tl.float32)  # running sum of exp; every lane holds the same value
+        b_acc = tl.zeros([BH], dtype=tl.float32)
+        for i_s in range(0, tl.cdiv(S, BS)):
+            o_s = (i_s * BS + tl.arange(0, BS)).to(tl.int64)
+            m_s = o_s < S
+            m_keep = _keep(mask_ptr, i_b, o_s, m_s, stride_mb, stride_ms, HAS_MASK)
+            b_s = tl.load(scores_ptr + i_b * S + o_s, mask=m_s, other=float("-inf"))  # [BS]
+            b_new = tl.maximum(b_run, tl.max(b_s, axis=0))  # [BH]
+            b_alpha = tl.exp(b_run - b_new)
+            b_e = tl.exp(b_s[:, None] - b_new[None, :])  # [BS, BH]
+            m_x = m_keep[:, None] & m_h[None, :]
+            b_x = tl.load(p_col[None, :] + o_s[:, None] * stride_hs, mask=m_x, other=0.0).to(tl.float32)  # [BS, BH]
+            b_acc = b_acc * b_alpha + tl.sum(b_e * b_x, axis=0)
+            b_l = b_l * b_alpha + tl.sum(b_e, axis=0)
+            b_run = b_new
+        b_h = tl.where(b_l > 0, b_acc / tl.maximum(b_l, 1e-30), 0.0)
+        if i_h == 0:
+            b_lse = tl.where(b_l > 0, b_run + tl.log(tl.maximum(b_l, 1e-30)), 0.0)  # [BH], every lane equal
+            tl.store(lse_ptr + i_b, tl.max(b_lse, axis=0))
+    else:  # mean (1) or max (3)
+        b_acc = tl.zeros([BH], dtype=tl.float32) if POOL == 1 else tl.full([BH], float("-inf"), dtype=tl.float32)
+        b_n = tl.zeros([BS], dtype=tl.float32)
+        for i_s in range(0, tl.cdiv(S, BS)):
+            o_s = (i_s * BS + tl.arange(0, BS)).to(tl.int64)
+            m_keep = _keep(mask_ptr, i_b, o_s, o_s < S, stride_mb, stride_ms, HAS_MASK)
+            m_x = m_keep[:, None] & m_h[None, :]
+            b_x = tl.load(p_col[None, :] + o_s[:, None] * stride_hs, mask=m_x, other=0.0).to(tl.float32)
+            if POOL == 1:
+                b_acc += tl.sum(b_x, axis=0)
+            else:
+                b_acc = tl.maximum(b_acc, tl.max(tl.where(m_x, b_x, float("-inf")), axis=0))
+            b_n += m_keep.to(tl.float32)
+        n = tl.sum(b_n, axis=0)
+        b_h = b_acc / tl.maximum(n, 1.0) if POOL == 1 else tl.where(n > 0, b_acc, 0.0)
+    tl.store(pooled_ptr + i_b * H + o_h, b_h, mask=m_h)
+
+
+@triton.jit
+def prompt_route_fwd_kernel_head(
+    pooled_ptr,  # [B, H] fp32 contiguous
+    wr_ptr,  # [M, H] router_weight, any float dtype, strided
+    num_ptr,  # [NUM] rational numerator a_0..a_m, contiguous
+    den_ptr,  # [DEN] rational denominator b_1..b_n, contiguous
+    gates_ptr,  # [B, M] fp32 contiguous: p on the top-k modules, 0 elsewhere
+    indices_ptr,  # [B, K] int64 contiguous: most probable first
+    probs_ptr,  # [B, M] fp32 contiguous
+    H,
+    M,
+    stride_wm,
+    stride_wh,
+    K: tl.constexpr,
+    NUM: tl.constexpr,
+    DEN: tl.constexpr,
+    BM: tl.constexpr,
+    BH: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    o_m = tl.arange(0, BM)  # [BM]
+    m_m = o_m < M
+
+    b_logit = tl.zeros([BM], dtype=tl.float32)
+    for i_h in range(0, tl.cdiv(H, BH)):
+        o_h = (i_h * BH + tl.arange(0, BH)).to(tl.int64)  # [BH]
+        m_h = o_h < H
+        b_g = _rational(tl.load(pooled_ptr + i_b * H + o_h, mask=m_h, other=0.0), num_ptr, den_ptr, NUM, DEN)
+        p_w = wr_ptr + o_m[:, None] * stride_wm + o_h[None, :] * stride_wh
+        b_w = tl.load(p_w, mask=m_m[:, None] & m_h[None, :], other=0.0).to(tl.float32)  # [BM, BH]
+        b_logit += tl.sum(b_w * b_g[None, :], axis=1)  # the tail of g is rational(0) != 0, but its W is 0
+
+    b_logit = tl.where(m_m, b_logit, float("-inf"))
+    b_p = tl.exp(b_logit - tl.max(b_logit, axis=0))
+    b_p = tl.where(m_m, b_p, 0.0)
+    b_p = b_p / tl.sum(b_p, axis=0)  # [BM]
+    tl.store(probs_ptr + i_b * M + o_m, b_p, mask=m_m)
+
+    # K rounds of argmax, ties to the lower index; probs are >= 0, so -1 marks padding and taken modules.
+    b_cur = tl.where(m_m, b_p, -1.0)
+    b_gate = tl.zeros([BM], dtype=tl.float32)
+    for j in tl.static_range(K):
+        b_max = tl.max(b_cur, axis=0)
+        arg = tl.min(tl.where(b_cur == b_max, o_m, BM), axis=0)
+        tl.store(indices_ptr + i_b * K + j, arg.to(tl.int64))
+        b_gate = tl.where(o_m == arg, b_p, b_gate)
+        b_cur = tl.where(o_m == arg, -1.0, b_cur)
+    tl.store(gates_ptr + i_b * M + o_m, b_gate, mask=m_m)
+
+
+@triton.jit
+def prompt_route_bwd_kernel_head(
+    dgates_ptr,  # [B, M] contiguous; read only when HAS_DG
+    dprobs_ptr,  # [B, M] contiguous; read only when HAS_DP
+    probs_ptr,  # [B, M] fp32 contiguous
+    indices_ptr,  # [B, K] int64 contiguous
+    pooled_ptr,  # [B, H] fp32 contiguous
+    wr_ptr,  # [M, H] router_weight, strided
+    num_ptr,  # [NUM] contiguous
+    den_ptr,  # [DEN] contiguous
+    dpooled_ptr,  # [B, H] fp32 contiguous
+    dwr_ptr,  # [M, H] contiguous, router_weight's dtype
+    dnum_ptr,  # [n_hblocks, BJ] fp32: this H block's share of d numerator
+    dden_ptr,  # [n_hblocks, BJ] fp32: this H block's share of d denominator
+    NB,
+    H,
+    M,
+    stride_wm,
+    stride_wh,
+    K: tl.constexpr,
+    NUM: tl.constexpr,
+    DEN: tl.constexpr,
+    HAS_DG: tl.constexpr,
+    HAS_DP: tl.constexpr,
+    BM: tl.constexpr,
+    BH: tl.constexpr,
+    BJ: tl.constexpr,
+):
+    i_h = tl.program_id(0)
+    o_h = (i_h * BH + tl.arange(0, BH)).to(tl.int64)  # [BH]
+    m_h = o_h < H
+    o_m = tl.arange(0, BM)  # [BM]
+    m_m = o_m < M
+    o_j = tl.arange(0, BJ)  # [BJ] coefficient index
+    m_mh = m_m[:, None] & m_h[None, :]
+    b_w = tl.load(wr_ptr + o_m[:, None] * stride_wm + o_h[None, :] * stride_wh, mask=m_mh, other=0.0).to(tl.float32)
+
+    b_dw = tl.zeros([BM, BH], dtype=tl.float32)
+    b_dnum = tl.zeros([BJ], dtype=tl.float32)
+    b_dden = tl.zeros([BJ], dtype=tl.float32)  # sum of dg * dg/d|b_j|; the sign of b_j comes after the loop
+    for i_b in range(0, NB):
+        i_b64 = tl.cast(i_b, tl.int64)
+        # d logits: gates = p * selected, so dp = dprobs + selected * dgates; then the softmax backward.
+        b_p = tl.load(probs_ptr + i_b64 * M + o_m, mask=m_m, other=0.0)  # [BM]
+        b_dp = tl.zeros([BM], dtype=tl.float32)
+        if HAS_DP:
+            b_dp += tl.load(dprobs_ptr + i_b64 * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        if HAS_DG:
+            b_sel = tl.zeros([BM], dtype=tl.float32)
+            for j in tl.static_range(K):
+                b_sel = tl.where(o_m == tl.load(indices_ptr + i_b64 * K + j), 1.0, b_sel)
+            b_dp += b_sel * tl.load(dgates_ptr + i_b64 * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_dl = b_p * (b_dp - tl.sum(b_p * b_dp, axis=0))  # [BM]
+
+        # The rational and its derivatives by Horner: P, P' in x; R = Q_s / |x| and R' in |x|.
+        b_x = tl.load(pooled_ptr + i_b64 * H + o_h, mask=m_h, other=0.0)  # [BH]
+        b_ax = tl.abs(b_x)
+        b_pp = tl.zeros_like(b_x) + tl.load(num_ptr + NUM - 1).to(tl.float32)
+        b_dpp = tl.zeros_like(b_x)
+        for j in tl.static_range(1, NUM):
+            b_dpp = b_dpp * b_x + b_pp
+            b_pp = b_pp * b_x + tl.load(num_ptr + NUM - 1 - j).to(tl.float32)
+        b_r = tl.zeros_like(b_x) + tl.abs(tl.load(den_ptr + DEN - 1).to(tl.float32))
+        b_dr = tl.zeros_like(b_x)
+        for j in tl.static_range(1, DEN):
+            b_dr = b_dr * b_ax + b_r
+            b_r = b_r * b_ax + tl.abs(tl.load(den_ptr + DEN - 1 - j).to(tl.float32))
+        b_q = 1.0 + b_r * b_ax
+        b_g = b_pp / b_q
+        b_sign = tl.where(b_x > 0, 1.0, tl.where(b_x < 0, -1.0, 0.0))  # torch's abs'(0) = 0
+        b_gprime = b_dpp / b_q - b_g / b_q * (b_r + b_ax * b_dr) * b_sign
+
+        b_dw += b_dl[:, None] * b_g[None, :]
+        b_dg = tl.sum(b_dl[:, None] * b_w, axis=0)  # [BH]; 0 in the tail, so the tail adds nothing below
+        tl.store(dpooled_ptr + i_b64 * H + o_h, b_dg * b_gprime, mask=m_h)
+        b_t = b_dg / b_q  # dg/da_j = x^j / Q
+        b_xj = tl.zeros_like(b_x) + 1.0
+        for j in tl.static_range(NUM):
+            b_dnum += tl.where(o_j == j, tl.sum(b_t * b_xj, axis=0), 0.0)
+            b_xj = b_xj * b_x
+        b_t = -b_dg * b_g / b_q  # dg/d|b_j| = -P / Q^2 * |x|^j, j >= 1
+        b_xj = b_ax
+        for j in tl.static_range(DEN):
+            b_dden += tl.where(o_j == j, tl.sum(b_t * b_xj, axis=0), 0.0)
+            b_xj = b_xj * b_ax
+
+    b_den = tl.load(den_ptr + o_j, mask=o_j < DEN, other=0.0).to(tl.float32)
+    b_dden = b_dden * tl.where(b_den > 0, 1.0, tl.where(b_den < 0, -1.0, 0.0))
+    tl.store(dwr_ptr + o_m[:, None] * H + o_h[None, :], b_dw.to(dwr_ptr.dtype.element_ty), mask=m_mh)
+    tl.store(dnum_ptr + i_h * BJ + o_j, b_dnum)
+    tl.store(dden_ptr + i_h * BJ + o_j, b_dden)
+
+
+@triton.jit
+def prompt_route_bwd_kernel_scores(
+    hidden_ptr,  # [B, S, H] strided
+    mask_ptr,  # [B, S]; read only when HAS_MASK
+    scores_ptr,  # [B, S] fp32 contiguous, -inf on padding
+    lse_ptr,  # [B] fp32
+    pooled_ptr,  # [B, H] fp32 contiguous
+    dpooled_ptr,  # [B, H] fp32 contiguous
+    ds_ptr,  # [B, S] fp32 contiguous: gradient of the scores
+    S,
+    H,
+    stride_hb,
+    stride_hs,
+    stride_hh,
+    stride_mb,
+    stride_ms,
+    HAS_MASK: tl.constexpr,
+    BS: tl.constexpr,
+    BH: tl.constexpr,
+):
+    # h = sum_t a_t x_t: da_t = dh . x_t, and the softmax backward's sum_t a_t da_t is dh . h.
+    i_b, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    o_s = (i_s * BS + tl.arange(0, BS)).to(tl.int64)  # [BS]
+    m_s = o_s < S
+    m_keep = _keep(mask_ptr, i_b, o_s, m_s, stride_mb, stride_ms, HAS_MASK)
+    p_row = hidden_ptr + i_b * stride_hb + o_s * stride_hs  # [BS]
+
+    b_da = tl.zeros([BS], dtype=tl.float32)
+    b_c = tl.zeros([BH], dtype=tl.float32)
+    for i_h in range(0, tl.cdiv(H, BH)):
+        o_h = (i_h * BH + tl.arange(0, BH)).to(tl.int64)
+        m_h = o_h < H
+        b_dh = tl.load(dpooled_ptr + i_b * H + o_h, mask=m_h, other=0.0)  # [BH]
+        b_c += b_dh * tl.load(pooled_ptr + i_b * H + o_h, mask=m_h, other=0.0)
+        b_x = tl.load(p_row[:, None] + o_h[None, :] * stride_hh, mask=m_keep[:, None] & m_h[None, :], other=0.0)
+        b_da += tl.sum(b_x.to(tl.float32) * b_dh[None, :], axis=1)
+    b_s = tl.load(scores_ptr + i_b * S + o_s, mask=m_s, other=float("-inf"))
+    b_a = tl.exp(b_s - tl.load(lse_ptr + i_b))  # [BS], 0 on padding
+    tl.store(ds_ptr + i_b * S + o_s, tl.where(m_keep, b_a * (b_da - tl.sum(b_c, axis=0)), 0.0), mask=m_s)
+
+
+@triton.jit
+def prompt_route_bwd_kernel_pool(
+    hidden_ptr,  # [B, S, H] strided
+    mask_ptr,  # [B, S]; read only when HAS_MASK
+    pooled_ptr,  # [B, H] fp32 contiguous
+    dpooled_ptr,  # [B, H] fp32 contiguous
+    scores_ptr,  # [B, S] fp32 (attention only)
+    lse_ptr,  # [B] fp32 (attention only)
+    ds_ptr,  # [B, S] fp32 (attention only)
+    w_ptr,  # [H] pool_weight contiguous (attention only)
+    dhidden_ptr,  # [B, S, H] contiguous, hidden's dtype: every position written, 0 on padding
+    dw_ptr,  # [B, H] fp32 contiguous: each sequence's share of d pool_weight (attention only)
+    S,
+    H,
+    stride_hb,
+    stride_hs,
+    stride_hh,
+    stride_mb,
+    stride_ms,
+    POOL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BS: tl.constexpr,
+    BH: tl.constexpr,
+):
+    i_b, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    o_h = (i_h * BH + tl.arange(0, BH)).to(tl.int64)  # [BH]
+    m_h = o_h < H
+    p_col = hidden_ptr + i_b * stride_hb + o_h * stride_hh  # [BH]
+    b_dh = tl.load(dpooled_ptr + i_b * H + o_h, mask=m_h, other=0.0)  # [BH]
+
+    # A first pass where the pooling needs a per-sequence number before writing d hidden.
+    b_scale = tl.zeros([BH], dtype=tl.float32)  # mean: 1 / n; max: 1 / (ties at the max), as torch's amax
+    last = -1
+    if POOL == 0:
+        b_w = tl.load(w_ptr + o_h, mask=m_h, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + i_b)
+        b_dw = tl.zeros([BH], dtype=tl.float32)
+    elif POOL == 3:
+        b_h = tl.load(pooled_ptr + i_b * H + o_h, mask=m_h, other=0.0)
+    if POOL != 0:
+        b_pos = tl.full([BS], -1, dtype=tl.int64)
+        for i_s in range(0, tl.cdiv(S, BS)):
+            o_s = (i_s * BS + tl.arange(0, BS)).to(tl.int64)
+            m_keep = _keep(mask_ptr, i_b, o_s, o_s < S, stride_mb, stride_ms, HAS_MASK)
+            if POOL == 1:
+                b_scale += tl.sum(m_keep.to(tl.float32), axis=0)
+            elif POOL == 2:
+                b_pos = tl.maximum(b_pos, tl.where(m_keep, o_s, -1))
+            else:
+                m_x = m_keep[:, None] & m_h[None, :]
+                b_x = tl.load(p_col[None, :] + o_s[:, None] * stride_hs, mask=m_x, other=0.0).to(tl.float32)
+                b_scale += tl.sum((m_x & (b_x == b_h[None, :])).to(tl.float32), axis=0)
+        b_scale = 1.0 / tl.maximum(b_scale, 1.0)
+        last = tl.max(b_pos, axis=0)
+
+    for i_s in range(0, tl.cdiv(S, BS)):
+        o_s = (i_s * BS + tl.arange(0, BS)).to(tl.int64)
+        m_s = o_s < S
+        m_keep = _keep(mask_ptr, i_b, o_s, m_s, stride_mb, stride_ms, HAS_MASK)
+        m_x = m_keep[:, None] & m_h[None, :]
+        if POOL == 0:  # dx_t = a_t dh + ds_t w;  dw += ds_t x_t
+            b_a = tl.exp(tl.load(scores_ptr + i_b * S + o_s, mask=m_s, other=float("-inf")) - lse)  # [BS]
+            b_ds = tl.load(ds_ptr + i_b * S + o_s, mask=m_s, other=0.0)  # [BS]
+            b_x = tl.load(p_col[None, :] + o_s[:, None] * stride_hs, mask=m_x, other=0.0).to(tl.float32)
+            b_dw += tl.sum(b_ds[:, None] * b_x, axis=0)
+            b_dx = b_a[:, None] * b_dh[None, :] + b_ds[:, None] * b_w[None, :]
+        elif POOL == 1:
+            b_dx = tl.zeros([BS, BH], dtype=tl.float32) + b_dh[None, :] * b_scale[None, :]
+        elif POOL == 2:
+            b_dx = tl.where(o_s[:, None] == last, b_dh[None, :], 0.0)
+        else:
+            b_x = tl.load(p_col[None, :] + o_s[:, None] * stride_hs, mask=m_x, other=0.0).to(tl.float32)
+            b_dx = tl.where(b_x == b_h[None, :], b_dh[None, :] * b_scale[None, :], 0.0)
+        b_dx = tl.where(m_x, b_dx, 0.0)
+        p_dx = dhidden_ptr + i_b * S * H + o_s[:, None] * H + o_h[None, :]
+        tl.store(p_dx, b_dx.to(dhidden_ptr.dtype.element_ty), mask=m_s[:, None] & m_h[None, :])
+    if POOL == 0:
+        tl.store(dw_ptr + i_b * H + o_h, b_dw, mask=m_h)
+
+
+def _grid_h(H: int) -> int:
+    return triton.cdiv(H, BLOCK_H)
+
+
+def _mask_arg(mask: Tensor | None, hidden: Tensor) -> tuple[Tensor, int, int]:
+    """(pointer tensor, stride_b, stride_s): a bool mask is read as its bytes; no mask -> hidden as a dummy."""
+    if mask is None:
+        return hidden, 0, 0
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    return mask, mask.stride(0), mask.stride(1)
+
+
+def prompt_route_fwd(
+    hidden: Tensor,
+    mask: Tensor | None,
+    router_weight: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    pool_weight: Tensor | None,
+    top_k: int,
+    pooling: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> gates [B, M], indices [B, k] int64, probs [B, M], and for the backward pooled [B, H] fp32,
+    scores [B, S] and lse [B] fp32 (attention pooling; empty tensors otherwise)."""
+    Bn, S, H = hidden.shape
+    M = router_weight.shape[0]
+    dev = hidden.device
+    pool = POOL_CODES[pooling]
+    numerator, denominator = numerator.contiguous(), denominator.contiguous()
+    mask_t, stride_mb, stride_ms = _mask_arg(mask, hidden)
+    strides = dict(stride_hb=hidden.stride(0), stride_hs=hidden.stride(1), stride_hh=hidden.stride(2))
+    mask_args = dict(mask_ptr=mask_t, stride_mb=stride_mb, stride_ms=stride_ms, HAS_MASK=mask is not None)
+
+    pooled = torch.empty(Bn, H, dtype=torch.float32, device=dev)
+    if pool == POOL_CODES["attention"]:
+        pool_weight = pool_weight.contiguous()
+        scores = torch.empty(Bn, S, dtype=torch.float32, device=dev)
+        lse = torch.empty(Bn, dtype=torch.float32, device=dev)
+        prompt_route_fwd_kernel_scores[(Bn, triton.cdiv(S, BLOCK_S))](
+            hidden_ptr=hidden,
+            w_ptr=pool_weight,
+            scores_ptr=scores,
+            S=S,
+            H=H,
+            BS=BLOCK_S,
+            BH=BLOCK_H,
+            num_warps=NUM_WARPS,
+            **strides,
+            **mask_args,
+        )
+    else:
+        scores = lse = torch.empty(0, dtype=torch.float32, device=dev)
+    prompt_route_fwd_kernel_pool[(Bn, _grid_h(H))](
+        hidden_ptr=hidden,
+        scores_ptr=scores if scores.numel() else pooled,
+        pooled_ptr=pooled,
+        lse_ptr=lse if lse.numel() else pooled,
+        S=S,
+        H=H,
+        POOL=pool,
+        BS=BLOCK_S,
+        BH=BLOCK_H,
+        num_warps=NUM_WARPS,
+        **strides,
+        **mask_args,
+    )
+
+    gates = torch.empty(Bn, M, dtype=torch.float32, device=dev)
+    indices = torch.empty(Bn, top_k, dtype=torch.int64, device=dev)
+    probs = torch.empty(Bn, M, dtype=torch.float32, device=dev)
+    prompt_route_fwd_kernel_head[(Bn,)](
+        pooled_ptr=pooled,
+        wr_ptr=router_weight,
+        num_ptr=numerator,
+        den_ptr=denominator,
+        gates_ptr=gates,
+        indices_ptr=indices,
+        probs_ptr=probs,
+        H=H,
+        M=M,
+        stride_wm=router_weight.stride(0),
+        stride_wh=router_weight.stride(1),
+        K=top_k,
+        NUM=numerator.numel(),
+        DEN=denominator.numel(),
+        BM=triton.next_power_of_2(max(M, 2)),
+        BH=BLOCK_H,
+        num_warps=NUM_WARPS,
+    )
+    return gates, indices, probs, pooled, scores, lse
+
+
+def prompt_route_bwd(
+    grad_gates: Tensor | None,
+    grad_probs: Tensor | None,
+    hidden: Tensor,
+    mask: Tensor | None,
+    router_weight: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    pool_weight: Tensor | None,
+    indices: Tensor,
+    probs: Tensor,
+    pooled: Tensor,
+    scores: Tensor,
+    lse: Tensor,
+    pooling: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """-> d hidden [B, S, H] (hidden's dtype), d router_weight [M, H], d numerator, d denominator (their
+    dtypes), d pool_weight [H] (attention pooling; None otherwise). A None upstream gradient counts as 0."""
+    Bn, S, H = hidden.shape
+    M, k = probs.shape[1], indices.shape[1]
+    dev = hidden.device
+    pool = POOL_CODES[pooling]
+    numerator, denominator = numerator.contiguous(), denominator.contiguous()
+    NUM, DEN = numerator.numel(), denominator.numel()
+    BJ = triton.next_power_of_2(max(NUM, DEN))
+    n_h = _grid_h(H)
+
+    dpooled = torch.empty(Bn, H, dtype=torch.float32, device=dev)
+    d_router = torch.empty(M, H, dtype=router_weight.dtype, device=dev)
+    dnum = torch.empty(n_h, BJ, dtype=torch.float32, device=dev)
+    dden = torch.empty(n_h, BJ, dtype=torch.float32, device=dev)
+    prompt_route_bwd_kernel_head[(n_h,)](
+        dgates_ptr=grad_gates.contiguous() if grad_gates is not None else probs,
+        dprobs_ptr=grad_probs.contiguous() if grad_probs is not None else probs,
+        probs_ptr=probs,
+        indices_ptr=indices,
+        pooled_ptr=pooled,
+        wr_ptr=router_weight,
+        num_ptr=numerator,
+        den_ptr=denominator,
+        dpooled_ptr=dpooled,
+        dwr_ptr=d_router,
+        dnum_ptr=dnum,
+        dden_ptr=dden,
+        NB=Bn,
+        H=H,
+        M=M,
+        stride_wm=router_weight.stride(0),
+        stride_wh=router_weight.stride(1),
+        K=k,
+        NUM=NUM,
+        DEN=DEN,
+        HAS_DG=grad_gates is not None,
+        HAS_DP=grad_probs is not None,
+        BM=triton.next_power_of_2(max(M, 2)),
+        BH=BLOCK_H,
+        BJ=BJ,
+        num_warps=NUM_WARPS,
+    )
+
+    mask_t, stride_mb, stride_ms = _mask_arg(mask, hidden)
+    strides = dict(stride_hb=hidden.stride(0), stride_hs=hidden.stride(1), stride_hh=hidden.stride(2))
+    mask_args = dict(mask_ptr=mask_t, stride_mb=stride_mb, stride_ms=stride_ms, HAS_MASK=mask is not None)
+    d_hidden = torch.empty(Bn, S, H, dtype=hidden.dtype, device=dev)
+    attention = pool == POOL_CODES["attention"]
+    ds = torch.empty(Bn, S, dtype=torch.float32, device=dev) if attention else pooled
+    dw = torch.empty(Bn, H, dtype=torch.float32, device=dev) if attention else pooled
+    if attention:
+        prompt_route_bwd_kernel_scores[(Bn, triton.cdiv(S, BLOCK_S))](
+            hidden_ptr=hidden,
+            scores_ptr=scores,
+            lse_ptr=lse,
+            pooled_ptr=pooled,
+            dpooled_ptr=dpooled,
+            ds_ptr=ds,
+            S=S,
+            H=H,
+            BS=BLOCK_S,
+            BH=BLOCK_H,
+            num_warps=NUM_WARPS,
+            **strides,
+            **mask_args,
+        )
+    prompt_route_bwd_kernel_pool[(Bn, n_h)](
+        hidden_ptr=hidden,
+        pooled_ptr=pooled,
+        dpooled_ptr=dpooled,
+        scores_ptr=scores if attention else pooled,
+        lse_ptr=lse if attention else pooled,
+        ds_ptr=ds,
+        w_ptr=pool_weight.contiguous() if attention else pooled,
+        dhidden_ptr=d_hidden,
+        dw_ptr=dw,
+        S=S,
+        H=H,
+        POOL=pool,
+        BS=BLOCK_S,
+        BH=BLOCK_H,
+        num_warps=NUM_WARPS,
+        **strides,
+        **mask_args,
+    )
+    d_num = dnum.sum(dim=0)[:NUM].to(numerator.dtype)
+    d_den = dden.sum(dim=0)[:DEN].to(denominator.dtype)
+    d_pool_weight = dw.sum(dim=0).to(pool_weight.dtype) if attention else None
+    return d_hidden, d_router, d_num, d_den, d_pool_weight
+
+
+class PromptRouteFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, mask, router_weight, numerator, denominator, pool_weight, top_k: int, pooling: str):
+        gates, indices, probs, pooled, scores, lse = prompt_route_fwd(
+            hidden, mask, router_weight, numerator, denominator, pool_weight, top_k, pooling
+        )
+        ctx.save_for_backward(
+            hidden, mask, router_weight, numerator, denominator, pool_weight, indices, probs, pooled, scores, lse
+        )
+        ctx.pooling = pooling
+        ctx.mark_non_differentiable(indices)
+        return gates, indices, probs
+
+    @staticmethod
+    def backward(ctx, grad_gates: Tensor | None, _grad_indices: Tensor | None, grad_probs: Tensor | None):
+        d_hidden, d_router, d_num, d_den, d_pool_weight = prompt_route_bwd(
+            grad_gates, grad_probs, *ctx.saved_tensors, ctx.pooling
+        )
+        return d_hidden, None, d_router, d_num, d_den, d_pool_weight, None, None
+
+
+def check_inputs(
+    hidden: Tensor,
+    mask: Tensor | None,
+    router_weight: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    top_k: int,
+    pooling: str,
+    pool_weight: Tensor | None,
+) -> None:
+    """Raise ValueError / TypeError for arguments `prompt_route` cannot run; no host sync."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"prompt_route: pooling must be one of {POOLINGS}, got {pooling!r}")
+    named = [("hidden", hidden, 3), ("router_weight", router_weight, 2), ("numerator", numerator, 1)]
+    named += [("denominator", denominator, 1)]
+    if mask is not None:
+        named.append(("mask", mask, 2))
+    if pooling == "attention":
+        if pool_weight is None:
+            raise ValueError("prompt_route: pooling='attention' needs pool_weight [H]")
+        named.append(("pool_weight", pool_weight, 1))
+    for name, t, dims in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"prompt_route: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != dims:
+            raise ValueError(f"prompt_route: {name} must be {dims}-d, got shape {tuple(t.shape)}")
+        if t.device != hidden.device:
+            raise ValueError(f"prompt_route: {name} is on {t.device} but hidden is on {hidden.device}")
+        if name != "mask" and t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"prompt_route: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    Bn, S, H = hidden.shape
+    M = router_weight.shape[0]
+    if S == 0:
+        raise ValueError("prompt_route: the prompt is empty (sequence length 0); routing needs a prompt token")
+    if mask is not None and tuple(mask.shape) != (Bn, S):
+        raise ValueError(f"prompt_route: mask must be [B={Bn}, S={S}], got {tuple(mask.shape)}")
+    if mask is not None and mask.is_complex():
+        raise TypeError(f"prompt_route: mask must be bool, an integer or a float dtype, got {mask.dtype}")
+    if router_weight.shape[1] != H:
+        raise ValueError(f"prompt_route: router_weight is [M, H={router_weight.shape[1]}] but hidden has H={H}")
+    if not 1 <= M <= MAX_MODULES:
+        raise ValueError(f"prompt_route: router_weight must have 1..{MAX_MODULES} modules (rows), got {M}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= M:
+        raise ValueError(f"prompt_route: top_k must be in [1, {M}] (the number of LoRA modules), got {top_k!r}")
+    if numerator.numel() < 1 or denominator.numel() < 1:
+        raise ValueError(
+            f"prompt_route: the rational needs numerator [m + 1] and denominator [n], m, n >= 0 / >= 1; got "
+            f"{tuple(numerator.shape)} and {tuple(denominator.shape)}"
+        )
+    if pooling == "attention" and pool_weight.shape[0] != H:
+        raise ValueError(f"prompt_route: pool_weight must be [H={H}], got {tuple(pool_weight.shape)}")
+    if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"prompt_route: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}"
+        )
+
+
+def prompt_route(
+    hidden: Tensor,
+    mask: Tensor | None,
+    router_weight: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    *,
+    top_k: int,
+    pooling: str = "attention",
+    pool_weight: Tensor | None = None,
+) -> PromptRouting:
+    """`moelora.reference.prompt_route` in Triton: pool the prompt, rational activation, softmax, top-k.
+
+    Args:
+        hidden: [B, S, H] float16 / bfloat16 / float32, the states entering the layer (any strides).
+        mask: [B, S] bool / integer / float, nonzero = prompt token (left or right padding), or None.
+        router_weight: [M, H] float, 1 <= M <= 64 (MiLoRA: the 7 projections).
+        numerator: [m + 1] rational a_0..a_m (MiLoRA: 7); denominator: [n] b_1..b_n (MiLoRA: 5).
+        top_k: int in 1..M.
+        pooling: "attention" (softmax over the prompt of hidden @ pool_weight), "mean", "last" or "max".
+        pool_weight: [H], needed by "attention" pooling only.
+    Returns:
+        PromptRouting(gates [B, M] fp32: p on the top-k modules and 0 elsewhere, not renormalised;
+        indices [B, top_k] int64, most probable first, ties to the lower index; probs [B, M] fp32).
+    fp32 math throughout. Differentiable in hidden, router_weight, numerator, denominator and pool_weight
+    through gates and probs. No host sync: an all-padding sequence pools to zeros (the reference raises).
+    """
+    check_inputs(hidden, mask, router_weight, numerator, denominator, top_k, pooling, pool_weight)
+    if pooling != "attention":
+        pool_weight = None
+    gates, indices, probs = PromptRouteFunction.apply(
+        hidden, mask, router_weight, numerator, denominator, pool_weight, top_k, pooling
+    )
+    return PromptRouting(gates, indices, probs)
