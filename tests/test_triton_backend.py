@@ -1,0 +1,349 @@
+"""The `triton` backend (moelora.triton_backend) against the reference, under the Triton interpreter.
+
+In one worker process with TRITON_INTERPRET=1 (this file run as a script): whole tiny models of the
+llama, phi3 (fused gate_up) and phi (fc1/fc2, ungated) families with MOELORA_BACKEND=triton against
+`reference`, forward and backward; the backend's mixlora_ffn with a down bias and HF activation modules,
+and its reference fallbacks; the torch.library ops' fake kernels (opcheck) and torch.compile(fullgraph)
+of route + mixlora_ffn + moe_lora equal to eager. In this process: backend dispatch and its errors, and
+bench/gpu_check.py --dry-run.
+"""
+
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":  # the worker, before triton is imported; the pytest process stays uninterpreted
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, randomize_adapters, tiny_model
+
+import moelora
+from moelora import MixLoraConfig, backend, get_moelora_model, reference
+from moelora.reference import ExpertLora
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+# One BLAS thread: numpy's threads spin against each other on a small shared machine (24 ms -> 0.1 ms
+# for one of the interpreter's 32x512x32 dots here).
+WORKER_ENV = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1"}
+TOL = 2e-5  # fp32: max |triton - reference| / max |reference|, as the cpu backend's tests
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-30)).item()
+
+
+def _compare(got: dict, want: dict, tol: float = TOL) -> list[str]:
+    failures = [f"keys differ: {sorted(got.keys() ^ want.keys())}"] if got.keys() != want.keys() else []
+    for name in want.keys() & got.keys():
+        g, w = got[name], want[name]
+        if g.dtype != w.dtype or g.shape != w.shape:
+            failures.append(f"{name}: {g.dtype}{tuple(g.shape)} != {w.dtype}{tuple(w.shape)}")
+        elif not torch.isfinite(g).all():
+            failures.append(f"{name}: non-finite")
+        elif _rel(g, w) > tol:
+            failures.append(f"{name}: relative error {_rel(g, w):.3g} > {tol}")
+    return failures
+
+
+def check_model(family: str, overrides: dict) -> list[str]:
+    pm = get_moelora_model(tiny_model(family), MixLoraConfig(lora_dropout=0.0, **overrides))
+    randomize_adapters(pm)
+    pm.train()
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for name in ("reference", "triton"):
+        pm.zero_grad()
+        with moelora.set_backend(name):
+            if name == "triton":
+                assert backend.resolve(ids.device).__name__ == "moelora.triton_backend"
+            out = pm(ids, labels=ids)
+            out.loss.backward()
+        grads = {f"grad {n}": p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+        results[name] = {"logits": out.logits.detach(), "aux loss": out.aux_loss.detach(), **grads}
+    n_grads = sum(k.startswith("grad ") for k in results["reference"])
+    failures = [] if n_grads > 0 else ["no adapter gradients"]
+    return failures + _compare(results["triton"], results["reference"])
+
+
+def _ffn_inputs(gated: bool, g: torch.Generator, T=21, H=20, I=36, E=4, k=2, r=8):
+    w, idx = torch.softmax(torch.randn(T, E, generator=g), -1).topk(k, -1)
+    dims = {"gate": (H, I), "up": (H, I), "down": (I, H)}
+    return dict(
+        x=torch.randn(T, H, generator=g),
+        gate=torch.randn(T, I, generator=g) if gated else None,
+        up=torch.randn(T, I, generator=g),
+        weights=w / w.sum(-1, keepdim=True),
+        indices=idx,
+        loras={
+            p: ExpertLora(torch.randn(E, r, i, generator=g) * i**-0.5, torch.randn(E, o, r, generator=g) * 0.3)
+            for p, (i, o) in dims.items()
+            if gated or p != "gate"
+        },
+        Wd=torch.randn(H, I, generator=g) * I**-0.5,
+        bias=torch.randn(H, generator=g),
+        upstream=torch.randn(T, H, generator=g),
+    )
+
+
+def _ffn(impl, d: dict, act, **extra) -> dict:
+    leaves = {n: d[n].clone().requires_grad_() for n in ("x", "gate", "up", "weights") if d[n] is not None}
+    lo = {p: ExpertLora(*(t.clone().requires_grad_() for t in lora[:2]), *lora[2:]) for p, lora in d["loras"].items()}
+    y = impl.mixlora_ffn(
+        leaves["x"],
+        leaves.get("gate"),
+        leaves["up"],
+        leaves["weights"],
+        d["indices"],
+        gate_lora=lo.get("gate"),
+        up_lora=lo.get("up"),
+        down_lora=lo.get("down"),
+        down_proj=lambda h: F.linear(h, d["Wd"], d["bias"]),
+        act=act,
+        scaling=1.5,
+        down_bias=d["bias"],
+        **extra,
+    )
+    inputs = {**leaves, **{f"{p}.{ab}": t for p, lora in lo.items() for ab, t in zip("AB", lora[:2], strict=True)}}
+    grads = torch.autograd.grad(y, list(inputs.values()), d["upstream"])
+    return {"y": y, **{f"grad {n}": gr for n, gr in zip(inputs, grads, strict=True)}}
+
+
+def check_backend_ffn() -> dict[str, list[str]]:
+    """The backend's mixlora_ffn: down bias counted sum_j w_j times, HF activation modules, fallbacks."""
+    from transformers.activations import ACT2FN
+
+    from moelora import triton_backend
+
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for act_name, gated in (("silu", True), ("gelu", True), ("gelu_pytorch_tanh", False), ("relu", True)):
+        d = _ffn_inputs(gated, g)
+        act = ACT2FN[act_name]
+        kernel = triton_backend.activation_name(act)
+        failures = [] if kernel is not None else [f"{act_name} has no kernel activation"]
+        out[f"ffn-{act_name}-{'gated' if gated else 'ungated'}"] = failures + _compare(
+            _ffn(triton_backend, d, act), _ffn(reference, d, act)
+        )
+    # Fallbacks: these run the reference itself, so the results are bitwise equal to it.
+    d = _ffn_inputs(True, g)
+    fallbacks = {
+        "quick_gelu": dict(act=ACT2FN["quick_gelu"]),
+        "down-dropout": dict(act=F.silu, down_dropout=lambda h: h * 0.5),
+    }
+    for name, kw in fallbacks.items():
+        failures = [] if triton_backend.activation_name(kw["act"]) is None or name != "quick_gelu" else ["has a kernel"]
+        got, want = _ffn(triton_backend, d, **kw), _ffn(reference, d, **kw)
+        out[f"fallback-{name}"] = failures + [n for n in want if not torch.equal(got[n], want[n])]
+    d64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in d.items()}
+    d64["loras"] = {p: ExpertLora(lo.A.double(), lo.B.double()) for p, lo in d["loras"].items()}
+    got, want = _ffn(triton_backend, d64, F.silu), _ffn(reference, d64, F.silu)
+    out["fallback-fp64"] = [n for n in want if not torch.equal(got[n], want[n])]
+    return out
+
+
+def check_ops() -> dict[str, list[str]]:
+    """route and moe_lora through the backend's autograd Functions and torch.library ops."""
+    from moelora import triton_backend
+
+    g = torch.Generator().manual_seed(1)
+    x, router = torch.randn(33, 20, generator=g), torch.randn(8, 20, generator=g) * 0.5
+    out = {}
+    for kw in (dict(top_k=2), dict(top_p=0.7)):
+        res = {}
+        for impl in (triton_backend, reference):
+            xl, rl = x.clone().requires_grad_(), router.clone().requires_grad_()
+            r = impl.route(xl, rl, **kw)
+            gx, gr = torch.autograd.grad(
+                (r.weights * torch.arange(r.weights.shape[1])).sum() + r.probs.square().sum(), [xl, rl]
+            )
+            res[impl.__name__] = dict(
+                weights=r.weights, probs=r.probs, indices=r.indices.double(), grad_x=gx, grad_router=gr
+            )
+        out[f"route-{next(iter(kw))}"] = _compare(res["moelora.triton_backend"], res["moelora.reference"])
+    d = _ffn_inputs(True, g)
+    A, B = d["loras"]["up"][:2]
+    res = {}
+    for impl in (triton_backend, reference):
+        leaves = [t.clone().requires_grad_() for t in (d["x"], d["weights"], A, B)]
+        y = impl.moe_lora(*leaves[:2], d["indices"], *leaves[2:], 1.5)
+        grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+        res[impl.__name__] = dict(zip(["y", "grad x", "grad weights", "grad A", "grad B"], [y, *grads], strict=True))
+    out["moe_lora"] = _compare(res["moelora.triton_backend"], res["moelora.reference"])
+    return out
+
+
+def check_compile() -> dict[str, list[str]]:
+    """opcheck of every op's schema and fake kernel; torch.compile(fullgraph=True) equals eager, fwd + bwd."""
+    from moelora import triton_backend
+
+    ops = torch.ops.moelora_triton
+    g = torch.Generator().manual_seed(2)
+    d = _ffn_inputs(True, g, T=9, H=12, I=20, E=4, k=2, r=4)
+    x, router = d["x"], torch.randn(4, 12, generator=g)
+    w, idx, probs = ops.route(x, router, 2, 0.0)
+    (gA, gB), (uA, uB), (dA, dB) = (d["loras"][p][:2] for p in ("gate", "up", "down"))
+    lora_weights = (gA, gB, uA, uB, dA, dB)
+    y, u, v = ops.moe_lora(x, w, idx, uA, uB, 2.0)
+    hbar, y_lora, ua, zd = ops.mixlora_ffn(x, d["gate"], d["up"], w, idx, gA, gB, uA, uB, dA, dB, 2.0, "silu")
+    grads_out = (torch.randn_like(hbar), torch.randn_like(y_lora))
+    bwd_args = (*grads_out, x, d["gate"], d["up"], w, idx, *lora_weights, ua, zd, 2.0, "silu")
+    cases = {
+        "route": (ops.route.default, (x, router, 2, 0.0)),
+        "route-top-p": (ops.route.default, (x, router, 0, 0.7)),
+        "route-bwd": (ops.route_backward.default, (torch.randn_like(w), probs, x, router, w, idx, probs, True)),
+        "moe_lora": (ops.moe_lora.default, (x, w, idx, uA, uB, 2.0)),
+        "moe_lora-bwd": (ops.moe_lora_backward.default, (torch.randn_like(y), x, w, idx, uA, uB, u, v, 2.0)),
+        "ffn": (ops.mixlora_ffn.default, (x, d["gate"], d["up"], w, idx, gA, gB, uA, uB, dA, dB, 2.0, "silu")),
+        "ffn-ungated": (
+            ops.mixlora_ffn.default,
+            (x, None, d["up"], w, idx, None, None, uA, uB, None, None, 2.0, "relu"),
+        ),
+        "ffn-bwd": (
+            ops.mixlora_ffn_backward.default,
+            bwd_args,
+        ),
+    }
+    out = {}
+    for name, (op, args) in cases.items():
+        try:
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+            out[f"opcheck-{name}"] = []
+        except Exception as exc:  # opcheck raises OpCheckError with the reason
+            out[f"opcheck-{name}"] = [f"{type(exc).__name__}: {str(exc)[:500]}"]
+
+    lo = {p: ExpertLora(*(t.clone().requires_grad_() for t in d["loras"][p][:2])) for p in ("gate", "up", "down")}
+
+    def f(x, router):
+        r = triton_backend.route(x, router, top_k=2)
+        y = triton_backend.mixlora_ffn(
+            x,
+            d["gate"],
+            d["up"],
+            r.weights,
+            r.indices,
+            gate_lora=lo["gate"],
+            up_lora=lo["up"],
+            down_lora=lo["down"],
+            down_proj=lambda h: F.linear(h, d["Wd"], d["bias"]),
+            act=F.silu,
+            scaling=2.0,
+            down_bias=d["bias"],
+        )
+        return y + triton_backend.moe_lora(x, r.weights, r.indices, lo["up"].A, lo["down"].B, 2.0)
+
+    xl, rl = x.clone().requires_grad_(), router.clone().requires_grad_()
+    params = [xl, rl, *(t for p in lo.values() for t in p[:2])]
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        y = fn(xl, rl)
+        results.append({"y": y, **{f"grad {i}": gr for i, gr in enumerate(torch.autograd.grad(y.sum(), params))}})
+    out["compile-fullgraph"] = _compare(results[1], results[0], tol=1e-6)
+    return out
+
+
+MODELS = {
+    "model-llama-topk": ("llama", {}),
+    "model-llama-topp": ("llama", dict(routing_strategy="mixlora-dynamic", top_p=0.7)),
+    "model-phi3": ("phi3", {}),
+    "model-phi": ("phi", {}),
+}
+
+
+def worker() -> dict[str, list[str]]:
+    results = {name: check_model(*spec) for name, spec in MODELS.items()}
+    return results | check_backend_ffn() | check_ops() | check_compile()
+
+
+@pytest.fixture(scope="module")
+def worker_results() -> dict[str, list[str]]:
+    proc = subprocess.run(
+        [sys.executable, __file__], env=WORKER_ENV, capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+WORKER_CASES = [
+    *MODELS,
+    "ffn-silu-gated",
+    "ffn-gelu-gated",
+    "ffn-gelu_pytorch_tanh-ungated",
+    "ffn-relu-gated",
+    "fallback-quick_gelu",
+    "fallback-down-dropout",
+    "fallback-fp64",
+    "route-top_k",
+    "route-top_p",
+    "moe_lora",
+    *(
+        f"opcheck-{n}"
+        for n in ("route", "route-top-p", "route-bwd", "moe_lora", "moe_lora-bwd", "ffn", "ffn-ungated", "ffn-bwd")
+    ),
+    "compile-fullgraph",
+]
+
+
+@pytest.mark.parametrize("case", WORKER_CASES)
+def test_triton_backend_matches_reference(worker_results, case):
+    assert case in worker_results, f"the worker did not run {case}"
+    failures = worker_results[case]
+    assert not failures, "; ".join(failures)
+
+
+def test_triton_backend_with_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with moelora.set_backend("triton"), pytest.raises(RuntimeError, match=r"cannot run tensors on cpu.*CUDA tensors"):
+        moelora.ops.route(torch.randn(3, 8), torch.randn(4, 8), top_k=1)
+
+
+def test_missing_triton_gives_a_clear_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the device check, to the import
+    monkeypatch.setattr(backend, "_registered", {"reference": reference})
+    monkeypatch.setattr(backend, "_triton_tried", False)
+    monkeypatch.setattr(backend, "_why_missing", dict(backend._why_missing))
+    monkeypatch.setitem(sys.modules, "moelora.triton_backend", None)  # as if `import triton` failed
+    with moelora.set_backend("triton"), pytest.raises(RuntimeError, match="triton is not importable"):
+        backend.resolve(torch.device("cpu"))
+
+
+def test_auto_never_picks_triton_for_cpu_tensors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with moelora.set_backend("auto"):
+        impl = backend.resolve(torch.device("cpu"))
+    assert impl.__name__ in ("moelora.cpu_backend", "moelora.reference")
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """bench/gpu_check.py end to end on tiny shapes under the interpreter: parity and repeat runs pass, the
+    JSON and markdown land in --out with the device in their names."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out", str(tmp_path)],
+        env=WORKER_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (report_path,) = tmp_path.glob("gpu-check-cpu-interpreter-*.json")
+    report = json.loads(report_path.read_text())
+    assert report["dry_run"] and report["parity"] and all(r["ok"] for r in report["parity"])
+    assert {r["op"] for r in report["parity"]} == {"route", "moe_lora", "mixlora_ffn"}
+    assert all(r["forward_bitwise"] and r["backward_bitwise"] for r in report["races"])
+    assert all(ms > 0 for row in report["ffn"] for ms in row["ms"].values())
+    assert report_path.with_suffix(".md").read_text().startswith("# gpu_check on cpu-interpreter")
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker()))
