@@ -50,16 +50,20 @@ def _keep(mask_ptr, i_b, o_s, m_s, stride_mb, stride_ms, HAS_MASK: tl.constexpr)
 
 
 @triton.jit
-def _rational(x, num_ptr, den_ptr, NUM: tl.constexpr, DEN: tl.constexpr):
-    """PAU's safe rational P(x) / (1 + sum_j |b_j| |x|^j) by Horner's rule, fp32."""
-    b_p = tl.zeros_like(x) + tl.load(num_ptr + NUM - 1).to(tl.float32)
-    for j in tl.static_range(1, NUM):
-        b_p = b_p * x + tl.load(num_ptr + NUM - 1 - j).to(tl.float32)
-    b_ax = tl.abs(x)
-    b_q = tl.zeros_like(x) + tl.abs(tl.load(den_ptr + DEN - 1).to(tl.float32))
-    for j in tl.static_range(1, DEN):
-        b_q = b_q * b_ax + tl.abs(tl.load(den_ptr + DEN - 1 - j).to(tl.float32))
-    return b_p / (1.0 + b_q * b_ax)
+def _activation(x, num_ptr, den_ptr, NUM: tl.constexpr, DEN: tl.constexpr, RATIONAL: tl.constexpr):
+    """PAU's safe rational P(x) / (1 + sum_j |b_j| |x|^j) by Horner's rule (or exact GELU), fp32."""
+    if RATIONAL:
+        b_p = tl.zeros_like(x) + tl.load(num_ptr + NUM - 1).to(tl.float32)
+        for j in tl.static_range(1, NUM):
+            b_p = b_p * x + tl.load(num_ptr + NUM - 1 - j).to(tl.float32)
+        b_ax = tl.abs(x)
+        b_q = tl.zeros_like(x) + tl.abs(tl.load(den_ptr + DEN - 1).to(tl.float32))
+        for j in tl.static_range(1, DEN):
+            b_q = b_q * b_ax + tl.abs(tl.load(den_ptr + DEN - 1 - j).to(tl.float32))
+        b_g = b_p / (1.0 + b_q * b_ax)
+    else:
+        b_g = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    return b_g
 
 
 @triton.jit
@@ -183,6 +187,7 @@ def prompt_route_fwd_kernel_head(
     K: tl.constexpr,
     NUM: tl.constexpr,
     DEN: tl.constexpr,
+    RATIONAL: tl.constexpr,
     BM: tl.constexpr,
     BH: tl.constexpr,
 ):
@@ -194,10 +199,11 @@ def prompt_route_fwd_kernel_head(
     for i_h in range(0, tl.cdiv(H, BH)):
         o_h = (i_h * BH + tl.arange(0, BH)).to(tl.int64)  # [BH]
         m_h = o_h < H
-        b_g = _rational(tl.load(pooled_ptr + i_b * H + o_h, mask=m_h, other=0.0), num_ptr, den_ptr, NUM, DEN)
+        b_x = tl.load(pooled_ptr + i_b * H + o_h, mask=m_h, other=0.0)  # [BH]
+        b_g = _activation(b_x, num_ptr, den_ptr, NUM, DEN, RATIONAL)
         p_w = wr_ptr + o_m[:, None] * stride_wm + o_h[None, :] * stride_wh
         b_w = tl.load(p_w, mask=m_m[:, None] & m_h[None, :], other=0.0).to(tl.float32)  # [BM, BH]
-        b_logit += tl.sum(b_w * b_g[None, :], axis=1)  # the tail of g is rational(0) != 0, but its W is 0
+        b_logit += tl.sum(b_w * b_g[None, :], axis=1)  # the tail of g may be rational(0) != 0, but its W is 0
 
     b_logit = tl.where(m_m, b_logit, float("-inf"))
     b_p = tl.exp(b_logit - tl.max(b_logit, axis=0))
@@ -239,6 +245,7 @@ def prompt_route_bwd_kernel_head(
     K: tl.constexpr,
     NUM: tl.constexpr,
     DEN: tl.constexpr,
+    RATIONAL: tl.constexpr,
     HAS_DG: tl.constexpr,
     HAS_DP: tl.constexpr,
     BM: tl.constexpr,
@@ -271,37 +278,43 @@ def prompt_route_bwd_kernel_head(
             b_dp += b_sel * tl.load(dgates_ptr + i_b64 * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_dl = b_p * (b_dp - tl.sum(b_p * b_dp, axis=0))  # [BM]
 
-        # The rational and its derivatives by Horner: P, P' in x; R = Q_s / |x| and R' in |x|.
         b_x = tl.load(pooled_ptr + i_b64 * H + o_h, mask=m_h, other=0.0)  # [BH]
-        b_ax = tl.abs(b_x)
-        b_pp = tl.zeros_like(b_x) + tl.load(num_ptr + NUM - 1).to(tl.float32)
-        b_dpp = tl.zeros_like(b_x)
-        for j in tl.static_range(1, NUM):
-            b_dpp = b_dpp * b_x + b_pp
-            b_pp = b_pp * b_x + tl.load(num_ptr + NUM - 1 - j).to(tl.float32)
-        b_r = tl.zeros_like(b_x) + tl.abs(tl.load(den_ptr + DEN - 1).to(tl.float32))
-        b_dr = tl.zeros_like(b_x)
-        for j in tl.static_range(1, DEN):
-            b_dr = b_dr * b_ax + b_r
-            b_r = b_r * b_ax + tl.abs(tl.load(den_ptr + DEN - 1 - j).to(tl.float32))
-        b_q = 1.0 + b_r * b_ax
-        b_g = b_pp / b_q
-        b_sign = tl.where(b_x > 0, 1.0, tl.where(b_x < 0, -1.0, 0.0))  # torch's abs'(0) = 0
-        b_gprime = b_dpp / b_q - b_g / b_q * (b_r + b_ax * b_dr) * b_sign
+        if RATIONAL:
+            # The rational and its derivatives by Horner: P, P' in x; R = Q_s / |x| and R' in |x|.
+            b_ax = tl.abs(b_x)
+            b_pp = tl.zeros_like(b_x) + tl.load(num_ptr + NUM - 1).to(tl.float32)
+            b_dpp = tl.zeros_like(b_x)
+            for j in tl.static_range(1, NUM):
+                b_dpp = b_dpp * b_x + b_pp
+                b_pp = b_pp * b_x + tl.load(num_ptr + NUM - 1 - j).to(tl.float32)
+            b_r = tl.zeros_like(b_x) + tl.abs(tl.load(den_ptr + DEN - 1).to(tl.float32))
+            b_dr = tl.zeros_like(b_x)
+            for j in tl.static_range(1, DEN):
+                b_dr = b_dr * b_ax + b_r
+                b_r = b_r * b_ax + tl.abs(tl.load(den_ptr + DEN - 1 - j).to(tl.float32))
+            b_q = 1.0 + b_r * b_ax
+            b_g = b_pp / b_q
+            b_sign = tl.where(b_x > 0, 1.0, tl.where(b_x < 0, -1.0, 0.0))  # torch's abs'(0) = 0
+            b_gprime = b_dpp / b_q - b_g / b_q * (b_r + b_ax * b_dr) * b_sign
+        else:  # exact GELU: g' = Phi(x) + x phi(x)
+            b_cdf = 0.5 * (1.0 + tl.erf(b_x * 0.7071067811865476))
+            b_g = b_x * b_cdf
+            b_gprime = b_cdf + b_x * 0.3989422804014327 * tl.exp(-0.5 * b_x * b_x)
 
         b_dw += b_dl[:, None] * b_g[None, :]
         b_dg = tl.sum(b_dl[:, None] * b_w, axis=0)  # [BH]; 0 in the tail, so the tail adds nothing below
         tl.store(dpooled_ptr + i_b64 * H + o_h, b_dg * b_gprime, mask=m_h)
-        b_t = b_dg / b_q  # dg/da_j = x^j / Q
-        b_xj = tl.zeros_like(b_x) + 1.0
-        for j in tl.static_range(NUM):
-            b_dnum += tl.where(o_j == j, tl.sum(b_t * b_xj, axis=0), 0.0)
-            b_xj = b_xj * b_x
-        b_t = -b_dg * b_g / b_q  # dg/d|b_j| = -P / Q^2 * |x|^j, j >= 1
-        b_xj = b_ax
-        for j in tl.static_range(DEN):
-            b_dden += tl.where(o_j == j, tl.sum(b_t * b_xj, axis=0), 0.0)
-            b_xj = b_xj * b_ax
+        if RATIONAL:
+            b_t = b_dg / b_q  # dg/da_j = x^j / Q
+            b_xj = tl.zeros_like(b_x) + 1.0
+            for j in tl.static_range(NUM):
+                b_dnum += tl.where(o_j == j, tl.sum(b_t * b_xj, axis=0), 0.0)
+                b_xj = b_xj * b_x
+            b_t = -b_dg * b_g / b_q  # dg/d|b_j| = -P / Q^2 * |x|^j, j >= 1
+            b_xj = b_ax
+            for j in tl.static_range(DEN):
+                b_dden += tl.where(o_j == j, tl.sum(b_t * b_xj, axis=0), 0.0)
+                b_xj = b_xj * b_ax
 
     b_den = tl.load(den_ptr + o_j, mask=o_j < DEN, other=0.0).to(tl.float32)
     b_dden = b_dden * tl.where(b_den > 0, 1.0, tl.where(b_den < 0, -1.0, 0.0))
@@ -431,6 +444,14 @@ def prompt_route_bwd_kernel_pool(
         tl.store(dw_ptr + i_b * H + o_h, b_dw, mask=m_h)
 
 
+def _activation_args(numerator: Tensor | None, denominator: Tensor | None, dummy: Tensor) -> dict:
+    """Kernel arguments of the activation: the rational's coefficients, or exact GELU when both are None."""
+    if numerator is None:
+        return dict(num_ptr=dummy, den_ptr=dummy, NUM=1, DEN=1, RATIONAL=False)
+    numerator, denominator = numerator.contiguous(), denominator.contiguous()
+    return dict(num_ptr=numerator, den_ptr=denominator, NUM=numerator.numel(), DEN=denominator.numel(), RATIONAL=True)
+
+
 def _grid_h(H: int) -> int:
     return triton.cdiv(H, BLOCK_H)
 
@@ -448,8 +469,8 @@ def prompt_route_fwd(
     hidden: Tensor,
     mask: Tensor | None,
     router_weight: Tensor,
-    numerator: Tensor,
-    denominator: Tensor,
+    numerator: Tensor | None,
+    denominator: Tensor | None,
     pool_weight: Tensor | None,
     top_k: int,
     pooling: str,
@@ -460,7 +481,6 @@ def prompt_route_fwd(
     M = router_weight.shape[0]
     dev = hidden.device
     pool = POOL_CODES[pooling]
-    numerator, denominator = numerator.contiguous(), denominator.contiguous()
     mask_t, stride_mb, stride_ms = _mask_arg(mask, hidden)
     strides = dict(stride_hb=hidden.stride(0), stride_hs=hidden.stride(1), stride_hh=hidden.stride(2))
     mask_args = dict(mask_ptr=mask_t, stride_mb=stride_mb, stride_ms=stride_ms, HAS_MASK=mask is not None)
@@ -505,8 +525,7 @@ def prompt_route_fwd(
     prompt_route_fwd_kernel_head[(Bn,)](
         pooled_ptr=pooled,
         wr_ptr=router_weight,
-        num_ptr=numerator,
-        den_ptr=denominator,
+        **_activation_args(numerator, denominator, pooled),
         gates_ptr=gates,
         indices_ptr=indices,
         probs_ptr=probs,
@@ -515,8 +534,6 @@ def prompt_route_fwd(
         stride_wm=router_weight.stride(0),
         stride_wh=router_weight.stride(1),
         K=top_k,
-        NUM=numerator.numel(),
-        DEN=denominator.numel(),
         BM=triton.next_power_of_2(max(M, 2)),
         BH=BLOCK_H,
         num_warps=NUM_WARPS,
@@ -530,8 +547,8 @@ def prompt_route_bwd(
     hidden: Tensor,
     mask: Tensor | None,
     router_weight: Tensor,
-    numerator: Tensor,
-    denominator: Tensor,
+    numerator: Tensor | None,
+    denominator: Tensor | None,
     pool_weight: Tensor | None,
     indices: Tensor,
     probs: Tensor,
@@ -539,16 +556,16 @@ def prompt_route_bwd(
     scores: Tensor,
     lse: Tensor,
     pooling: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """-> d hidden [B, S, H] (hidden's dtype), d router_weight [M, H], d numerator, d denominator (their
-    dtypes), d pool_weight [H] (attention pooling; None otherwise). A None upstream gradient counts as 0."""
+    dtypes; None with GELU), d pool_weight [H] (attention pooling; None otherwise). A None upstream
+    gradient counts as 0."""
     Bn, S, H = hidden.shape
     M, k = probs.shape[1], indices.shape[1]
     dev = hidden.device
     pool = POOL_CODES[pooling]
-    numerator, denominator = numerator.contiguous(), denominator.contiguous()
-    NUM, DEN = numerator.numel(), denominator.numel()
-    BJ = triton.next_power_of_2(max(NUM, DEN))
+    act = _activation_args(numerator, denominator, pooled)
+    BJ = triton.next_power_of_2(max(act["NUM"], act["DEN"]))
     n_h = _grid_h(H)
 
     dpooled = torch.empty(Bn, H, dtype=torch.float32, device=dev)
@@ -562,8 +579,6 @@ def prompt_route_bwd(
         indices_ptr=indices,
         pooled_ptr=pooled,
         wr_ptr=router_weight,
-        num_ptr=numerator,
-        den_ptr=denominator,
         dpooled_ptr=dpooled,
         dwr_ptr=d_router,
         dnum_ptr=dnum,
@@ -574,14 +589,13 @@ def prompt_route_bwd(
         stride_wm=router_weight.stride(0),
         stride_wh=router_weight.stride(1),
         K=k,
-        NUM=NUM,
-        DEN=DEN,
         HAS_DG=grad_gates is not None,
         HAS_DP=grad_probs is not None,
         BM=triton.next_power_of_2(max(M, 2)),
         BH=BLOCK_H,
         BJ=BJ,
         num_warps=NUM_WARPS,
+        **act,
     )
 
     mask_t, stride_mb, stride_ms = _mask_arg(mask, hidden)
@@ -626,8 +640,10 @@ def prompt_route_bwd(
         **strides,
         **mask_args,
     )
-    d_num = dnum.sum(dim=0)[:NUM].to(numerator.dtype)
-    d_den = dden.sum(dim=0)[:DEN].to(denominator.dtype)
+    d_num = d_den = None
+    if act["RATIONAL"]:
+        d_num = dnum.sum(dim=0)[: act["NUM"]].to(numerator.dtype)
+        d_den = dden.sum(dim=0)[: act["DEN"]].to(denominator.dtype)
     d_pool_weight = dw.sum(dim=0).to(pool_weight.dtype) if attention else None
     return d_hidden, d_router, d_num, d_den, d_pool_weight
 
@@ -657,8 +673,8 @@ def check_inputs(
     hidden: Tensor,
     mask: Tensor | None,
     router_weight: Tensor,
-    numerator: Tensor,
-    denominator: Tensor,
+    numerator: Tensor | None,
+    denominator: Tensor | None,
     top_k: int,
     pooling: str,
     pool_weight: Tensor | None,
@@ -666,8 +682,11 @@ def check_inputs(
     """Raise ValueError / TypeError for arguments `prompt_route` cannot run; no host sync."""
     if pooling not in POOLINGS:
         raise ValueError(f"prompt_route: pooling must be one of {POOLINGS}, got {pooling!r}")
-    named = [("hidden", hidden, 3), ("router_weight", router_weight, 2), ("numerator", numerator, 1)]
-    named += [("denominator", denominator, 1)]
+    if (numerator is None) != (denominator is None):
+        raise ValueError("prompt_route: pass both numerator and denominator (rational), or neither (exact GELU)")
+    named = [("hidden", hidden, 3), ("router_weight", router_weight, 2)]
+    if numerator is not None:
+        named += [("numerator", numerator, 1), ("denominator", denominator, 1)]
     if mask is not None:
         named.append(("mask", mask, 2))
     if pooling == "attention":
@@ -697,7 +716,7 @@ def check_inputs(
         raise ValueError(f"prompt_route: router_weight must have 1..{MAX_MODULES} modules (rows), got {M}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= M:
         raise ValueError(f"prompt_route: top_k must be in [1, {M}] (the number of LoRA modules), got {top_k!r}")
-    if numerator.numel() < 1 or denominator.numel() < 1:
+    if numerator is not None and (numerator.numel() < 1 or denominator.numel() < 1):
         raise ValueError(
             f"prompt_route: the rational needs numerator [m + 1] and denominator [n], m, n >= 0 / >= 1; got "
             f"{tuple(numerator.shape)} and {tuple(denominator.shape)}"
@@ -714,8 +733,8 @@ def prompt_route(
     hidden: Tensor,
     mask: Tensor | None,
     router_weight: Tensor,
-    numerator: Tensor,
-    denominator: Tensor,
+    numerator: Tensor | None,
+    denominator: Tensor | None,
     *,
     top_k: int,
     pooling: str = "attention",
@@ -727,7 +746,8 @@ def prompt_route(
         hidden: [B, S, H] float16 / bfloat16 / float32, the states entering the layer (any strides).
         mask: [B, S] bool / integer / float, nonzero = prompt token (left or right padding), or None.
         router_weight: [M, H] float, 1 <= M <= 64 (MiLoRA: the 7 projections).
-        numerator: [m + 1] rational a_0..a_m (MiLoRA: 7); denominator: [n] b_1..b_n (MiLoRA: 5).
+        numerator: [m + 1] rational a_0..a_m (MiLoRA: 7); denominator: [n] b_1..b_n (MiLoRA: 5); both
+            None: exact (erf) GELU instead of the rational.
         top_k: int in 1..M.
         pooling: "attention" (softmax over the prompt of hidden @ pool_weight), "mean", "last" or "max".
         pool_weight: [H], needed by "attention" pooling only.
