@@ -1,10 +1,15 @@
 """moelora.kernels: the Triton kernels (CUDA; CPU tensors only under TRITON_INTERPRET=1).
 
-In this release: `route` (router GEMM + softmax + top-k / top-p, fused; backward) and `moe_lora` (the
-dense-masked regime: one read of x for every expert's shrink, one expand GEMM with K = E*r; backward),
-each tested against moelora.reference under the interpreter in fp32 and fp16. Not yet: the fused
-`mixlora_ffn` kernel, the sorted regime for large E*r, torch.library registration, and any run on a GPU.
-Until `mixlora_ffn` exists these kernels are not registered as the `triton` backend, so
-`MOELORA_BACKEND=triton` still raises and `auto` runs the reference on CUDA tensors.
-The kernel files never import transformers.
+- `route`: router GEMM + softmax + top-k / top-p, fused; backward.
+- `moe_lora`: the dense-masked regime (one read of x for every expert's shrink, one expand GEMM with
+  K = E*r); backward.
+- `mixlora_ffn`: from the frozen base's G and U, the gate/up LoRA expand per slot, activation (SiLU,
+  GELU erf / tanh, ReLU), product, weighted sum into hbar and the down-LoRA shrink, never materialising
+  [T, k, I]; backward recomputes h. The caller runs the frozen down projection once, on hbar.
+No atomics in any forward or backward: results are deterministic. Each is tested against
+moelora.reference under the interpreter in fp32 and fp16. moelora.triton_backend registers them as
+torch.library ops (namespace moelora_triton) behind `MOELORA_BACKEND=triton` (and `auto` on CUDA).
+Not yet: the sorted (ScatterMoE-style) regime for large E*r, a route kernel fused with the shrink, and
+any run on a GPU (bench/gpu_check.py is the one-call check for that). The kernel files never import
+transformers.
 """

@@ -241,9 +241,10 @@ def worker() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def worker_results() -> dict[str, list[str]]:
-    # One BLAS thread: numpy's threads spin against each other on a small shared machine (24 ms -> 0.1 ms
-    # for one of the interpreter's 32x512x32 dots here).
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1"}
+    # One BLAS / OpenMP thread: the interpreter runs one program at a time anyway, and idle numpy / torch
+    # threads spin against each other on a small shared machine (24 ms -> 0.1 ms for one of the
+    # interpreter's 32x512x32 dots here; the reference's backward 5x faster).
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")

@@ -114,7 +114,7 @@ def _child(path: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("triton_route") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", OPENBLAS_NUM_THREADS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"interpreter child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     return torch.load(path)
