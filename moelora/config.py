@@ -1,4 +1,5 @@
-"""Adapter configs: MixLoRA with MoE-PEFT's keys and defaults, validated before a model is touched."""
+"""Adapter configs, validated before a model is touched: MixLoRA (MoE-PEFT's keys and defaults), MiLoRA,
+and plain LoRA (PEFT's keys, so PEFT LoRA adapters load as tenants beside the others)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from transformers.activations import ACT2FN
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROUTING_STRATEGIES = ("mixlora", "mixlora-dynamic")
-PEFT_TYPES = ("MIXLORA", "MILORA")
+PEFT_TYPES = ("MIXLORA", "MILORA", "LORA")
+POOLINGS = ("attention", "mean", "last", "max")
+MILORA_ACTIVATIONS = ("rational", "gelu")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -200,3 +203,157 @@ class MixLoraConfig:
         if isinstance(kwargs.get("top_p"), int):
             kwargs["top_p"] = float(kwargs["top_p"])
         return cls(**kwargs)
+
+
+@dataclass
+class MiLoraConfig:
+    """MiLoRA (arXiv 2410.18035): each layer's LoRA modules are the experts, routed once per prompt.
+
+    A router per layer pools the prompt's hidden states entering the layer, applies a rational (Pade)
+    activation, a softmax over the layer's adapted modules and a top-k; module m adds p_m * s * B_m A_m x
+    when selected. The routing is computed at prefill and reused by every decoding step.
+    """
+
+    r: int = field(default=32, metadata={"help": "LoRA rank of every module."})
+    lora_alpha: float = field(default=64, metadata={"help": "LoRA scaling numerator: s = alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on LoRA inputs in training."})
+    top_k: int = field(default=3, metadata={"help": "Modules that fire per layer and prompt."})
+    pooling: str = field(default="attention", metadata={"help": "Prompt pooling: attention, mean, last or max."})
+    activation: str = field(default="rational", metadata={"help": "Router activation: 'rational' (PAU) or 'gelu'."})
+    target_modules: list[str] = field(
+        default_factory=lambda: list(LLAMA_PROJECTIONS),
+        metadata={"help": "The LoRA modules (experts) of each layer; the default means all of the family's."},
+    )
+    router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balance loss."})
+    router_init_range: float = field(default=0.02, metadata={"help": "Std of the router's normal init."})
+    use_rslora: bool = field(default=False, metadata={"help": "s = alpha / sqrt(r)."})
+    lora_init: str = field(default="original", metadata={"help": "'original' (kaiming A) or 'gaussian'."})
+    base_model_name_or_path: str | None = None
+    task_type: str = "CAUSAL_LM"
+    peft_type: str = "MILORA"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, dict):
+            self.target_modules = [name for name, on in self.target_modules.items() if on]
+        self.target_modules = list(self.target_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        _check(self.peft_type == "MILORA", f"peft_type must be 'MILORA' for MiLoraConfig, got {self.peft_type!r}")
+        _check(isinstance(self.r, int) and self.r > 0, f"r must be a positive int, got {self.r!r}")
+        _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _check(len(self.target_modules) > 0, "target_modules must name at least one projection")
+        _check(
+            len(set(self.target_modules)) == len(self.target_modules),
+            f"target_modules must not repeat a name, got {self.target_modules}",
+        )
+        n = len(self.target_modules)
+        _check(
+            isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and 1 <= self.top_k <= n,
+            f"top_k must be an int in [1, {n}] (the number of target modules), got {self.top_k!r}",
+        )
+        _check(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        _check(
+            self.activation in MILORA_ACTIVATIONS,
+            f"activation must be one of {MILORA_ACTIVATIONS}, got {self.activation!r}",
+        )
+        _check(self.router_init_range >= 0, f"router_init_range must be >= 0, got {self.router_init_range!r}")
+        _check(self.router_aux_loss_coef >= 0, f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        _check(
+            self.lora_init in ("original", "gaussian"),
+            f"lora_init must be 'original' or 'gaussian', got {self.lora_init!r}",
+        )
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / math.sqrt(self.r) if self.use_rslora else self.lora_alpha / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["bias"] = "none"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MiLoraConfig:
+        _check(
+            d.get("peft_type") == "MILORA",
+            f"adapter_config.json: peft_type must be 'MILORA', got {d.get('peft_type')!r}",
+        )
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class LoraConfig:
+    """Plain LoRA with PEFT's keys: read and written in PEFT's format, served beside MixLoRA/MiLoRA tenants."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False
+    use_dora: bool = False
+    lora_init: str = "original"
+    base_model_name_or_path: str | None = None
+    task_type: str = "CAUSAL_LM"
+    peft_type: str = "LORA"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            raise ValueError(f"target_modules must be a list of module names, got the string {self.target_modules!r}")
+        self.target_modules = list(self.target_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        _check(self.peft_type == "LORA", f"peft_type must be 'LORA' for LoraConfig, got {self.peft_type!r}")
+        _check(isinstance(self.r, int) and self.r > 0, f"r must be a positive int, got {self.r!r}")
+        _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _check(len(self.target_modules) > 0, "target_modules must name at least one projection")
+        _check(
+            self.lora_init in ("original", "gaussian"),
+            f"lora_init must be 'original' or 'gaussian', got {self.lora_init!r}",
+        )
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / math.sqrt(self.r) if self.use_rslora else self.lora_alpha / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("lora_init")
+        d["bias"] = "none"
+        d["init_lora_weights"] = True if self.lora_init == "original" else "gaussian"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
+        _check(
+            d.get("peft_type") == "LORA", f"adapter_config.json: peft_type must be 'LORA', got {d.get('peft_type')!r}"
+        )
+        if d.get("bias", "none") != "none":
+            raise ValueError(f"adapter_config.json: LoRA bias={d.get('bias')!r} is not supported (only 'none')")
+        unsupported = [
+            k for k in ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern") if d.get(k)
+        ]
+        if unsupported:
+            raise ValueError(f"adapter_config.json: PEFT LoRA options {unsupported} are not supported")
+        names = {f.name for f in dataclasses.fields(cls)} - {"lora_init"}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if isinstance(kwargs.get("target_modules"), str):
+            raise ValueError("adapter_config.json: target_modules as a regular expression is not supported")
+        kwargs["lora_init"] = "gaussian" if d.get("init_lora_weights") == "gaussian" else "original"
+        return cls(**kwargs)
+
+
+AdapterConfig = MixLoraConfig | MiLoraConfig | LoraConfig
+
+
+def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
+    """The config class named by `peft_type` (MIXLORA, MILORA or LORA), read from an adapter_config.json dict."""
+    peft_type = d.get("peft_type")
+    classes = {"MIXLORA": MixLoraConfig, "MILORA": MiLoraConfig, "LORA": LoraConfig}
+    if peft_type not in classes:
+        raise ValueError(f"adapter_config.json: peft_type must be one of {sorted(classes)}, got {peft_type!r}")
+    return classes[peft_type].from_dict(d)

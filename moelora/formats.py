@@ -1,13 +1,16 @@
-"""Adapter files: ours (PEFT file names, safetensors) and MoE-PEFT / mixlora's (adapter_model.bin).
+"""Adapter files: ours (PEFT file names, safetensors), MoE-PEFT / mixlora's (adapter_model.bin), PEFT's LoRA.
 
 Our keys, per adapted module path P inside the HF model (e.g. P = model.layers.0.self_attn.q_proj):
     P.lora_A.weight [r, in]      P.lora_B.weight [out, r]      P.lora_magnitude_vector [out]  (DoRA)
-and per MixLoRA FFN M (e.g. model.layers.0.mlp), experts stacked on dim 0:
+per MixLoRA FFN M (e.g. model.layers.0.mlp), experts stacked on dim 0:
     M.router.weight [E, H]       M.<proj>.lora_A.weight [E, r, in]   M.<proj>.lora_B.weight [E, out, r]
     M.<proj>.lora_magnitude_vector [E, out]  (DoRA)
+and per MiLoRA router R (R = model.layers.{i}.milora_router):
+    R.weight [M, H]   R.pool_weight [H] (attention pooling)   R.rational_numerator [7]   R.rational_denominator [5]
 MoE-PEFT's keys: mixlora.layers.{i}.self_attn.<proj>.lora_{A,B}.weight, mixlora.layers.{i}.mlp.moe_gate.weight,
 mixlora.layers.{i}.mlp.<proj>.experts.{e}.lora_{A,B}.weight; it stores no DoRA magnitudes (it recomputes
-them as ||W + s B A|| on load, and so do we for its files).
+them as ||W + s B A|| on load, and so do we for its files). A plain LoRA adapter is written as PEFT writes
+it: our keys with the prefix `base_model.model.` (so PEFT loads it, and we load PEFT's).
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from moelora.config import MixLoraConfig
+from moelora.config import AdapterConfig, LoraConfig, MixLoraConfig, config_from_dict
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MOE_PEFT_WEIGHTS_FILE = "adapter_model.bin"
 FORMATS = ("moelora", "moe-peft")
+PEFT_PREFIX = "base_model.model."
 
 
 def adapter_tensors(path: str, adapter: nn.Module) -> dict[str, Tensor]:
     """The adapter module's parameters under our keys (the Parameters themselves, not copies)."""
+    if hasattr(adapter, "module_names"):  # a MiLoraRouter
+        return {f"{path}.{name}": p for name, p in adapter.named_parameters()}
     if hasattr(adapter, "router"):
         out = {f"{path}.router.weight": adapter.router}
         for proj in adapter.lora_A:
@@ -48,28 +54,41 @@ def adapter_tensors(path: str, adapter: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _atomic_write(directory: str, name: str, write) -> None:
-    """Write through a temporary file in the same directory, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    os.close(fd)
+def _write_all(directory: str, files: dict[str, Any]) -> None:
+    """Write every file through a temporary file in `directory`, then rename them all into place.
+
+    A failure while writing (disk full, a bad tensor, an interrupt) leaves every existing file untouched
+    and no temporary file behind; only the final renames, each atomic, remain.
+    """
+    written: list[tuple[str, str]] = []
     try:
-        write(tmp)
-        os.replace(tmp, os.path.join(directory, name))
+        for name, write in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+            os.close(fd)
+            written.append((tmp, name))
+            write(tmp)
+        for tmp, name in written:
+            os.replace(tmp, os.path.join(directory, name))
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp, _ in written:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
 
 
-def save(directory: str, config: MixLoraConfig, tensors: dict[str, Tensor], format: str = "moelora") -> None:
+def save(directory: str, config: AdapterConfig, tensors: dict[str, Tensor], format: str = "moelora") -> None:
     if format not in FORMATS:
         raise ValueError(f"save_pretrained: format must be one of {FORMATS}, got {format!r}")
+    if format == "moe-peft" and not isinstance(config, MixLoraConfig):
+        raise ValueError(f"save_pretrained: format='moe-peft' holds MixLoRA adapters only, not {config.peft_type}")
     os.makedirs(directory, exist_ok=True)
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if isinstance(config, LoraConfig):
+        data = {PEFT_PREFIX + k: v for k, v in data.items()}
     if format == "moelora":
         conf = config.to_dict()
         stale = os.path.join(directory, MOE_PEFT_WEIGHTS_FILE)
-        _atomic_write(directory, WEIGHTS_FILE, lambda p: save_file(data, p, metadata={"format": "pt"}))
+        files = {WEIGHTS_FILE: lambda p: save_file(data, p, metadata={"format": "pt"})}
     else:
         conf = config.to_moe_peft_dict()
         if config.use_dora:
@@ -79,8 +98,9 @@ def save(directory: str, config: MixLoraConfig, tensors: dict[str, Tensor], form
                 stacklevel=3,
             )
         stale = os.path.join(directory, WEIGHTS_FILE)
-        _atomic_write(directory, MOE_PEFT_WEIGHTS_FILE, lambda p: torch.save(to_moe_peft(data), p))
-    _atomic_write(directory, CONFIG_FILE, lambda p: _write_json(p, conf))
+        files = {MOE_PEFT_WEIGHTS_FILE: lambda p: torch.save(to_moe_peft(data), p)}
+    files[CONFIG_FILE] = lambda p: _write_json(p, conf)
+    _write_all(directory, files)
     if os.path.exists(stale):  # a weights file of the other format would make the directory ambiguous
         os.remove(stale)
 
@@ -90,7 +110,7 @@ def _write_json(path: str, obj: dict[str, Any]) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
 
 
-def load(directory: str) -> tuple[MixLoraConfig, dict[str, Tensor], str]:
+def load(directory: str) -> tuple[AdapterConfig, dict[str, Tensor], str]:
     """(config, tensors, format) from an adapter directory; a missing or corrupt file raises ValueError."""
     if not os.path.isdir(directory):
         raise ValueError(f"adapter directory {directory!r} does not exist")
@@ -105,15 +125,20 @@ def load(directory: str) -> tuple[MixLoraConfig, dict[str, Tensor], str]:
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
     try:
-        config = MixLoraConfig.from_dict(raw)
+        config = config_from_dict(raw)
     except TypeError as e:
         raise ValueError(f"{config_path}: {e}") from e
     ours, theirs = os.path.join(directory, WEIGHTS_FILE), os.path.join(directory, MOE_PEFT_WEIGHTS_FILE)
     if os.path.isfile(ours):
         try:
-            return config, load_file(ours), "moelora"
+            tensors = load_file(ours)
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{ours} is not a readable safetensors file: {e}") from e
+        if isinstance(config, LoraConfig):  # PEFT's keys: ours behind base_model.model.
+            tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
+        return config, tensors, "moelora"
+    if os.path.isfile(theirs) and not isinstance(config, MixLoraConfig):
+        raise ValueError(f"{theirs}: adapter_model.bin is read for MixLoRA adapters only, this is {config.peft_type}")
     if os.path.isfile(theirs):
         try:
             tensors = torch.load(theirs, map_location="cpu", weights_only=True)

@@ -1,21 +1,33 @@
-"""Drop-in modules: LoraLinear for attention projections, MixLoraFFN for the MoE-of-LoRA FFN.
+"""Drop-in modules: LoraLinear for projections, MixLoraFFN for the MoE-of-LoRA FFN, MiLoraRouter per layer.
 
-Each wraps the original module as `base_layer` (frozen, untouched) and holds one small module per
+Each wrapper keeps the original module as `base_layer` (frozen, untouched) and holds one small module per
 adapter in `adapters`, so several adapters can live on one base; `active_adapter` picks one (None
 disables them all). Adapter parameters are fp32 whatever the base dtype, as in MoE-PEFT.
+
+Mixed batches (one adapter per sequence, PEFT's `adapter_names`): the model sets a shared BatchPlan on
+every wrapper (`batch_plan`); a wrapper then applies each adapter it holds to that adapter's rows only.
+MiLoRA: a LoraAdapter on a MiLoRA module reads its per-sequence gate from its layer's MiLoraRouter,
+whose routing is computed at prefill and kept (`MiLoraRouter.routing`) for every decoding step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelora import ops
-from moelora.reference import ExpertLora, dora_scale
+from moelora.reference import (
+    RATIONAL_GELU_DENOMINATOR,
+    RATIONAL_GELU_NUMERATOR,
+    ExpertLora,
+    PromptRouting,
+    dora_scale,
+)
 
 # FFN shapes we know: the projections that feed the activation, and the one after it.
 FFN_KINDS = {
@@ -76,27 +88,115 @@ class LoraAdapter(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, device=device))
         _init_A(self.lora_A.data, init, r)
         self.lora_magnitude = nn.Parameter(_row_norm(base.weight)) if use_dora else None
+        # MiLoRA: (the layer's router, this module's column in its gates); a tuple, so not a submodule.
+        self.milora: tuple[MiLoraRouter, int] | None = None
+
+    def gates(self, rows: int) -> Tensor | None:
+        """This module's MiLoRA gate per sequence [rows] fp32, or None for a plain LoRA."""
+        if self.milora is None:
+            return None
+        router, column = self.milora
+        return router.gates(column, rows)
 
 
 class LoraLinear(nn.Module):
-    """y = base(x) + s B A drop(x); with DoRA y = m / ||W + s B A|| * (base(x) + s B A drop(x))."""
+    """y = base(x) + s B A drop(x); with DoRA y = m / ||W + s B A|| * (base(x) + s B A drop(x)).
+
+    A MiLoRA module multiplies its delta by its sequence's gate (0 when the router did not pick it).
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
+        self.batch_plan: BatchPlan | None = None
+        self._stacks: tuple[tuple, tuple[Tensor, Tensor, Tensor, dict[str, int]]] | None = None
+
+    # The frozen layer's attributes, so code that reads a Linear (a MixLoraFFN over this FFN) still works.
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def in_features(self) -> int:
+        return linear_shape(self.base_layer)[1]
+
+    @property
+    def out_features(self) -> int:
+        return linear_shape(self.base_layer)[0]
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
+        if self.batch_plan is not None:
+            return self._forward_mixed(x, y, self.batch_plan)
         if self.active_adapter is None or self.active_adapter not in self.adapters:
             return y
         a: LoraAdapter = self.adapters[self.active_adapter]
-        y = y + ops.lora(a.dropout(x), a.lora_A, a.lora_B, a.scaling).to(y.dtype)
+        return self._add_delta(a, x, y)
+
+    def _add_delta(self, a: LoraAdapter, x: Tensor, y: Tensor) -> Tensor:
+        """y + this adapter's delta on every row of x (gated per sequence for MiLoRA)."""
+        delta = ops.lora(a.dropout(x), a.lora_A, a.lora_B, a.scaling)
+        gates = a.gates(x.shape[0])
+        if gates is not None:
+            delta = (delta * gates.view(-1, *[1] * (delta.dim() - 1))).to(y.dtype)
+        y = y + delta.to(y.dtype)
         if a.lora_magnitude is not None:
             scale = dora_scale(self.base_layer.weight, a.lora_A, a.lora_B, a.scaling, a.lora_magnitude)
             y = (y.to(scale.dtype) * scale).to(y.dtype)
         return y
+
+    def _forward_mixed(self, x: Tensor, y: Tensor, plan: BatchPlan) -> Tensor:
+        groups = [(name, rows) for name, rows in plan.groups(x.shape[0], x.device) if name in self.adapters]
+        if not groups:
+            return y
+        if len(groups) == 1 and groups[0][1] is None:  # the whole batch runs one adapter
+            return self._add_delta(self.adapters[groups[0][0]], x, y)
+        adapters = [self.adapters[name] for name, _ in groups]
+        if torch.is_grad_enabled() or any(a.lora_magnitude is not None for a in adapters):
+            for a, (_, rows) in zip(adapters, groups, strict=True):
+                y = y.index_copy(0, rows, self._add_delta(a, x[rows], y[rows]))
+            return y
+        return y + self._segmented(x, plan).to(y.dtype)
+
+    def _segmented(self, x: Tensor, plan: BatchPlan) -> Tensor:
+        """Every row's adapter in one segmented_lora call over stacked (rank zero-padded) LoRAs."""
+        A, B, scaling, slot = self._stacked()
+        rows, seq = x.shape[0], x.shape[1] if x.dim() == 3 else 1
+        seq_lora = plan.slots(slot, x.device)
+        seq_gate = torch.ones(rows, dtype=torch.float32, device=x.device)
+        for name, idx in plan.groups(rows, x.device):
+            gates = self.adapters[name].gates(rows if idx is None else idx.numel()) if name in self.adapters else None
+            if gates is not None:
+                seq_gate = seq_gate.index_copy(0, idx, gates.float()) if idx is not None else gates.float()
+        token_seq = torch.arange(rows, device=x.device).repeat_interleave(seq)
+        flat = x.reshape(-1, x.shape[-1])
+        delta = ops.segmented_lora(flat, token_seq, seq_lora, seq_gate, A, B, scaling)
+        return delta.reshape(*x.shape[:-1], delta.shape[-1])
+
+    def _stacked(self) -> tuple[Tensor, Tensor, Tensor, dict[str, int]]:
+        """Every adapter's A [n, r_max, in], B [n, out, r_max] and scaling [n], rebuilt only when a weight changed."""
+        names = list(self.adapters)
+        key = tuple((n, self.adapters[n].lora_A._version, self.adapters[n].lora_B._version) for n in names)
+        key += tuple((id(self.adapters[n].lora_A), self.adapters[n].lora_A.device) for n in names)
+        if self._stacks is None or self._stacks[0] != key:
+            r = max(self.adapters[n].lora_A.shape[0] for n in names)
+            first = self.adapters[names[0]]
+            A = first.lora_A.new_zeros(len(names), r, first.lora_A.shape[1])
+            B = first.lora_B.new_zeros(len(names), first.lora_B.shape[0], r)
+            with torch.no_grad():
+                for i, n in enumerate(names):
+                    a = self.adapters[n]
+                    A[i, : a.lora_A.shape[0]] = a.lora_A
+                    B[i, :, : a.lora_B.shape[1]] = a.lora_B
+            scaling = torch.tensor([self.adapters[n].scaling for n in names], dtype=torch.float32, device=A.device)
+            self._stacks = (key, (A, B, scaling, {n: i for i, n in enumerate(names)}))
+        return self._stacks[1]
 
 
 class MixLoraAdapter(nn.Module):
@@ -170,11 +270,43 @@ class MixLoraFFN(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.router_log: list[tuple[Tensor, Tensor]] | None = None
+        self.batch_plan: BatchPlan | None = None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        if self.batch_plan is not None:
+            return self._forward_mixed(hidden_states, self.batch_plan)
         if self.active_adapter is None or self.active_adapter not in self.adapters:
             return self.base_layer(hidden_states)
-        a: MixLoraAdapter = self.adapters[self.active_adapter]
+        return self._mixlora(self.adapters[self.active_adapter], hidden_states)
+
+    def _forward_mixed(self, hidden_states: Tensor, plan: BatchPlan) -> Tensor:
+        """MixLoRA rows through their adapter, the other rows through the base FFN (whose own LoRA
+        wrappers then see only those rows: the plan is narrowed to them)."""
+        rows_total = hidden_states.shape[0]
+        groups = [(n, rows) for n, rows in plan.groups(rows_total, hidden_states.device) if n in self.adapters]
+        if not groups:
+            return self.base_layer(hidden_states)
+        if len(groups) == 1 and groups[0][1] is None:
+            with plan.narrowed([]):
+                return self._mixlora(self.adapters[groups[0][0]], hidden_states)
+        names = plan.names()
+        mine = {n for n, _ in groups}
+        rest = [i for i, n in enumerate(names) if n not in mine]
+        out = None
+        if rest:
+            rest_rows = torch.tensor(rest, device=hidden_states.device)
+            with plan.narrowed(rest):
+                base_out = self.base_layer(hidden_states[rest_rows])
+            out = base_out.new_empty(rows_total, *base_out.shape[1:]).index_copy(0, rest_rows, base_out)
+        for name, rows in groups:
+            with plan.narrowed([]):
+                part = self._mixlora(self.adapters[name], hidden_states[rows])
+            if out is None:
+                out = part.new_empty(rows_total, *part.shape[1:])
+            out = out.index_copy(0, rows, part)
+        return out
+
+    def _mixlora(self, a: MixLoraAdapter, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         if self.training and a.jitter_noise > 0:
@@ -232,3 +364,147 @@ class MixLoraFFN(nn.Module):
             down_dropout=down_dropout,
         )
         return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class BatchPlan:
+    """Which adapter each sequence of a batch runs (PEFT's `adapter_names`), shared by every wrapper.
+
+    The model binds the plan to each call's batch size (`bind`): the names as given, or each repeated
+    rows / len(names) times when generate() expanded the batch (beams, num_return_sequences). A MixLoraFFN
+    narrows it to the rows it passes on to its base layer (`narrowed`). Row-index tensors are built once
+    per layout and device and cached, so decoding steps copy nothing to the device.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.given = list(names)
+        self._stack: list[list[str]] = []
+        self._cache: dict[tuple, object] = {}
+
+    def bind(self, rows: int) -> None:
+        """Set the batch of the call about to run: `rows` sequences."""
+        names = self.given
+        if rows != len(names):
+            if rows % len(names) != 0:
+                raise ValueError(
+                    f"adapter_names has {len(names)} entries but the batch has {rows} sequences; "
+                    "pass one adapter name per sequence"
+                )
+            names = [n for n in names for _ in range(rows // len(names))]
+        self._stack = [names]
+
+    def names(self) -> list[str]:
+        if not self._stack:
+            raise RuntimeError("BatchPlan: used before bind(); run the model through MoeLoraModel")
+        return self._stack[-1]
+
+    @contextlib.contextmanager
+    def narrowed(self, keep: list[int]) -> Iterator[None]:
+        """Inside: the batch is the rows `keep` of the current one (an empty list: no adapter rows at all)."""
+        current = self.names()
+        self._stack.append([current[i] for i in keep])
+        try:
+            yield
+        finally:
+            self._stack.pop()
+
+    def groups(self, rows: int, device: torch.device) -> list[tuple[str, Tensor | None]]:
+        """(adapter name, its row indices [n] int64 on `device`) per adapter present; None = every row."""
+        names = self.names()
+        if not names:  # narrowed to no rows: a MixLoraFFN's own projections, for rows it adapts itself
+            return []
+        if rows != len(names):
+            raise ValueError(f"BatchPlan: a wrapper got {rows} rows, the plan has {len(names)} sequences")
+        key = ("groups", tuple(names), str(device))
+        if key not in self._cache:
+            order = list(dict.fromkeys(names))
+            if len(order) == 1:
+                self._cache[key] = [(order[0], None)]
+            else:
+                self._cache[key] = [
+                    (n, torch.tensor([i for i, m in enumerate(names) if m == n], device=device)) for n in order
+                ]
+        return self._cache[key]
+
+    def slots(self, slot: dict[str, int], device: torch.device) -> Tensor:
+        """seq_lora [rows] int64: each row's index into a wrapper's stacked LoRAs (-1: not held there)."""
+        names = self.names()
+        key = ("slots", tuple(names), tuple(slot.items()), str(device))
+        if key not in self._cache:
+            self._cache[key] = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.int64, device=device)
+        return self._cache[key]
+
+
+class MiLoraRouter(nn.Module):
+    """One MiLoRA adapter's router on one decoder layer (arXiv 2410.18035).
+
+    weight [M, H] fp32 (M = the layer's adapted modules, in `module_names` order), pool_weight [H]
+    (attention pooling, zero at init: mean pooling), rational_numerator [7] / rational_denominator [5]
+    (the Pade activation, initialised to approximate GELU; absent with activation="gelu").
+    `routing` keeps the last prefill's PromptRouting for every decoding step; `calls` counts router runs.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        module_names: list[str],
+        *,
+        top_k: int,
+        pooling: str,
+        activation: str,
+        router_init_range: float,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.module_names = list(module_names)
+        self.top_k, self.pooling = top_k, pooling
+        M = len(self.module_names)
+        self.weight = nn.Parameter(torch.empty(M, hidden, device=device).normal_(0.0, router_init_range))
+        self.pool_weight = nn.Parameter(torch.zeros(hidden, device=device)) if pooling == "attention" else None
+        if activation == "rational":
+            self.rational_numerator = nn.Parameter(torch.tensor(RATIONAL_GELU_NUMERATOR, device=device))
+            self.rational_denominator = nn.Parameter(torch.tensor(RATIONAL_GELU_DENOMINATOR, device=device))
+        else:
+            self.rational_numerator = self.rational_denominator = None
+        self.routing: PromptRouting | None = None
+        self.calls = 0
+
+    def forward(self, hidden: Tensor, mask: Tensor | None) -> PromptRouting:
+        """Route the prompts: hidden [B, S, H], mask [B, S] or None. Keeps and returns the routing (gates [B, M])."""
+        self.calls += 1
+        self.routing = ops.prompt_route(
+            hidden,
+            mask,
+            self.weight,
+            self.rational_numerator,
+            self.rational_denominator,
+            top_k=self.top_k,
+            pooling=self.pooling,
+            pool_weight=self.pool_weight,
+        )
+        return self.routing
+
+    def gates(self, column: int, rows: int) -> Tensor:
+        """Module `column`'s gate for each of the `rows` sequences routed at prefill [rows] fp32."""
+        if self.routing is None:
+            raise RuntimeError(
+                "MiLoRA: no routing for this batch yet; run the prompts through the model (prefill) before "
+                "decoding steps"
+            )
+        gates = self.routing.gates
+        if gates.shape[0] != rows:
+            raise RuntimeError(
+                f"MiLoRA: the routing was computed for {gates.shape[0]} prompts but this call has {rows} sequences; "
+                "run the prompts of this batch through the model (prefill) first"
+            )
+        return gates[:, column]
+
+    def clear(self) -> None:
+        self.routing = None
+
+
+class MiLoraRouters(nn.Module):
+    """Every MiLoRA adapter's router of one decoder layer (set as the layer's `milora_routers`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()

@@ -1,8 +1,13 @@
-"""MixLoRA on Hugging Face models: injection by swapping module instances, the wrapper model, adapters.
+"""MixLoRA, MiLoRA and LoRA on Hugging Face models: injection by swapping module instances, the wrapper.
 
 get_moelora_model(model, config) plans every swap first and checks it (family, target names, adapter
 name), then swaps: a bad config raises before the model is touched. The HF model is modified in place
 and stays reachable as `MoeLoraModel.model`.
+
+MiLoRA routing: a forward pre-hook on the HF model records, per call, whether it is a prefill (no cached
+keys yet, or the first call of a generate()) or a decoding step, and the prompt mask; a pre-hook on each
+decoder layer runs that layer's MiLoRA routers at prefill only, on the hidden states entering the layer.
+Decoding steps reuse the kept routing: no router call, no host sync.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,9 +23,21 @@ from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
 from moelora import formats
-from moelora.config import LLAMA_PROJECTIONS, MixLoraConfig
-from moelora.layers import FFN_KINDS, LoraAdapter, LoraLinear, MixLoraAdapter, MixLoraFFN, ffn_kind
-from moelora.reference import load_balance_loss
+from moelora.config import LLAMA_PROJECTIONS, AdapterConfig, LoraConfig, MiLoraConfig, MixLoraConfig
+from moelora.layers import (
+    FFN_KINDS,
+    BatchPlan,
+    LoraAdapter,
+    LoraLinear,
+    MiLoraRouter,
+    MiLoraRouters,
+    MixLoraAdapter,
+    MixLoraFFN,
+    ffn_kind,
+)
+from moelora.reference import load_balance_loss, prompt_balance_loss
+
+ADAPTER_CONFIGS = (MixLoraConfig, MiLoraConfig, LoraConfig)
 
 # model_type -> (attention projections, FFN layout). Every family the design names.
 FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -42,7 +59,7 @@ def family_targets(model_type: str) -> list[str]:
 
 def resolve_target_modules(model_type: str, target_modules: list[str]) -> list[str]:
     """The default (the seven llama names) means every projection of the family; other lists are literal."""
-    if list(target_modules) == LLAMA_PROJECTIONS:
+    if sorted(target_modules) == sorted(LLAMA_PROJECTIONS):
         return family_targets(model_type)
     return list(target_modules)
 
@@ -52,8 +69,8 @@ class _Swap:
     parent: nn.Module
     attr: str
     path: str  # module path of the projection / MLP inside the HF model
-    wrapper: LoraLinear | MixLoraFFN  # existing wrapper, or a new one to put in place
-    adapter: LoraAdapter | MixLoraAdapter
+    wrapper: LoraLinear | MixLoraFFN | MiLoraRouters  # existing wrapper, or a new one to put in place
+    adapter: LoraAdapter | MixLoraAdapter | MiLoraRouter
     is_new: bool
 
 
@@ -74,11 +91,15 @@ def _model_type(model: nn.Module) -> str:
     return model_type
 
 
-def plan_injection(model: nn.Module, config: MixLoraConfig, adapter_name: str) -> tuple[list[_Swap], list[str]]:
+def plan_injection(model: nn.Module, config: AdapterConfig, adapter_name: str) -> tuple[list[_Swap], list[str]]:
     """Every module swap and new adapter module for `config`, checked; the model is not modified.
 
     Returns the swaps and the resolved target module names.
     """
+    if not isinstance(config, ADAPTER_CONFIGS):
+        raise TypeError(f"config must be a MixLoraConfig, MiLoraConfig or LoraConfig, got {type(config).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
     model_type = _model_type(model)
     attn_names, kind = FAMILIES[model_type]
     targets = resolve_target_modules(model_type, config.target_modules)
@@ -86,34 +107,65 @@ def plan_injection(model: nn.Module, config: MixLoraConfig, adapter_name: str) -
     unknown = [t for t in targets if t not in known]
     if unknown:
         raise ValueError(f"target_modules {unknown} do not exist in this {model_type} model; it has {sorted(known)}")
+    if isinstance(config, MiLoraConfig) and config.top_k > len(targets):
+        raise ValueError(
+            f"top_k={config.top_k} but this {model_type} model has only {len(targets)} target modules {targets}; "
+            f"top_k must be in [1, {len(targets)}]"
+        )
     prefix, layers = decoder_layers(model)
-    ffn_targets = [t for t in targets if t in FFN_KINDS[kind]]
-    act = ACT2FN[config.act_fn] if config.act_fn else None
     swaps: list[_Swap] = []
     for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        for name in (t for t in targets if t in attn_names):
-            module = getattr(attn, name)
-            wrapper = module if isinstance(module, LoraLinear) else LoraLinear(module)
-            if adapter_name in wrapper.adapters:
-                raise ValueError(f"adapter_name {adapter_name!r} is already in use on this model")
-            adapter = LoraAdapter(
-                wrapper.base_layer, config.r, config.scaling, config.lora_dropout, config.use_dora, config.lora_init
-            )
-            swaps.append(_Swap(attn, name, f"{prefix}.{i}.self_attn.{name}", wrapper, adapter, wrapper is not module))
-        if not ffn_targets:
-            continue
-        wrapper = mlp if isinstance(mlp, MixLoraFFN) else None
-        base_mlp = wrapper.base_layer if wrapper is not None else mlp
+        mlp = layer.mlp
+        base_mlp = mlp.base_layer if isinstance(mlp, MixLoraFFN) else mlp
         if ffn_kind(base_mlp) != kind:
             raise ValueError(
                 f"layer {i}: {type(base_mlp).__name__} does not have the {kind} FFN layout {FFN_KINDS[kind]}"
             )
+        # MixLoRA: LoRA on attention only (its FFN projections are experts); MiLoRA and LoRA: every target.
+        lora_targets = [t for t in targets if t in attn_names or not isinstance(config, MixLoraConfig)]
+        router = None
+        if isinstance(config, MiLoraConfig):
+            routers = getattr(layer, "milora_routers", None)
+            new_routers = routers is None
+            routers = routers if routers is not None else MiLoraRouters()
+            if adapter_name in routers.adapters:
+                raise ValueError(f"adapter_name {adapter_name!r} is already in use on this model")
+            hidden = int(model.config.hidden_size)
+            router = MiLoraRouter(
+                hidden,
+                lora_targets,
+                top_k=config.top_k,
+                pooling=config.pooling,
+                activation=config.activation,
+                router_init_range=config.router_init_range,
+                device=_device_of(layer),
+            )
+            swaps.append(_Swap(layer, "milora_routers", f"{prefix}.{i}.milora_router", routers, router, new_routers))
+        for column, name in enumerate(lora_targets):
+            parent = layer.self_attn if name in attn_names else base_mlp
+            where = "self_attn" if name in attn_names else "mlp"
+            module = getattr(parent, name)
+            wrapper = module if isinstance(module, LoraLinear) else LoraLinear(module)
+            if adapter_name in wrapper.adapters:
+                raise ValueError(f"adapter_name {adapter_name!r} is already in use on this model")
+            use_dora = getattr(config, "use_dora", False)
+            adapter = LoraAdapter(
+                wrapper.base_layer, config.r, config.scaling, config.lora_dropout, use_dora, config.lora_init
+            )
+            if router is not None:
+                adapter.milora = (router, column)
+            swaps.append(_Swap(parent, name, f"{prefix}.{i}.{where}.{name}", wrapper, adapter, wrapper is not module))
+        if not isinstance(config, MixLoraConfig):
+            continue
+        ffn_targets = [t for t in targets if t in FFN_KINDS[kind]]
+        if not ffn_targets:
+            continue
+        wrapper = mlp if isinstance(mlp, MixLoraFFN) else None
         if wrapper is not None and adapter_name in wrapper.adapters:
             raise ValueError(f"adapter_name {adapter_name!r} is already in use on this model")
         new_wrapper = wrapper is None
         if new_wrapper:
-            wrapper = MixLoraFFN(mlp, act)
+            wrapper = MixLoraFFN(mlp, ACT2FN[config.act_fn] if config.act_fn else None)
         adapter = MixLoraAdapter(
             base_mlp,
             ffn_targets,
@@ -132,12 +184,20 @@ def plan_injection(model: nn.Module, config: MixLoraConfig, adapter_name: str) -
     return swaps, targets
 
 
+def _device_of(module: nn.Module) -> torch.device | None:
+    p = next(module.parameters(), None)
+    return None if p is None else p.device
+
+
 def apply_injection(swaps: list[_Swap], adapter_name: str, trainable: bool) -> None:
     """Put the planned wrappers and adapters in place (nothing here can fail half-way)."""
     for s in swaps:
         s.adapter.requires_grad_(trainable)
+        # New modules take the mode of the module they join: an adapter loaded into an eval model has no dropout.
+        s.adapter.train(s.parent.training)
         s.wrapper.adapters[adapter_name] = s.adapter
         if s.is_new:
+            s.wrapper.train(s.parent.training)
             setattr(s.parent, s.attr, s.wrapper)
 
 
@@ -146,18 +206,115 @@ def adapter_parameters(swaps: list[_Swap]) -> dict[str, Tensor]:
     return {key: value for s in swaps for key, value in formats.adapter_tensors(s.path, s.adapter).items()}
 
 
-class MoeLoraModel(nn.Module):
-    """A Hugging Face causal LM with MixLoRA adapters; forwards like the model it wraps.
+# --- MiLoRA routing state and hooks -----------------------------------------------------------------------
 
-    With `labels`, `outputs.loss` includes router_aux_loss_coef * aux and `outputs.aux_loss` holds aux
-    (the load-balance loss over every MixLoRA layer, padding masked out by `attention_mask`).
+
+@dataclass
+class RoutingState:
+    """Per HF model: what the current forward call is, for the MiLoRA routers of every layer."""
+
+    active: str | None = None  # the adapter when no BatchPlan is set
+    plan: BatchPlan | None = None
+    decode: bool = False  # this call reuses the kept routing
+    generating: bool = False  # inside MoeLoraModel.generate: its first model call is the prefill
+    routed: bool = False
+    pool_mask: Tensor | None = None  # [B, S] prompt tokens of this call (padding and non-prompt tokens 0)
+    prompt_mask: Tensor | None = None  # MoeLoraModel.forward(prompt_mask=...), for training on prompt + answer
+    log: list[Tensor] | None = None  # each routed layer's probs [B, M], for the load-balance loss
+    hooks: list[Any] = field(default_factory=list)
+
+
+def routing_state(model: nn.Module) -> RoutingState:
+    state = model.__dict__.get("_moelora_routing")
+    if state is None:
+        state = RoutingState()
+        model.__dict__["_moelora_routing"] = state  # a plain attribute: not a module, not in the state_dict
+    return state
+
+
+def _before_model(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """HF model pre-hook: prefill or decode, and which tokens are prompt tokens."""
+    state = routing_state(model)
+    x = kwargs.get("input_ids", args[0] if args else None)
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None:
+        return
+    rows, seq = x.shape[0], x.shape[1]
+    if state.generating:
+        state.decode, state.routed = state.routed, True
+    else:
+        past = kwargs.get("past_key_values")
+        past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        state.decode = past_len > 0
+    if state.plan is not None:
+        state.plan.bind(rows)
+    if state.decode:
+        return
+    if seq == 0:
+        raise ValueError("MiLoRA: the prompt is empty (sequence length 0); routing needs at least one prompt token")
+    mask = kwargs.get("attention_mask")
+    pool_mask = mask[:, -seq:].bool() if mask is not None and mask.dim() == 2 else None
+    if state.prompt_mask is not None:
+        pm = state.prompt_mask.bool().to(x.device)
+        if tuple(pm.shape) != (rows, seq):
+            raise ValueError(f"prompt_mask must have shape {(rows, seq)} (batch, sequence), got {tuple(pm.shape)}")
+        pool_mask = pm if pool_mask is None else pool_mask & pm
+    state.pool_mask = pool_mask
+
+
+def _before_layer(state: RoutingState, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Decoder-layer pre-hook: at prefill, run this layer's MiLoRA routers on the states entering it."""
+    if state.decode:
+        return
+    routers: MiLoraRouters = layer.milora_routers
+    hidden = args[0] if args else kwargs["hidden_states"]
+    mask = state.pool_mask
+    if state.plan is None:
+        groups = [(state.active, None)] if state.active is not None else []
+    else:
+        groups = state.plan.groups(hidden.shape[0], hidden.device)
+    for name, rows in groups:
+        if name not in routers.adapters:
+            continue
+        h = hidden if rows is None else hidden[rows]
+        m = mask if rows is None or mask is None else mask[rows]
+        routing = routers.adapters[name](h, m)
+        if state.log is not None:
+            state.log.append(routing.probs)
+
+
+def install_routing_hooks(model: nn.Module) -> None:
+    """Hook the HF model and every decoder layer holding MiLoRA routers (once each)."""
+    state = routing_state(model)
+    if not state.hooks:
+        state.hooks.append(model.register_forward_pre_hook(_before_model, with_kwargs=True))
+    _, layers = decoder_layers(model)
+    for layer in layers:
+        if hasattr(layer, "milora_routers") and not layer.__dict__.get("_moelora_hooked", False):
+
+            def hook(module: nn.Module, args: tuple, kwargs: dict, state: RoutingState = state) -> None:
+                _before_layer(state, module, args, kwargs)
+
+            state.hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            layer.__dict__["_moelora_hooked"] = True
+
+
+class MoeLoraModel(nn.Module):
+    """A Hugging Face causal LM with MixLoRA / MiLoRA / LoRA adapters; forwards like the model it wraps.
+
+    With `labels` (or in training), `outputs.loss` includes router_aux_loss_coef * aux and
+    `outputs.aux_loss` holds aux: for MixLoRA the load-balance loss over every MixLoRA layer (padding
+    masked out by `attention_mask`), for MiLoRA the per-prompt load-balance loss averaged over layers.
+    `adapter_names=[...]` (one per sequence, inference only) runs a mixed batch of adapters in one forward.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.peft_config: dict[str, MixLoraConfig] = {}
+        self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapter: str | None = None
+        routing_state(model)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -165,33 +322,53 @@ class MoeLoraModel(nn.Module):
         except AttributeError:
             return getattr(self._modules["model"], name)
 
+    @property
+    def routing(self) -> RoutingState:
+        return routing_state(self.model)
+
     def _wrappers(self) -> Iterator[LoraLinear | MixLoraFFN]:
         for module in self.model.modules():
             if isinstance(module, LoraLinear | MixLoraFFN):
                 yield module
 
+    def milora_routers(self) -> Iterator[MiLoraRouter]:
+        for module in self.model.modules():
+            if isinstance(module, MiLoraRouter):
+                yield module
+
     def _swaps(self, adapter_name: str) -> list[_Swap]:
         swaps = []
         for path, module in self.model.named_modules():
-            if isinstance(module, LoraLinear | MixLoraFFN) and adapter_name in module.adapters:
+            if isinstance(module, LoraLinear | MixLoraFFN | MiLoraRouters) and adapter_name in module.adapters:
+                path = path.replace(".base_layer.", ".")  # a LoRA inside a MixLoraFFN keeps its HF path
+                if isinstance(module, MiLoraRouters):
+                    path = path.removesuffix("s")  # model.layers.{i}.milora_router
                 swaps.append(_Swap(module, "", path, module, module.adapters[adapter_name], False))
         return swaps
 
-    def add_adapter(self, config: MixLoraConfig, adapter_name: str, trainable: bool = True) -> None:
+    def _inject(
+        self, config: AdapterConfig, adapter_name: str, swaps: list[_Swap], targets: list[str], trainable: bool
+    ) -> None:
+        apply_injection(swaps, adapter_name, trainable)
+        self.peft_config[adapter_name] = _resolved(config, targets)
+        if isinstance(config, MiLoraConfig):
+            install_routing_hooks(self.model)
+        if self.active_adapter is None:
+            self.set_adapter(adapter_name)
+
+    def add_adapter(self, config: AdapterConfig, adapter_name: str, trainable: bool = True) -> None:
         """Inject a new, freshly initialised adapter (B = 0, so outputs are unchanged)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter_name {adapter_name!r} is already in use on this model")
         swaps, targets = plan_injection(self.model, config, adapter_name)
-        apply_injection(swaps, adapter_name, trainable)
-        self.peft_config[adapter_name] = _resolved(config, targets)
-        if self.active_adapter is None:
-            self.set_adapter(adapter_name)
+        self._inject(config, adapter_name, swaps, targets, trainable)
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the adapter every wrapped module runs."""
+        """Make `adapter_name` the adapter every wrapped module runs (when no adapter_names are given)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; loaded: {sorted(self.peft_config)}")
         self.active_adapter = adapter_name
+        self.routing.active = adapter_name
         for w in self._wrappers():
             w.active_adapter = adapter_name
 
@@ -200,6 +377,7 @@ class MoeLoraModel(nn.Module):
         """Run the bare base model inside this block."""
         for w in self._wrappers():
             w.active_adapter = None
+        self.routing.active = None
         try:
             yield
         finally:
@@ -207,7 +385,7 @@ class MoeLoraModel(nn.Module):
                 self.set_adapter(self.active_adapter)
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, Tensor]:
-        """The adapter's tensors (attention LoRAs, routers, experts, DoRA magnitudes) under our file keys."""
+        """The adapter's tensors (LoRAs, routers, experts, DoRA magnitudes, rational activations) under our keys."""
         name = adapter_name or self.active_adapter
         if name not in self.peft_config:
             raise ValueError(f"unknown adapter {name!r}; loaded: {sorted(self.peft_config)}")
@@ -223,25 +401,78 @@ class MoeLoraModel(nn.Module):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
+    def clear_routing_cache(self) -> None:
+        """Forget every MiLoRA routing kept from the last prefill (generate() does this when it ends)."""
+        for router in self.milora_routers():
+            router.clear()
+
+    def _batch_plan(self, adapter_names: Any, rows: int | None) -> BatchPlan | None:
+        if adapter_names is None:
+            return None
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError(
+                f"adapter_names must be a list of adapter names (str), one per sequence, got {adapter_names!r}"
+            )
+        names = list(adapter_names)
+        if rows is not None and len(names) != rows:
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {rows} sequences")
+        unknown = sorted({n for n in names if n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapters {unknown}; loaded: {sorted(self.peft_config)}")
+        if self.training:
+            raise ValueError("adapter_names (a mixed-adapter batch) is for inference only; call model.eval() first")
+        return BatchPlan(names)
+
+    @contextlib.contextmanager
+    def _plan(self, plan: BatchPlan | None) -> Iterator[None]:
+        wrappers = list(self._wrappers()) if plan is not None else []
+        for w in wrappers:
+            w.batch_plan = plan
+        self.routing.plan = plan
+        try:
+            yield
+        finally:
+            for w in wrappers:
+                w.batch_plan = None
+            self.routing.plan = None
+
     def forward(
         self,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        adapter_names: list[str] | None = None,
+        prompt_mask: Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        ffns = [w for w in self._wrappers() if isinstance(w, MixLoraFFN)]
+        """The wrapped model's forward. adapter_names: one adapter per sequence (mixed batch, inference only);
+        prompt_mask [B, S]: the tokens MiLoRA routers pool (default: every non-padding token)."""
+        x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        plan = self._batch_plan(adapter_names, None if x is None else x.shape[0])
+        config = self.peft_config.get(self.active_adapter) if plan is None else None
+        want_aux = labels is not None or self.training
+        ffns = [w for w in self._wrappers() if isinstance(w, MixLoraFFN)] if isinstance(config, MixLoraConfig) else []
         log: list[tuple[Tensor, Tensor]] = []
         for f in ffns:
             f.router_log = log
+        state = self.routing
+        state.prompt_mask = prompt_mask
+        milora_log: list[Tensor] = []
+        state.log = milora_log if isinstance(config, MiLoraConfig) and want_aux else None
         try:
-            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            with self._plan(plan):
+                outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         finally:
             for f in ffns:
                 f.router_log = None
-        if log and isinstance(outputs, dict) and (labels is not None or self.training):  # dict: a ModelOutput
-            config = self.peft_config[self.active_adapter]
+            state.prompt_mask = None
+            state.log = None
+        aux = None
+        if log and want_aux:
             aux = self._aux_loss(log, attention_mask, config.num_experts)
+        elif milora_log and want_aux:
+            aux = prompt_balance_loss(torch.stack(milora_log))
+        if aux is not None and isinstance(outputs, dict):  # dict: a ModelOutput
             outputs["aux_loss"] = aux
             if outputs.get("loss") is not None:
                 outputs["loss"] = outputs["loss"] + config.router_aux_loss_coef * aux.to(outputs["loss"].dtype)
@@ -258,16 +489,31 @@ class MoeLoraModel(nn.Module):
             mask = attention_mask[:, -seq:].reshape(-1).bool().to(probs.device).repeat(len(log))
         return load_balance_loss(probs, indices, num_experts, mask)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's generate(). MiLoRA routes once, at the prefill; every decoding step (and every
+        beam of a prompt) reuses that routing, which is freed when generation ends.
+        adapter_names: one adapter per input sequence (a mixed batch)."""
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        plan = self._batch_plan(adapter_names, None if x is None else x.shape[0])
+        state = self.routing
+        state.generating, state.routed = True, False
+        try:
+            with self._plan(plan):
+                return self.model.generate(*args, **kwargs)
+        finally:
+            state.generating = state.routed = False
+            state.pool_mask = None
+            self.clear_routing_cache()
 
     def save_pretrained(
         self, save_directory: str, format: str = "moelora", adapter_name: str | None = None, **_: Any
     ) -> None:
         """Write the adapter (adapter and router weights only).
 
-        format="moelora": adapter_config.json + adapter_model.safetensors (our keys, DoRA magnitudes kept).
-        format="moe-peft": adapter_config.json + adapter_model.bin in MoE-PEFT / mixlora's layout.
+        format="moelora": adapter_config.json + adapter_model.safetensors (our keys; a LoRA adapter in PEFT's).
+        format="moe-peft": adapter_config.json + adapter_model.bin in MoE-PEFT / mixlora's layout (MixLoRA only).
         """
         name = adapter_name or self.active_adapter
         if name not in self.peft_config:
@@ -278,7 +524,7 @@ class MoeLoraModel(nn.Module):
     def from_pretrained(
         cls, base_model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False
     ) -> MoeLoraModel:
-        """Load an adapter saved by us or by MoE-PEFT / mixlora onto `base_model` (eval mode unless trainable)."""
+        """Load an adapter (ours, MoE-PEFT / mixlora's, or PEFT's LoRA) onto `base_model` (eval unless trainable)."""
         wrapped = cls(base_model)
         wrapped.load_adapter(directory, adapter_name, is_trainable=is_trainable)
         for name, p in base_model.named_parameters():
@@ -302,32 +548,28 @@ class MoeLoraModel(nn.Module):
         formats.copy_into(params, tensors, directory)
         if fmt == "moe-peft" and config.use_dora:
             formats.recompute_dora_magnitudes(swaps)
-        apply_injection(swaps, adapter_name, is_trainable)
-        self.peft_config[adapter_name] = _resolved(config, targets)
-        if self.active_adapter is None:
-            self.set_adapter(adapter_name)
+        self._inject(config, adapter_name, swaps, targets, is_trainable)
 
 
-def _resolved(config: MixLoraConfig, targets: list[str]) -> MixLoraConfig:
+def _resolved(config: AdapterConfig, targets: list[str]) -> AdapterConfig:
     return dataclasses.replace(config, target_modules=list(targets))
 
 
-def get_moelora_model(model: nn.Module, config: MixLoraConfig, adapter_name: str = "default") -> MoeLoraModel:
-    """Add MixLoRA to `model` in place (the base frozen, every B zero) and wrap it.
+def get_moelora_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> MoeLoraModel:
+    """Add a MixLoRA, MiLoRA or LoRA adapter to `model` in place (the base frozen, every B zero) and wrap it.
 
-    The outputs equal the base model's until training moves B. Raises ValueError, before any change,
-    for an unsupported family, a target module the model lacks, or an adapter name already in use.
+    The outputs equal the base model's until training moves B (MiLoRA included: its B = 0 too). Raises
+    ValueError, before any change, for an unsupported family, a target module the model lacks, or an
+    adapter name already in use.
     """
-    if not isinstance(config, MixLoraConfig):
-        raise TypeError(f"config must be a MixLoraConfig, got {type(config).__name__}")
+    if not isinstance(config, ADAPTER_CONFIGS):
+        raise TypeError(f"config must be a MixLoraConfig, MiLoraConfig or LoraConfig, got {type(config).__name__}")
     if isinstance(model, MoeLoraModel):
         model.add_adapter(config, adapter_name)
         return model
     swaps, targets = plan_injection(model, config, adapter_name)
     for p in model.parameters():
         p.requires_grad_(False)
-    apply_injection(swaps, adapter_name, trainable=True)
     wrapped = MoeLoraModel(model)
-    wrapped.peft_config[adapter_name] = _resolved(config, targets)
-    wrapped.set_adapter(adapter_name)
+    wrapped._inject(config, adapter_name, swaps, targets, trainable=True)
     return wrapped

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moelora import backend
+from moelora import backend, reference
 from moelora.reference import ExpertLora, Routing
 
 
@@ -29,3 +29,19 @@ def mixlora_ffn(x: Tensor, gate: Tensor | None, up: Tensor, weights: Tensor, ind
     uses_dora = any(p is not None and p.magnitude is not None for p in loras)
     impl = backend.resolve_for_dora(x.device) if uses_dora else backend.resolve(x.device)
     return impl.mixlora_ffn(x, gate, up, weights, indices, **kwargs)
+
+
+def prompt_route(hidden: Tensor, mask: Tensor | None, router_weight: Tensor, numerator, denominator, **kwargs):
+    """MiLoRA's per-prompt router. hidden [B, S, H], mask [B, S] -> PromptRouting (gates [B, M])."""
+    impl = backend.resolve(hidden.device)
+    fn = getattr(impl, "prompt_route", reference.prompt_route)  # a backend without it: the reference
+    return fn(hidden, mask, router_weight, numerator, denominator, **kwargs)
+
+
+def segmented_lora(
+    x: Tensor, token_seq: Tensor, seq_lora: Tensor, seq_gate: Tensor, A: Tensor, B: Tensor, scaling: Tensor
+) -> Tensor:
+    """One gated LoRA per sequence. x [T, in], token_seq [T], seq_lora/seq_gate [n_seq], A [n, r, in], B [n, out, r]."""
+    impl = backend.resolve(x.device)
+    fn = getattr(impl, "segmented_lora", reference.segmented_lora)
+    return fn(x, token_seq, seq_lora, seq_gate, A, B, scaling)

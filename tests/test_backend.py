@@ -53,8 +53,9 @@ def test_unavailable_fused_backend_raises_a_clear_error(name, no_fused_backend):
         ops.route(torch.randn(3, 8), torch.randn(4, 8), top_k=1)
 
 
-def test_triton_backend_does_not_exist_yet():
-    with moelora.set_backend("triton"), pytest.raises(RuntimeError, match="Triton kernels are not part"):
+def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with moelora.set_backend("triton"), pytest.raises(RuntimeError, match="cannot run tensors on cpu"):
         ops.route(torch.randn(3, 8), torch.randn(4, 8), top_k=1)
 
 

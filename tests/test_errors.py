@@ -105,7 +105,7 @@ def _missing_config(d):
 
 def _other_peft_type(d):
     conf = json.loads((d / "adapter_config.json").read_text())
-    (d / "adapter_config.json").write_text(json.dumps(dict(conf, peft_type="LORA")))
+    (d / "adapter_config.json").write_text(json.dumps(dict(conf, peft_type="IA3")))
 
 
 def _bad_top_k(d):
@@ -118,7 +118,7 @@ BAD_DIRS = [
     pytest.param(_corrupt_weights, "not a readable safetensors", id="corrupt-weights"),
     pytest.param(_missing_weights, "has neither adapter_model.safetensors nor adapter_model.bin", id="no-weights"),
     pytest.param(_missing_config, "has no adapter_config.json", id="no-config"),
-    pytest.param(_other_peft_type, "peft_type must be 'MIXLORA', got 'LORA'", id="peft-type-LORA"),
+    pytest.param(_other_peft_type, "peft_type must be one of .*got 'IA3'", id="peft-type-IA3"),
     pytest.param(_bad_top_k, "top_k", id="top_k-above-E"),
 ]
 
