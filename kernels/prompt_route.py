@@ -50,17 +50,31 @@ def _keep(mask_ptr, i_b, o_s, m_s, stride_mb, stride_ms, HAS_MASK: tl.constexpr)
 
 
 @triton.jit
-def _activation(x, num_ptr, den_ptr, NUM: tl.constexpr, DEN: tl.constexpr, RATIONAL: tl.constexpr):
-    """PAU's safe rational P(x) / (1 + sum_j |b_j| |x|^j) by Horner's rule (or exact GELU), fp32."""
+def _powers(x, BJ: tl.constexpr):
+    """[BH, BJ]: x^0 .. x^(BJ-1) of each element of x [BH], by a running product along the second axis."""
+    o_j = tl.arange(0, BJ)
+    return tl.cumprod(tl.where(o_j[None, :] == 0, 1.0, x[:, None] + tl.zeros([1, BJ], dtype=tl.float32)), axis=1)
+
+
+@triton.jit
+def _coefficients(num_ptr, den_ptr, NUM: tl.constexpr, DEN: tl.constexpr, BJ: tl.constexpr):
+    """The rational as power-series vectors [BJ]: a_j, and |b_j| at index j (0 at j = 0)."""
+    o_j = tl.arange(0, BJ)
+    b_a = tl.load(num_ptr + o_j, mask=o_j < NUM, other=0.0).to(tl.float32)
+    b_b = tl.load(den_ptr + o_j - 1, mask=(o_j >= 1) & (o_j <= DEN), other=0.0).to(tl.float32)
+    return b_a, tl.abs(b_b)
+
+
+@triton.jit
+def _activation(x, b_a, b_b, RATIONAL: tl.constexpr, BJ: tl.constexpr):
+    """g(x) [BH], fp32: PAU's safe rational P(x) / (1 + sum_j |b_j| |x|^j) (or exact GELU).
+
+    Power sums over [BH, BJ] tiles instead of Horner's rule: a handful of vector operations instead of one
+    per coefficient (the interpreter pays per operation); the same fp32 accuracy at MiLoRA's degrees (6, 5).
+    """
     if RATIONAL:
-        b_p = tl.zeros_like(x) + tl.load(num_ptr + NUM - 1).to(tl.float32)
-        for j in tl.static_range(1, NUM):
-            b_p = b_p * x + tl.load(num_ptr + NUM - 1 - j).to(tl.float32)
-        b_ax = tl.abs(x)
-        b_q = tl.zeros_like(x) + tl.abs(tl.load(den_ptr + DEN - 1).to(tl.float32))
-        for j in tl.static_range(1, DEN):
-            b_q = b_q * b_ax + tl.abs(tl.load(den_ptr + DEN - 1 - j).to(tl.float32))
-        b_g = b_p / (1.0 + b_q * b_ax)
+        b_p = tl.sum(_powers(x, BJ) * b_a[None, :], axis=1)
+        b_g = b_p / (1.0 + tl.sum(_powers(tl.abs(x), BJ) * b_b[None, :], axis=1))
     else:
         b_g = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     return b_g
@@ -190,17 +204,19 @@ def prompt_route_fwd_kernel_head(
     RATIONAL: tl.constexpr,
     BM: tl.constexpr,
     BH: tl.constexpr,
+    BJ: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     o_m = tl.arange(0, BM)  # [BM]
     m_m = o_m < M
+    b_a, b_b = _coefficients(num_ptr, den_ptr, NUM, DEN, BJ)
 
     b_logit = tl.zeros([BM], dtype=tl.float32)
     for i_h in range(0, tl.cdiv(H, BH)):
         o_h = (i_h * BH + tl.arange(0, BH)).to(tl.int64)  # [BH]
         m_h = o_h < H
         b_x = tl.load(pooled_ptr + i_b * H + o_h, mask=m_h, other=0.0)  # [BH]
-        b_g = _activation(b_x, num_ptr, den_ptr, NUM, DEN, RATIONAL)
+        b_g = _activation(b_x, b_a, b_b, RATIONAL, BJ)
         p_w = wr_ptr + o_m[:, None] * stride_wm + o_h[None, :] * stride_wh
         b_w = tl.load(p_w, mask=m_m[:, None] & m_h[None, :], other=0.0).to(tl.float32)  # [BM, BH]
         b_logit += tl.sum(b_w * b_g[None, :], axis=1)  # the tail of g may be rational(0) != 0, but its W is 0
@@ -236,7 +252,7 @@ def prompt_route_bwd_kernel_head(
     dpooled_ptr,  # [B, H] fp32 contiguous
     dwr_ptr,  # [M, H] contiguous, router_weight's dtype
     dnum_ptr,  # [n_hblocks, BJ] fp32: this H block's share of d numerator
-    dden_ptr,  # [n_hblocks, BJ] fp32: this H block's share of d denominator
+    dden_ptr,  # [n_hblocks, BJ] fp32: this H block's share of d denominator, b_j at index j
     NB,
     H,
     M,
@@ -261,6 +277,10 @@ def prompt_route_bwd_kernel_head(
     m_mh = m_m[:, None] & m_h[None, :]
     b_w = tl.load(wr_ptr + o_m[:, None] * stride_wm + o_h[None, :] * stride_wh, mask=m_mh, other=0.0).to(tl.float32)
 
+    b_a, b_b = _coefficients(num_ptr, den_ptr, NUM, DEN, BJ)
+    b_da = tl.load(num_ptr + o_j + 1, mask=o_j + 1 < NUM, other=0.0).to(tl.float32) * (o_j + 1)  # P' coefficients
+    b_db = tl.abs(tl.load(den_ptr + o_j, mask=o_j < DEN, other=0.0).to(tl.float32)) * (o_j + 1)  # dQ/d|x| coeffs
+
     b_dw = tl.zeros([BM, BH], dtype=tl.float32)
     b_dnum = tl.zeros([BJ], dtype=tl.float32)
     b_dden = tl.zeros([BJ], dtype=tl.float32)  # sum of dg * dg/d|b_j|; the sign of b_j comes after the loop
@@ -280,22 +300,14 @@ def prompt_route_bwd_kernel_head(
 
         b_x = tl.load(pooled_ptr + i_b64 * H + o_h, mask=m_h, other=0.0)  # [BH]
         if RATIONAL:
-            # The rational and its derivatives by Horner: P, P' in x; R = Q_s / |x| and R' in |x|.
-            b_ax = tl.abs(b_x)
-            b_pp = tl.zeros_like(b_x) + tl.load(num_ptr + NUM - 1).to(tl.float32)
-            b_dpp = tl.zeros_like(b_x)
-            for j in tl.static_range(1, NUM):
-                b_dpp = b_dpp * b_x + b_pp
-                b_pp = b_pp * b_x + tl.load(num_ptr + NUM - 1 - j).to(tl.float32)
-            b_r = tl.zeros_like(b_x) + tl.abs(tl.load(den_ptr + DEN - 1).to(tl.float32))
-            b_dr = tl.zeros_like(b_x)
-            for j in tl.static_range(1, DEN):
-                b_dr = b_dr * b_ax + b_r
-                b_r = b_r * b_ax + tl.abs(tl.load(den_ptr + DEN - 1 - j).to(tl.float32))
-            b_q = 1.0 + b_r * b_ax
-            b_g = b_pp / b_q
+            b_px = _powers(b_x, BJ)  # [BH, BJ] x^j
+            b_pa = _powers(tl.abs(b_x), BJ)  # [BH, BJ] |x|^j
+            b_q = 1.0 + tl.sum(b_pa * b_b[None, :], axis=1)
+            b_g = tl.sum(b_px * b_a[None, :], axis=1) / b_q
             b_sign = tl.where(b_x > 0, 1.0, tl.where(b_x < 0, -1.0, 0.0))  # torch's abs'(0) = 0
-            b_gprime = b_dpp / b_q - b_g / b_q * (b_r + b_ax * b_dr) * b_sign
+            b_gprime = (
+                tl.sum(b_px * b_da[None, :], axis=1) - b_g * tl.sum(b_pa * b_db[None, :], axis=1) * b_sign
+            ) / b_q
         else:  # exact GELU: g' = Phi(x) + x phi(x)
             b_cdf = 0.5 * (1.0 + tl.erf(b_x * 0.7071067811865476))
             b_g = b_x * b_cdf
@@ -305,18 +317,11 @@ def prompt_route_bwd_kernel_head(
         b_dg = tl.sum(b_dl[:, None] * b_w, axis=0)  # [BH]; 0 in the tail, so the tail adds nothing below
         tl.store(dpooled_ptr + i_b64 * H + o_h, b_dg * b_gprime, mask=m_h)
         if RATIONAL:
-            b_t = b_dg / b_q  # dg/da_j = x^j / Q
-            b_xj = tl.zeros_like(b_x) + 1.0
-            for j in tl.static_range(NUM):
-                b_dnum += tl.where(o_j == j, tl.sum(b_t * b_xj, axis=0), 0.0)
-                b_xj = b_xj * b_x
-            b_t = -b_dg * b_g / b_q  # dg/d|b_j| = -P / Q^2 * |x|^j, j >= 1
-            b_xj = b_ax
-            for j in tl.static_range(DEN):
-                b_dden += tl.where(o_j == j, tl.sum(b_t * b_xj, axis=0), 0.0)
-                b_xj = b_xj * b_ax
+            b_dnum += tl.sum((b_dg / b_q)[:, None] * b_px, axis=0)  # dg/da_j = x^j / Q
+            b_dden += tl.sum((-b_dg * b_g / b_q)[:, None] * b_pa, axis=0)  # dg/d|b_j| = -P / Q^2 * |x|^j
 
-    b_den = tl.load(den_ptr + o_j, mask=o_j < DEN, other=0.0).to(tl.float32)
+    # d b_j = sign(b_j) d|b_j|; index j of the dden row holds b_j (index 0 unused).
+    b_den = tl.load(den_ptr + o_j - 1, mask=(o_j >= 1) & (o_j <= DEN), other=0.0).to(tl.float32)
     b_dden = b_dden * tl.where(b_den > 0, 1.0, tl.where(b_den < 0, -1.0, 0.0))
     tl.store(dwr_ptr + o_m[:, None] * H + o_h[None, :], b_dw.to(dwr_ptr.dtype.element_ty), mask=m_mh)
     tl.store(dnum_ptr + i_h * BJ + o_j, b_dnum)
@@ -350,18 +355,19 @@ def prompt_route_bwd_kernel_scores(
     m_keep = _keep(mask_ptr, i_b, o_s, m_s, stride_mb, stride_ms, HAS_MASK)
     p_row = hidden_ptr + i_b * stride_hb + o_s * stride_hs  # [BS]
 
-    b_da = tl.zeros([BS], dtype=tl.float32)
-    b_c = tl.zeros([BH], dtype=tl.float32)
+    # ds_t = a_t (da_t - dh . h) = a_t dh . (x_t - h): one sum, without the cancellation of two (a prompt of
+    # one token gets exactly 0, as the reference does).
+    b_dd = tl.zeros([BS], dtype=tl.float32)
     for i_h in range(0, tl.cdiv(H, BH)):
         o_h = (i_h * BH + tl.arange(0, BH)).to(tl.int64)
         m_h = o_h < H
         b_dh = tl.load(dpooled_ptr + i_b * H + o_h, mask=m_h, other=0.0)  # [BH]
-        b_c += b_dh * tl.load(pooled_ptr + i_b * H + o_h, mask=m_h, other=0.0)
+        b_h = tl.load(pooled_ptr + i_b * H + o_h, mask=m_h, other=0.0)  # [BH]
         b_x = tl.load(p_row[:, None] + o_h[None, :] * stride_hh, mask=m_keep[:, None] & m_h[None, :], other=0.0)
-        b_da += tl.sum(b_x.to(tl.float32) * b_dh[None, :], axis=1)
+        b_dd += tl.sum((b_x.to(tl.float32) - b_h[None, :]) * b_dh[None, :], axis=1)  # [BS]
     b_s = tl.load(scores_ptr + i_b * S + o_s, mask=m_s, other=float("-inf"))
     b_a = tl.exp(b_s - tl.load(lse_ptr + i_b))  # [BS], 0 on padding
-    tl.store(ds_ptr + i_b * S + o_s, tl.where(m_keep, b_a * (b_da - tl.sum(b_c, axis=0)), 0.0), mask=m_s)
+    tl.store(ds_ptr + i_b * S + o_s, tl.where(m_keep, b_a * b_dd, 0.0), mask=m_s)
 
 
 @triton.jit
@@ -447,9 +453,12 @@ def prompt_route_bwd_kernel_pool(
 def _activation_args(numerator: Tensor | None, denominator: Tensor | None, dummy: Tensor) -> dict:
     """Kernel arguments of the activation: the rational's coefficients, or exact GELU when both are None."""
     if numerator is None:
-        return dict(num_ptr=dummy, den_ptr=dummy, NUM=1, DEN=1, RATIONAL=False)
-    numerator, denominator = numerator.contiguous(), denominator.contiguous()
-    return dict(num_ptr=numerator, den_ptr=denominator, NUM=numerator.numel(), DEN=denominator.numel(), RATIONAL=True)
+        return dict(num_ptr=dummy, den_ptr=dummy, NUM=1, DEN=1, RATIONAL=False, BJ=2)
+    NUM, DEN = numerator.numel(), denominator.numel()
+    BJ = triton.next_power_of_2(max(NUM, DEN + 1))  # powers x^0 .. x^max(m, n)
+    return dict(
+        num_ptr=numerator.contiguous(), den_ptr=denominator.contiguous(), NUM=NUM, DEN=DEN, RATIONAL=True, BJ=BJ
+    )
 
 
 def _grid_h(H: int) -> int:
@@ -565,7 +574,7 @@ def prompt_route_bwd(
     dev = hidden.device
     pool = POOL_CODES[pooling]
     act = _activation_args(numerator, denominator, pooled)
-    BJ = triton.next_power_of_2(max(act["NUM"], act["DEN"]))
+    BJ = act["BJ"]
     n_h = _grid_h(H)
 
     dpooled = torch.empty(Bn, H, dtype=torch.float32, device=dev)
@@ -593,7 +602,6 @@ def prompt_route_bwd(
         HAS_DP=grad_probs is not None,
         BM=triton.next_power_of_2(max(M, 2)),
         BH=BLOCK_H,
-        BJ=BJ,
         num_warps=NUM_WARPS,
         **act,
     )
@@ -643,7 +651,7 @@ def prompt_route_bwd(
     d_num = d_den = None
     if act["RATIONAL"]:
         d_num = dnum.sum(dim=0)[: act["NUM"]].to(numerator.dtype)
-        d_den = dden.sum(dim=0)[: act["DEN"]].to(denominator.dtype)
+        d_den = dden.sum(dim=0)[1 : act["DEN"] + 1].to(denominator.dtype)
     d_pool_weight = dw.sum(dim=0).to(pool_weight.dtype) if attention else None
     return d_hidden, d_router, d_num, d_den, d_pool_weight
 
@@ -659,6 +667,7 @@ class PromptRouteFunction(torch.autograd.Function):
         )
         ctx.pooling = pooling
         ctx.mark_non_differentiable(indices)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: its kernel read is skipped
         return gates, indices, probs
 
     @staticmethod
@@ -704,6 +713,8 @@ def check_inputs(
             raise TypeError(f"prompt_route: {name} must be float16, bfloat16 or float32, got {t.dtype}")
     Bn, S, H = hidden.shape
     M = router_weight.shape[0]
+    if Bn == 0:
+        raise ValueError("prompt_route: hidden has no sequences (B = 0)")
     if S == 0:
         raise ValueError("prompt_route: the prompt is empty (sequence length 0); routing needs a prompt token")
     if mask is not None and tuple(mask.shape) != (Bn, S):
