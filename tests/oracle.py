@@ -148,3 +148,66 @@ def moe_lora(x: Tensor, slots: list[Slots], A: Tensor, B: Tensor, scaling: float
 def mixlora_ffn(x: Tensor, slots: list[Slots], **kwargs) -> Tensor:
     """mixlora_ffn_token on every row of x [T, H] -> [T, H]."""
     return torch.stack([mixlora_ffn_token(x_t, s, **kwargs) for x_t, s in zip(x, slots, strict=True)])
+
+
+# --- MiLoRA ---------------------------------------------------------------------------------------------
+
+
+def rational_scalar(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
+    """PAU's safe rational, written out: (a_0 + a_1 x + ... + a_6 x^6) / (1 + |b_1||x| + ... + |b_5||x|^5)."""
+    x = f64(x)
+    p = sum(f64(numerator)[i] * x**i for i in range(numerator.shape[0]))
+    q = 1 + sum(f64(denominator)[j - 1].abs() * x.abs() ** j for j in range(1, denominator.shape[0] + 1))
+    return p / q
+
+
+def prompt_route_sequence(
+    hidden: Tensor,
+    keep: list[bool],
+    router: Tensor,
+    numerator: Tensor | None,
+    denominator: Tensor | None,
+    top_k: int,
+    pooling: str,
+    pool_weight: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """One sequence's MiLoRA routing: (gates [M], probs [M]).
+
+    hidden [S, H]; keep: which positions are prompt tokens. Pool over the kept rows only (attention: a
+    softmax of h_s . w over them; mean; max per feature; last: the last kept row), apply the rational
+    activation (GELU when numerator is None), softmax of router @ g, and keep p_m on the top_k modules.
+    """
+    rows = [f64(hidden[s]) for s in range(hidden.shape[0]) if keep[s]]
+    if pooling == "attention":
+        scores = torch.stack([h @ f64(pool_weight) for h in rows])
+        a = torch.softmax(scores, dim=0)
+        pooled = sum(a[i] * rows[i] for i in range(len(rows)))
+    elif pooling == "mean":
+        pooled = sum(rows) / len(rows)
+    elif pooling == "max":
+        pooled = torch.stack(rows).max(dim=0).values
+    else:
+        pooled = rows[-1]
+    if numerator is None:
+        g = torch.nn.functional.gelu(pooled)
+    else:
+        g = torch.stack([rational_scalar(v, numerator, denominator) for v in pooled])
+    probs = torch.softmax(f64(router) @ g, dim=0)
+    chosen = torch.sort(probs.detach(), descending=True, stable=True).indices[:top_k].tolist()
+    gates = torch.stack([probs[m] if m in chosen else probs[m] * 0 for m in range(probs.shape[0])])
+    return gates, probs
+
+
+def segmented_lora(
+    x: Tensor, token_seq: list[int], seq_lora: list[int], seq_gate: Tensor, A: Tensor, B: Tensor, scaling: Tensor
+) -> Tensor:
+    """Token by token: gate of its sequence * scaling of its LoRA * B_a A_a x (zero without a LoRA)."""
+    out = []
+    for t in range(x.shape[0]):
+        s = token_seq[t]
+        a = seq_lora[s]
+        if a < 0:
+            out.append(torch.zeros(B.shape[1], dtype=torch.float64))
+            continue
+        out.append(f64(seq_gate)[s] * f64(scaling)[a] * (f64(B[a]) @ (f64(A[a]) @ f64(x[t]))))
+    return torch.stack(out)
