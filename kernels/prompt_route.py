@@ -4,7 +4,8 @@ The math of `moelora.reference.prompt_route`, in fp32 whatever the input dtype. 
 1. scores (attention pooling only): s[b, t] = hidden[b, t] . pool_weight, -inf on padding; grid (B, S blocks).
 2. pool: pooled[b, h] over the prompt, padding ignored (attention: one online-softmax pass over hidden that
    also leaves lse[b] for the backward); grid (B, H blocks): prompts are long and H wide, B small.
-3. head: g = rational(pooled), logits = g @ Wr^T, softmax, top-k, gates; one program per sequence, M small.
+3. head: g = rational(pooled) (or exact GELU when numerator = denominator = None), logits = g @ Wr^T,
+   softmax, top-k, gates; one program per sequence, M small.
 Backward: the head's (grid over H blocks, a loop over the B sequences inside, so d router_weight sums in
 registers; d numerator / d denominator leave one partial row per H block, summed by torch), then the pool's
 (attention: ds[b, t] first, then d hidden and one d pool_weight row per sequence, summed by torch). No
@@ -12,9 +13,9 @@ atomics anywhere: the results are deterministic. The top-k selection is piecewis
 flow through the gate values (p on the selected modules) and the probabilities only.
 
 No host sync. An all-padding sequence (a mask row of zeros) is where the reference raises; here it pools to
-the zero vector, so its routing is that of g = rational(0) = numerator[0] in every feature, and its hidden
-states get zero gradient. The model layer checks for empty prompts once at prefill.
-CUDA tensors; CPU tensors under TRITON_INTERPRET=1.
+the zero vector, so its routing is that of g = rational(0) = numerator[0] (GELU: 0) in every feature, and
+its hidden states get zero gradient. The model layer checks for empty prompts once at prefill.
+CUDA tensors; CPU tensors under TRITON_INTERPRET=1 (tested there in fp32 and fp16; never run on a GPU yet).
 """
 
 from __future__ import annotations
@@ -512,7 +513,8 @@ def prompt_route_fwd(
             **mask_args,
         )
     else:
-        scores = lse = torch.empty(0, dtype=torch.float32, device=dev)
+        # Two distinct empty tensors: outputs of a torch.library op must not alias each other.
+        scores, lse = (torch.empty(0, dtype=torch.float32, device=dev) for _ in range(2))
     prompt_route_fwd_kernel_pool[(Bn, _grid_h(H))](
         hidden_ptr=hidden,
         scores_ptr=scores if scores.numel() else pooled,
