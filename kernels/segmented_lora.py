@@ -24,7 +24,8 @@ A gate of exactly 0 means "skip this sequence" (MiLoRA: the module is not in the
 zero output, and zero gradient for that gate. The reference gives that gate s * sum_t <dy_t, B A x_t>;
 MiLoRA's unselected gates are constant zeros of the top-k scatter, so the difference never reaches a
 parameter there. Token/sequence ids out of range (checked on CPU tensors, not on CUDA, which would need a
-host sync) count as "no LoRA".
+host sync) count as "no LoRA". CUDA tensors; CPU tensors under TRITON_INTERPRET=1 (tested there in fp32 and
+fp16; never run on a GPU yet).
 """
 
 from __future__ import annotations
