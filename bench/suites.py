@@ -3,7 +3,9 @@
     ffn       one MixLoRA FFN (bench.providers)
     route     router logits + softmax + top-k / top-p alone (bench.route)
     moe_lora  the gathered per-expert LoRA alone (bench.moe_lora)
-    model     a tiny random llama with MixLoRA: train step and greedy generation (bench.model)
+    model     a tiny random llama with MixLoRA (and MiLoRA): train step and greedy generation (bench.model)
+    milora    one decoder layer's seven projections, B sequences from B MiLoRA adapters: decode step and
+              prefill (bench.milora)
 
 The runner (bench.cli) and the memory probe (bench.memory) see every suite through the same few
 attributes: presets, providers (in table order), checked (parity-checked against "reference"), modes,
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench import model, moe_lora, providers, route
+from bench import milora, model, moe_lora, providers, route
 from bench.fused import fused_missing
 from bench.timing import MODES, ROUTER_GRAD_TOLERANCE, TOLERANCE, make_step, primary
 
@@ -260,5 +262,72 @@ MODEL = ModelSuite(
     }
 )
 
-Suite = OpSuite | ModelSuite
-SUITES: dict[str, Suite] = {s.name: s for s in (FFN, ROUTE, MOE_LORA, MODEL)}
+
+class MiloraSuite:
+    """One llama decoder layer with B sequences from B MiLoRA adapters (bench.milora): decode and prefill."""
+
+    name = "milora"
+    title = "MiLoRA decoder layer, B sequences from B adapters"
+    providers = milora.PROVIDERS_ORDER
+    checked = ("milora", "milora-loop", "mixlora-style", "router", "router-per-adapter")
+    modes = milora.MODES
+    grad_mode = None  # inference only: no gradient mode, parity compares outputs
+    case = "B"
+    graph_safe = ("base", "milora", "mixlora-style")  # no host sync when segmented_lora is the Triton kernel
+    notes = (
+        "the layer: q/k/v/o/gate/up/down, two RMSNorms, SiLU; attention replaced by its single-key case (o runs "
+        "on v), so no KV cache; q and k are outputs of the step",
+        "sequence b runs adapter b (r, top-k of the 7 modules, s = 2); decode gates cached as if from prefill",
+        "base: the frozen layer alone, never parity-checked; '-': the provider has no such mode",
+    )
+    ratios: tuple[Ratio, ...] = (
+        ("milora", "base", "what B MiLoRA adapters cost over the frozen layer (issue 4's goal: <= 1.10 at B=32)"),
+        ("mixlora-style", "milora", "milora is that many times faster than per-token routing (goal: >= 1.5)"),
+        ("milora-loop", "milora", "milora is that many times faster than the per-adapter loop"),
+        ("router", "base", "the prefill router (one call, all prompts) costs more than the layer (goal: <= 0.03)"),
+        ("router-per-adapter", "base", "the same with one router call per adapter, as B adapters need today"),
+    )
+
+    def __init__(self, presets: dict[str, Preset]) -> None:
+        self.presets = presets
+
+    def shape(self, case: int, dims: dict[str, Any]) -> milora.MiloraShape:
+        return milora.MiloraShape(B=case, **dims)
+
+    make_inputs = staticmethod(milora.make_inputs)
+    step = staticmethod(milora.step)
+    outputs = staticmethod(milora.outputs)
+    parity_keys = staticmethod(milora.parity_keys)
+    runs = staticmethod(milora.runs)
+    device_notes = staticmethod(milora.op_notes)
+
+    def missing(self, name: str, device: torch.device) -> str | None:
+        return None
+
+    def tolerance(self, key: str) -> float:
+        return TOLERANCE
+
+    def cuda_graph(self, name: str, shape: Any, mode: str, device: torch.device) -> bool:
+        return device.type == "cuda" and mode == "decode" and name in self.graph_safe
+
+    def tokens_per_call(self, shape: Any, mode: str) -> int | None:
+        return None
+
+
+def _milora_dims(H: int, I: int, r: int, S: int, KV: int | None = None, k: int = 3) -> dict[str, Any]:
+    return {"H": H, "I": I, "KV": KV or H, "r": r, "k": k, "S": S, "lora_dtype": "fp32"}
+
+
+MILORA_B = (1, 8, 32)
+MILORA = MiloraSuite(
+    presets={
+        "tiny": Preset((1, 3), _milora_dims(H=48, I=80, r=4, S=5, KV=24), warmup=1, repeats=3),
+        # r/H = 1/128 as Llama-2-7B with the paper's r=32, so the adapters weigh what they weigh there.
+        "small": Preset(MILORA_B, _milora_dims(H=1024, I=2816, r=8, S=32), warmup=3, repeats=20),
+        "llama2-7b": Preset(MILORA_B, _milora_dims(H=4096, I=11008, r=32, S=512), warmup=5, repeats=30),
+        "llama3-8b": Preset(MILORA_B, _milora_dims(H=4096, I=14336, r=32, S=512, KV=1024), warmup=5, repeats=30),
+    }
+)
+
+Suite = OpSuite | ModelSuite | MiloraSuite
+SUITES: dict[str, Suite] = {s.name: s for s in (FFN, ROUTE, MOE_LORA, MODEL, MILORA)}
