@@ -281,7 +281,7 @@ def pool(hidden: Tensor, mask: Tensor | None, pooling: str, pool_weight: Tensor 
     if S == 0:
         raise ValueError("MiLoRA: the prompt is empty (sequence length 0); routing needs at least one prompt token")
     keep = torch.ones(B, S, dtype=torch.bool, device=h.device) if mask is None else mask.to(h.device).bool()
-    if mask is not None:
+    if mask is not None and not torch.compiler.is_compiling():  # compiled: no host sync, an empty row gives NaN
         empty = (~keep.any(dim=1)).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"MiLoRA: sequences {empty} have an empty prompt (no token with attention_mask = 1)")
@@ -303,8 +303,8 @@ def prompt_route(
     hidden: Tensor,
     mask: Tensor | None,
     router_weight: Tensor,
-    numerator: Tensor,
-    denominator: Tensor,
+    numerator: Tensor | None,
+    denominator: Tensor | None,
     *,
     top_k: int,
     pooling: str = "attention",
@@ -313,7 +313,8 @@ def prompt_route(
     """MiLoRA's router for one layer: pool the prompt, rational activation, softmax over the M modules, top-k.
 
     hidden [B, S, H] (the states entering the layer); mask [B, S] or None; router_weight [M, H];
-    numerator [7], denominator [5] (the layer's rational activation). In fp32 (fp64 for fp64 input).
+    numerator [7], denominator [5] (the layer's rational activation; both None: exact GELU instead).
+    In fp32 (fp64 for fp64 input).
         g = rational(pool(hidden)),  p = softmax(g @ router_weight^T),  gates = p on the top-k modules, else 0.
     The gates are not renormalised (design.md: module m adds [m in top-k] * p_m * s * B_m A_m x).
     """
@@ -321,7 +322,8 @@ def prompt_route(
     if not 1 <= top_k <= M:
         raise ValueError(f"prompt_route: top_k must be in [1, {M}] (the number of LoRA modules), got {top_k}")
     dt = compute_dtype(hidden)
-    g = rational(pool(hidden, mask, pooling, pool_weight), numerator.to(dt), denominator.to(dt))
+    pooled = pool(hidden, mask, pooling, pool_weight)
+    g = F.gelu(pooled) if numerator is None else rational(pooled, numerator.to(dt), denominator.to(dt))
     probs = torch.softmax(g @ router_weight.to(dt).T, dim=-1)
     top, indices = torch.topk(probs, top_k, dim=-1)
     gates = torch.zeros_like(probs).scatter(1, indices, top)

@@ -1,5 +1,5 @@
-"""torch.compile through the C++ ops: their fake kernels agree with the real ones, and a whole MixLoRA
-model compiles with fullgraph=True and equals eager, forward and backward.
+"""torch.compile through the C++ ops: their fake kernels agree with the real ones, and whole MixLoRA and MiLoRA
+models compile with fullgraph=True and equals eager, forward and backward.
 
 The reference backend compiles too, but only with graph breaks (its expert sort reads sizes on the host)
 and slowly (~100 s for the tiny llama here), so it is not run in CI.
@@ -12,7 +12,7 @@ import torch
 from conftest import VOCAB, randomize_adapters, tiny_model
 
 import moelora
-from moelora import MixLoraConfig, get_moelora_model
+from moelora import MiLoraConfig, MixLoraConfig, get_moelora_model
 
 cpu = pytest.importorskip("moelora.cpu_backend", reason="moelora._C is not built", exc_type=ImportError)
 ops = torch.ops.moelora
@@ -76,5 +76,29 @@ def test_whole_model_compiles_fullgraph_and_equals_eager():
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-6)
     assert got.keys() == want.keys() and len(got) == 30
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=f"grad {n}")
+
+
+def test_milora_model_compiles_fullgraph_and_equals_eager():
+    """MiLoRA's routing hooks (prefill detection, per-layer routers, the kept routing) trace into one graph."""
+    pm = get_moelora_model(tiny_model("llama"), MiLoraConfig(r=4, lora_dropout=0.0))
+    randomize_adapters(pm)
+    pm.train()
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with moelora.set_backend("cpu"):
+        eager = pm(ids, attention_mask=mask, labels=ids)
+        eager.loss.backward()
+        want = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+        pm.zero_grad()
+        compiled = torch.compile(pm, fullgraph=True)(ids, attention_mask=mask, labels=ids)
+        compiled.loss.backward()
+    got = {n: p.grad for n, p in pm.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-6)
+    # 2 layers x (7 modules x A, B + router weight, pooling vector, rational numerator and denominator)
+    assert got.keys() == want.keys() and len(got) == 2 * (14 + 4)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=f"grad {n}")
