@@ -286,7 +286,7 @@ def worker() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def worker_results() -> dict[str, list[str]]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
