@@ -1,8 +1,12 @@
-"""The `model` suite: a tiny random llama with MixLoRA, built locally (nothing downloaded).
+"""The `model` suite: a tiny random llama with MixLoRA (and MiLoRA), built locally (nothing downloaded).
 
-    base       the llama without adapters
-    reference  moelora.get_moelora_model(llama, MixLoraConfig(lora_dropout=0.0)) under backend "reference"
-    fused      the same adapted model under the fused backend, when available
+    base          the llama without adapters
+    reference     moelora.get_moelora_model(llama, MixLoraConfig(lora_dropout=0.0)) under backend "reference"
+    fused         the same adapted model under the fused backend, when available
+    milora        the llama with one MiLoRA adapter (MiLoraConfig(r, lora_alpha=2r, lora_dropout=0.0), the
+                  paper's top-3 of the 7 projections, rational activation, attention pooling) on every sequence
+    milora-mixed  generate only: B MiLoRA adapters loaded at once, sequence b runs adapter b in one batched
+                  generate(adapter_names=[...]) (PEFT's mixed batch; at B=1 the same work as milora)
 
 Modes:
     train     one optimiser step on a [B, S] batch: forward with labels (loss + router aux loss), backward,
@@ -25,10 +29,11 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import moelora
-from bench.fused import fused_backend
+from bench.fused import fused_backend, fused_missing
 
-PROVIDERS = ("base", "reference", "fused")
+PROVIDERS = ("base", "reference", "fused", "milora", "milora-mixed")
 MODES = ("train", "generate")
+MILORA_TOP_K = 3  # the paper's (MiLoraConfig's default); the shape's k is MixLoRA's
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,41 @@ def make_inputs(
 
 def build(inp: ModelInputs, adapters: bool) -> nn.Module:
     """The llama (the same weights for the same seed), frozen; with `adapters`, MixLoRA with random non-zero B."""
+    model = _llama(inp)
+    if not adapters:
+        return model.eval()
+    s = inp.shape
+    cfg = moelora.MixLoraConfig(r=s.r, lora_alpha=2 * s.r, lora_dropout=0.0, num_experts=s.E, top_k=s.k)
+    return _redraw_lora_B(moelora.get_moelora_model(model, cfg), inp.seed + 1).eval()
+
+
+def build_milora(inp: ModelInputs, adapters: int = 1) -> nn.Module:
+    """The same llama with `adapters` MiLoRA adapters ("default", then "a1", "a2", ...), each with its own
+    random non-zero B (the routers keep their random init: normal(0.02) weights, zero pooling vector)."""
+    s = inp.shape
+    cfg = moelora.MiLoraConfig(r=s.r, lora_alpha=2 * s.r, lora_dropout=0.0, top_k=MILORA_TOP_K)
+    torch.manual_seed(inp.seed + 2)  # the routers' init
+    model = moelora.get_moelora_model(_llama(inp), cfg)
+    for i in range(1, adapters):
+        model.add_adapter(cfg, milora_names(adapters)[i])
+    return _redraw_lora_B(model, inp.seed + 1).eval()
+
+
+def milora_names(n: int) -> list[str]:
+    return ["default", *(f"a{i}" for i in range(1, n))]
+
+
+def _redraw_lora_B(model: nn.Module, seed: int) -> nn.Module:
+    """A fresh adapter has B = 0, which would make every LoRA term an exact zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+def _llama(inp: ModelInputs) -> nn.Module:
     s = inp.shape
     config = LlamaConfig(
         vocab_size=s.V,
@@ -88,18 +128,7 @@ def build(inp: ModelInputs, adapters: bool) -> nn.Module:
         eos_token_id=2,
     )
     torch.manual_seed(inp.seed)
-    model = LlamaForCausalLM(config).to(device=inp.device, dtype=inp.dtype).requires_grad_(False)
-    if not adapters:
-        return model.eval()
-    cfg = moelora.MixLoraConfig(r=s.r, lora_alpha=2 * s.r, lora_dropout=0.0, num_experts=s.E, top_k=s.k)
-    model = moelora.get_moelora_model(model, cfg)
-    # A fresh adapter has B = 0, which would make every LoRA term an exact zero.
-    g = torch.Generator().manual_seed(inp.seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval()
+    return LlamaForCausalLM(config).to(device=inp.device, dtype=inp.dtype).requires_grad_(False)
 
 
 def backend_for(name: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -107,13 +136,23 @@ def backend_for(name: str, device: torch.device) -> Callable[[], contextlib.Abst
     loaded fused extension does not load inside the first timed call."""
     if name == "base":
         return contextlib.nullcontext
+    if name.startswith("milora"):  # the fused backend when there is one, else the reference
+        chosen = "reference" if fused_missing(device) is not None else fused_backend(device)
+        return lambda: moelora.set_backend(chosen)
     chosen = "reference" if name == "reference" else fused_backend(device)
     return lambda: moelora.set_backend(chosen)
 
 
 def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
     """One timed unit of provider `name` in `mode`; the model (and optimiser) is built here, untimed."""
-    model = build(inp, adapters=name != "base")
+    if not runs(name, mode):
+        raise ValueError(f"model: provider {name} has no {mode} mode")
+    if name == "milora-mixed":
+        model = build_milora(inp, adapters=inp.shape.B)
+        mixed = {"adapter_names": milora_names(inp.shape.B)}
+    else:
+        model = build_milora(inp) if name == "milora" else build(inp, adapters=name != "base")
+        mixed = {}
     enter = backend_for(name, inp.device)
     if mode == "generate":
         mask = torch.ones_like(inp.prompt)
@@ -122,6 +161,7 @@ def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
         def generate() -> Tensor:
             with torch.no_grad(), enter():
                 return model.generate(
+                    **mixed,
                     input_ids=inp.prompt,
                     attention_mask=mask,
                     max_new_tokens=n,
@@ -168,6 +208,11 @@ def outputs(name: str, inp: ModelInputs, with_grads: bool) -> dict[str, Tensor]:
     return {"logits": out.logits.detach(), "loss": out.loss.detach()} | {
         f"d{n}": g for n, g in zip(short, grads, strict=True)
     }
+
+
+def runs(name: str, mode: str) -> bool:
+    """milora-mixed is generate only: a mixed-adapter batch is for inference (MoeLoraModel refuses training)."""
+    return not (name == "milora-mixed" and mode == "train")
 
 
 def tokens_per_call(shape: ModelShape, mode: str) -> int | None:

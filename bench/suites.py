@@ -113,7 +113,7 @@ class ModelSuite:
     """The tiny llama: train step and generation (bench.model); `fused` is checked against `reference`."""
 
     name = "model"
-    title = "MixLoRA tiny llama"
+    title = "MixLoRA / MiLoRA tiny llama"
     providers = model.PROVIDERS
     checked = ("fused",)
     modes = model.MODES
@@ -124,11 +124,16 @@ class ModelSuite:
         "input embeddings (nothing to train, no optimiser step)",
         "train: forward with labels (loss + router aux loss), backward, AdamW step over the adapter parameters",
         "generate: greedy, exactly N new tokens after a P-token prompt, KV cache on, prefill included",
+        "milora, milora-mixed: MiLoRA (r, top-3 of the 7 projections), other math than reference (MixLoRA): timed, "
+        "never parity-checked here (tests/ checks a mixed batch against separate runs); milora-mixed: B adapters, "
+        "sequence b runs adapter b, generate only",
     )
     ratios: tuple[Ratio, ...] = (
         ("reference", "base", "what MixLoRA (reference backend) costs over the llama alone"),
         ("fused", "base", "what MixLoRA (fused backend) costs over the llama alone"),
         ("reference", "fused", "fused is that many times faster than the reference backend"),
+        ("milora", "base", "what one MiLoRA adapter costs over the llama alone"),
+        ("milora-mixed", "milora", "what B different MiLoRA adapters in one batch cost over one adapter for all"),
     )
 
     def __init__(self, presets: dict[str, Preset]) -> None:
@@ -137,6 +142,7 @@ class ModelSuite:
     def shape(self, case: int, dims: dict[str, Any]) -> model.ModelShape:
         return model.ModelShape(B=case, **dims)
 
+    runs = staticmethod(model.runs)
     make_inputs = staticmethod(model.make_inputs)
     step = staticmethod(model.step)
     outputs = staticmethod(model.outputs)

@@ -41,6 +41,8 @@ def test_models_are_rebuilt_identically(tiny_model_inputs):
 @pytest.mark.parametrize("provider", MODEL.providers)
 def test_latency(benchmark, provider, mode, tiny_model_inputs):
     skip_if_missing(MODEL, provider)
+    if not MODEL.runs(provider, mode):
+        pytest.skip(f"{provider} has no {mode} mode")
     out = benchmark(MODEL.step(provider, tiny_model_inputs, mode))
     s = tiny_model_inputs.shape
     if mode == "generate":
@@ -53,3 +55,12 @@ def test_tokens_per_call():
     shape = tiny_shape(MODEL)
     assert MODEL.tokens_per_call(shape, "generate") == shape.B * shape.N
     assert MODEL.tokens_per_call(shape, "train") is None
+
+
+def test_milora_mixed_loads_one_adapter_per_sequence(tiny_model_inputs):
+    s = tiny_model_inputs.shape
+    mixed = model.build_milora(tiny_model_inputs, adapters=s.B)
+    assert sorted(mixed.peft_config) == sorted(model.milora_names(s.B)) and s.B > 1
+    assert all(type(c).__name__ == "MiLoraConfig" for c in mixed.peft_config.values())
+    with pytest.raises(ValueError, match="no train mode"):
+        MODEL.step("milora-mixed", tiny_model_inputs, "train")
