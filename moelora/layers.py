@@ -141,10 +141,19 @@ class LoraLinear(nn.Module):
 
     def _add_delta(self, a: LoraAdapter, x: Tensor, y: Tensor) -> Tensor:
         """y + this adapter's delta on every row of x (gated per sequence for MiLoRA)."""
-        delta = ops.lora(a.dropout(x), a.lora_A, a.lora_B, a.scaling)
         gates = a.gates(x.shape[0])
-        if gates is not None:
-            delta = (delta * gates.view(-1, *[1] * (delta.dim() - 1))).to(y.dtype)
+        if gates is not None and not torch.is_grad_enabled() and x.dim() >= 2:
+            # Inference: one segmented_lora call, in which the fused kernels skip sequences whose gate is 0.
+            flat = x.reshape(-1, x.shape[-1])
+            token_seq = torch.arange(x.shape[0], device=x.device).repeat_interleave(flat.shape[0] // x.shape[0])
+            no_lora = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+            scaling = torch.full((1,), a.scaling, dtype=torch.float32, device=x.device)
+            delta = ops.segmented_lora(flat, token_seq, no_lora, gates, a.lora_A[None], a.lora_B[None], scaling)
+            delta = delta.reshape(*x.shape[:-1], delta.shape[-1])
+        else:
+            delta = ops.lora(a.dropout(x), a.lora_A, a.lora_B, a.scaling)
+            if gates is not None:
+                delta = delta * gates.view(-1, *[1] * (delta.dim() - 1))
         y = y + delta.to(y.dtype)
         if a.lora_magnitude is not None:
             scale = dora_scale(self.base_layer.weight, a.lora_A, a.lora_B, a.scaling, a.lora_magnitude)
