@@ -329,7 +329,8 @@ MILORA = MiloraSuite(
     presets={
         "tiny": Preset((1, 3), _milora_dims(H=48, I=80, r=4, S=5, KV=24), warmup=1, repeats=3),
         # r/H = 1/128 as Llama-2-7B with the paper's r=32, so the adapters weigh what they weigh there.
-        "small": Preset(MILORA_B, _milora_dims(H=1024, I=2816, r=8, S=32), warmup=3, repeats=20),
+        # About 4 min on two busy cores, most of it the reference's prefill at B=32.
+        "small": Preset(MILORA_B, _milora_dims(H=1024, I=2816, r=8, S=32), warmup=2, repeats=15),
         "llama2-7b": Preset(MILORA_B, _milora_dims(H=4096, I=11008, r=32, S=512), warmup=5, repeats=30),
         "llama3-8b": Preset(MILORA_B, _milora_dims(H=4096, I=14336, r=32, S=512, KV=1024), warmup=5, repeats=30),
     }
