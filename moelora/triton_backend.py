@@ -8,7 +8,7 @@ model through them as opaque calls; the autograd Functions below call the forwar
 What the kernels do not cover goes to the reference, as in the cpu backend: DoRA (supports_dora = False),
 activations other than SiLU, GELU (erf or tanh) and ReLU, dropout on h_j (training with lora_dropout > 0
 on the down projection), float64 tensors, and empty batches. `lora` (one dense LoRA) is the reference's
-two GEMMs.
+two GEMMs. MiLoRA's `prompt_route` and `segmented_lora` are kernels too (fp64: the reference).
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from torch import Tensor
 from moelora import reference
 from moelora.kernels import mixlora_ffn as _ffn_kernels
 from moelora.kernels import moe_lora as _moe_lora_kernels
+from moelora.kernels import prompt_route as _prompt_route_kernels
 from moelora.kernels import route as _route_kernels
-from moelora.reference import ExpertLora, Routing
+from moelora.kernels import segmented_lora as _segmented_kernels
+from moelora.reference import ExpertLora, PromptRouting, Routing
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -331,3 +333,201 @@ def mixlora_ffn(
     if down_lora is not None:
         y = y + y_lora
     return y.to(up.dtype)
+
+
+# --- MiLoRA: prompt_route and segmented_lora -----------------------------------------------------------------
+
+
+@torch.library.custom_op("moelora_triton::prompt_route", mutates_args=())
+def _prompt_route_op(
+    hidden: Tensor,
+    mask: Tensor | None,
+    router_weight: Tensor,
+    numerator: Tensor | None,
+    denominator: Tensor | None,
+    pool_weight: Tensor | None,
+    top_k: int,
+    pooling: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> gates, indices, probs, and the backward's pooled [B, H], scores [B, S], lse [B] (attention only)."""
+    return _prompt_route_kernels.prompt_route_fwd(
+        hidden, mask, router_weight, numerator, denominator, pool_weight, top_k, pooling
+    )
+
+
+@_prompt_route_op.register_fake
+def _(hidden, mask, router_weight, numerator, denominator, pool_weight, top_k, pooling):
+    B, S, H = hidden.shape
+    M = router_weight.shape[0]
+    f32 = dict(dtype=torch.float32)
+    attention = pooling == "attention"
+    return (
+        hidden.new_empty(B, M, **f32),
+        hidden.new_empty(B, top_k, dtype=torch.int64),
+        hidden.new_empty(B, M, **f32),
+        hidden.new_empty(B, H, **f32),
+        hidden.new_empty(B, S, **f32) if attention else hidden.new_empty(0, **f32),
+        hidden.new_empty(B, **f32) if attention else hidden.new_empty(0, **f32),
+    )
+
+
+@torch.library.custom_op("moelora_triton::prompt_route_backward", mutates_args=())
+def _prompt_route_backward_op(
+    grad_gates: Tensor | None,
+    grad_probs: Tensor | None,
+    hidden: Tensor,
+    mask: Tensor | None,
+    router_weight: Tensor,
+    numerator: Tensor | None,
+    denominator: Tensor | None,
+    pool_weight: Tensor | None,
+    indices: Tensor,
+    probs: Tensor,
+    pooled: Tensor,
+    scores: Tensor,
+    lse: Tensor,
+    pooling: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    d_hidden, d_router, d_num, d_den, d_pool = _prompt_route_kernels.prompt_route_bwd(
+        grad_gates, grad_probs, hidden, mask, router_weight, numerator, denominator, pool_weight,
+        indices, probs, pooled, scores, lse, pooling,
+    )  # fmt: skip
+    # The coefficient gradients come back as slices of one partial-sum buffer; a custom op must return
+    # fresh tensors (storage offset 0), and they are a dozen numbers.
+    d_num, d_den = (None if t is None else t.clone() for t in (d_num, d_den))
+    return d_hidden, d_router, _none(d_num, hidden), _none(d_den, hidden), _none(d_pool, hidden)
+
+
+@_prompt_route_backward_op.register_fake
+def _(grad_gates, grad_probs, hidden, mask, router_weight, numerator, denominator, pool_weight, *rest):
+    def like(t: Tensor | None) -> Tensor:
+        return hidden.new_empty(0) if t is None else torch.empty_like(t)
+
+    return (
+        torch.empty_like(hidden),
+        torch.empty_like(router_weight),
+        like(numerator),
+        like(denominator),
+        like(pool_weight),
+    )
+
+
+class _PromptRoute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, mask, router_weight, numerator, denominator, pool_weight, top_k, pooling):
+        gates, indices, probs, pooled, scores, lse = _ops.prompt_route(
+            hidden, mask, router_weight, numerator, denominator, pool_weight, top_k, pooling
+        )
+        ctx.save_for_backward(
+            hidden, mask, router_weight, numerator, denominator, pool_weight, indices, probs, pooled, scores, lse
+        )
+        ctx.pooling = pooling
+        ctx.mark_non_differentiable(indices)
+        ctx.set_materialize_grads(False)
+        return gates, indices, probs
+
+    @staticmethod
+    def backward(ctx, grad_gates, _grad_indices, grad_probs):
+        d_hidden, d_router, d_num, d_den, d_pool = _ops.prompt_route_backward(
+            grad_gates, grad_probs, *ctx.saved_tensors, ctx.pooling
+        )
+        return d_hidden, None, d_router, _or_none(d_num), _or_none(d_den), _or_none(d_pool), None, None
+
+
+def prompt_route(
+    hidden: Tensor,
+    mask: Tensor | None,
+    router_weight: Tensor,
+    numerator: Tensor | None,
+    denominator: Tensor | None,
+    *,
+    top_k: int,
+    pooling: str = "attention",
+    pool_weight: Tensor | None = None,
+) -> PromptRouting:
+    """moelora.reference.prompt_route in Triton (kernels/prompt_route.py): pooling, rational, softmax, top-k.
+
+    Unlike the reference, an all-padding sequence does not raise here (no host sync): it pools to zeros.
+    The model checks for empty prompts once, at prefill, through the reference's rule.
+    """
+    if hidden.dtype not in _KERNEL_DTYPES:
+        return reference.prompt_route(
+            hidden, mask, router_weight, numerator, denominator, top_k=top_k, pooling=pooling, pool_weight=pool_weight
+        )
+    _prompt_route_kernels.check_inputs(hidden, mask, router_weight, numerator, denominator, top_k, pooling, pool_weight)
+    gates, indices, probs = _PromptRoute.apply(
+        hidden, mask, router_weight, numerator, denominator, pool_weight if pooling == "attention" else None,
+        top_k, pooling,
+    )  # fmt: skip
+    return PromptRouting(gates, indices, probs)
+
+
+@torch.library.custom_op("moelora_triton::segmented_lora", mutates_args=())
+def _segmented_lora_op(
+    x: Tensor, token_seq: Tensor, seq_lora: Tensor, seq_gate: Tensor, A: Tensor, B: Tensor, scaling: Tensor
+) -> tuple[Tensor, Tensor]:
+    """-> y [T, out] in x's dtype, and the backward's u [T, r] fp32."""
+    return _segmented_kernels.segmented_lora_fwd(x, token_seq, seq_lora, seq_gate, A, B, scaling)
+
+
+@_segmented_lora_op.register_fake
+def _(x, token_seq, seq_lora, seq_gate, A, B, scaling):
+    return x.new_empty(x.shape[0], B.shape[1]), x.new_empty(x.shape[0], A.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("moelora_triton::segmented_lora_backward", mutates_args=())
+def _segmented_lora_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    token_seq: Tensor,
+    seq_lora: Tensor,
+    seq_gate: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scaling: Tensor,
+    u: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _segmented_kernels.segmented_lora_bwd(dy.contiguous(), x, token_seq, seq_lora, seq_gate, A, B, scaling, u)
+
+
+@_segmented_lora_backward_op.register_fake
+def _(dy, x, token_seq, seq_lora, seq_gate, A, B, scaling, u):
+    f32 = dict(dtype=torch.float32)
+    return (
+        torch.empty_like(x),
+        seq_gate.new_empty(seq_gate.shape, **f32),
+        torch.empty_like(A),
+        torch.empty_like(B),
+        scaling.new_empty(scaling.shape, **f32),
+    )
+
+
+class _SegmentedLora(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, token_seq, seq_lora, seq_gate, A, B, scaling):
+        y, u = _ops.segmented_lora(x, token_seq, seq_lora, seq_gate, A, B, scaling)
+        ctx.save_for_backward(x, token_seq, seq_lora, seq_gate, A, B, scaling, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, token_seq, seq_lora, seq_gate, A, B, scaling, u = ctx.saved_tensors
+        grad_x, grad_gate, grad_A, grad_B, grad_scaling = _ops.segmented_lora_backward(
+            dy, x, token_seq, seq_lora, seq_gate, A, B, scaling, u
+        )
+        return grad_x, None, None, grad_gate.to(seq_gate.dtype), grad_A, grad_B, grad_scaling.to(scaling.dtype)
+
+
+def segmented_lora(
+    x: Tensor, token_seq: Tensor, seq_lora: Tensor, seq_gate: Tensor, A: Tensor, B: Tensor, scaling: Tensor
+) -> Tensor:
+    """moelora.reference.segmented_lora in Triton (kernels/segmented_lora.py); fp64 and T = 0: the reference.
+
+    A gate of exactly 0 gets gradient 0 here (its tokens are skipped), the reference gives s * <dy, B A x>.
+    """
+    if x.dtype not in _KERNEL_DTYPES or x.shape[0] == 0:
+        return reference.segmented_lora(x, token_seq, seq_lora, seq_gate, A, B, scaling)
+    _segmented_kernels.check_inputs(x, token_seq, seq_lora, seq_gate, A, B, scaling)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, seq_gate, A, B, scaling)):
+        return _SegmentedLora.apply(x, token_seq, seq_lora, seq_gate, A, B, scaling)
+    return _ops.segmented_lora(x, token_seq, seq_lora, seq_gate, A, B, scaling)[0]

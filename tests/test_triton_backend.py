@@ -4,7 +4,8 @@ In one worker process with TRITON_INTERPRET=1 (this file run as a script): whole
 llama, phi3 (fused gate_up) and phi (fc1/fc2, ungated) families with MOELORA_BACKEND=triton against
 `reference`, forward and backward; the backend's mixlora_ffn with a down bias and HF activation modules,
 and its reference fallbacks; the torch.library ops' fake kernels (opcheck) and torch.compile(fullgraph)
-of route + mixlora_ffn + moe_lora equal to eager. In this process: backend dispatch and its errors, and
+of route + mixlora_ffn + moe_lora equal to eager; a MiLoRA model (prompt_route, segmented_lora) training and
+serving a mixed batch. In this process: backend dispatch and its errors, and
 bench/gpu_check.py --dry-run.
 """
 
@@ -214,6 +215,22 @@ def check_compile() -> dict[str, list[str]]:
             bwd_args,
         ),
     }
+    hidden, num = torch.randn(3, 5, 12, generator=g), torch.tensor(reference.RATIONAL_GELU_NUMERATOR)
+    den, pool_w = torch.tensor(reference.RATIONAL_GELU_DENOMINATOR), torch.randn(12, generator=g)
+    pmask = torch.ones(3, 5, dtype=torch.bool)
+    pmask[0, :2] = False
+    route_args = (hidden, pmask, router, num, den, pool_w, 2, "attention")
+    gates, pidx, pprobs, pooled, scores, lse = ops.prompt_route(*route_args)
+    cases["prompt_route"] = (ops.prompt_route.default, route_args)
+    cases["prompt_route-bwd"] = (
+        ops.prompt_route_backward.default,
+        (torch.randn_like(gates), None, *route_args[:6], pidx, pprobs, pooled, scores, lse, "attention"),
+    )
+    seg_args = (x, torch.arange(9) % 3, torch.tensor([0, -1, 1]), torch.rand(3, generator=g), uA[:2], uB[:2])
+    seg_args = (*seg_args, torch.tensor([2.0, 0.5]))
+    sy, su = ops.segmented_lora(*seg_args)
+    cases["segmented_lora"] = (ops.segmented_lora.default, seg_args)
+    cases["segmented_lora-bwd"] = (ops.segmented_lora_backward.default, (torch.randn_like(sy), *seg_args, su))
     out = {}
     for name, (op, args) in cases.items():
         try:
@@ -252,6 +269,44 @@ def check_compile() -> dict[str, list[str]]:
     return out
 
 
+def check_milora() -> dict[str, list[str]]:
+    """A MiLoRA tiny llama (left padding): training forward + backward (prompt_route's kernels) and a mixed
+    batch of MiLoRA and MixLoRA tenants at inference (segmented_lora's kernel), triton against reference."""
+    from moelora import MiLoraConfig
+
+    pm = get_moelora_model(tiny_model("llama"), MiLoraConfig(r=4, lora_dropout=0.0), "mi")
+    pm.add_adapter(MiLoraConfig(r=8, lora_dropout=0.0, pooling="last", top_k=2), "mi2")
+    pm.add_adapter(MixLoraConfig(r=4, num_experts=4, lora_dropout=0.0), "mix")
+    randomize_adapters(pm)
+    ids = torch.randint(3, VOCAB, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    out = {}
+    train, mixed = {}, {}
+    for name in ("reference", "triton"):
+        pm.train()
+        pm.zero_grad()
+        with moelora.set_backend(name):
+            impl = backend.resolve(ids.device)
+            assert (
+                name == "reference" or impl.prompt_route.__module__ == impl.segmented_lora.__module__ == impl.__name__
+            )
+            o = pm(ids, attention_mask=mask, labels=ids)
+            o.loss.backward()
+            grads = {f"grad {n}": p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+            train[name] = {"logits": o.logits.detach(), "aux loss": o.aux_loss.detach(), **grads}
+            pm.eval()
+            with torch.no_grad():
+                logits = pm(ids, attention_mask=mask, adapter_names=["mi", "mix", "mi2"]).logits
+            mixed[name] = {"logits": logits}
+    n_grads = sum(k.startswith("grad ") for k in train["reference"])
+    out["milora-train"] = ([] if n_grads == 2 * (14 + 4) else [f"{n_grads} gradients"]) + _compare(
+        train["triton"], train["reference"], tol=1e-4
+    )
+    out["milora-mixed-batch"] = _compare(mixed["triton"], mixed["reference"])
+    return out
+
+
 MODELS = {
     "model-llama-topk": ("llama", {}),
     "model-phi3": ("phi3", {}),
@@ -261,7 +316,7 @@ MODELS = {
 
 def worker() -> dict[str, list[str]]:
     results = {name: check_model(*spec) for name, spec in MODELS.items()}
-    return results | check_backend_ffn() | check_ops() | check_compile()
+    return results | check_backend_ffn() | check_ops() | check_compile() | check_milora()
 
 
 @pytest.fixture(scope="module")
@@ -288,9 +343,14 @@ WORKER_CASES = [
     "moe_lora",
     *(
         f"opcheck-{n}"
-        for n in ("route", "route-top-p", "route-bwd", "moe_lora", "moe_lora-bwd", "ffn", "ffn-ungated", "ffn-bwd")
+        for n in (
+            *("route", "route-top-p", "route-bwd", "moe_lora", "moe_lora-bwd", "ffn", "ffn-ungated", "ffn-bwd"),
+            *("prompt_route", "prompt_route-bwd", "segmented_lora", "segmented_lora-bwd"),
+        )
     ),
     "compile-fullgraph",
+    "milora-train",
+    "milora-mixed-batch",
 ]
 
 
