@@ -260,7 +260,15 @@ def _before_model(model: nn.Module, args: tuple, kwargs: dict) -> None:
         if tuple(pm.shape) != (rows, seq):
             raise ValueError(f"prompt_mask must have shape {(rows, seq)} (batch, sequence), got {tuple(pm.shape)}")
         pool_mask = pm if pool_mask is None else pool_mask & pm
+    if pool_mask is not None and _has_milora(model) and not torch.compiler.is_compiling():
+        empty = (~pool_mask.any(dim=1)).nonzero().flatten().tolist()  # one host sync per prefill, none per step
+        if empty:
+            raise ValueError(f"MiLoRA: sequences {empty} have an empty prompt (no token with attention_mask = 1)")
     state.pool_mask = pool_mask
+
+
+def _has_milora(model: nn.Module) -> bool:
+    return len(routing_state(model).hooks) > 1  # the model hook and at least one layer hook
 
 
 def _before_layer(state: RoutingState, layer: nn.Module, args: tuple, kwargs: dict) -> None:
