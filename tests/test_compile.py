@@ -1,5 +1,5 @@
 """torch.compile through the C++ ops: their fake kernels agree with the real ones, and whole MixLoRA and MiLoRA
-models compile with fullgraph=True and equals eager, forward and backward.
+models compile with fullgraph=True and equal eager, forward and backward.
 
 The reference backend compiles too, but only with graph breaks (its expert sort reads sizes on the host)
 and slowly (~100 s for the tiny llama here), so it is not run in CI.
