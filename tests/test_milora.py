@@ -486,3 +486,19 @@ def test_router_is_not_called_while_decoding_step_by_step():
         out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
     assert _router_calls(model) == [1, 1]
     assert isinstance(next(model.milora_routers()), MiLoraRouter)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = _ids(2, 9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    grads = []
+    for checkpointing in (False, True):
+        model = _milora().train()
+        if checkpointing:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(ids, attention_mask=mask, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * (14 + 4)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-7, msg=n)
