@@ -51,6 +51,16 @@ BACKENDS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these ops are tiny, and on a shared 2-core machine OpenMP's waiting for a busy
+    second core made them 10-30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @contextmanager
 def deterministic(on: bool) -> Iterator[None]:
     previous = torch.are_deterministic_algorithms_enabled()

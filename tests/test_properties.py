@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import moelora
 from moelora import reference
 from moelora.reference import ExpertLora
 
@@ -56,6 +57,16 @@ CLEAR_ERRORS = (ValueError, RuntimeError, TypeError)
 MAX_EXAMPLES = {"route": 120, "moe_lora": 120, "mixlora_ffn": 100, "lora": 50}
 TRITON_MAX_EXAMPLES = 25  # the interpreter runs a kernel in ~0.1-1 s
 ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "gelu_tanh": torch.nn.GELU(approximate="tanh")}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these ops are tiny, and on a shared 2-core machine OpenMP's waiting for a busy
+    second core made them 10-30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 class DisagreementError(AssertionError):
@@ -79,7 +90,7 @@ def load_backend(name: str) -> object:
     except ModuleNotFoundError:  # a source checkout without `pip install -e .`: map kernels/ as pyproject does
         import importlib.util
 
-        kernels = Path(__file__).resolve().parent.parent / "kernels"
+        kernels = Path(moelora.__file__).resolve().parent.parent / "kernels"
         spec = importlib.util.spec_from_file_location(
             "moelora.kernels", kernels / "__init__.py", submodule_search_locations=[str(kernels)]
         )
@@ -648,7 +659,7 @@ def triton_results(tmp_path_factory) -> dict:
     pytest.importorskip("triton")
     out = tmp_path_factory.mktemp("triton-properties") / "results.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(moelora.__file__).resolve().parent.parent)  # the children import this moelora
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
     try:
         proc = subprocess.run(

@@ -39,6 +39,16 @@ def _cpu_built() -> bool:
 BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_built(), reason="no moelora._C"))]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these ops are tiny, and on a shared 2-core machine OpenMP's waiting for a busy
+    second core made them 10-30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class CrashError(Exception):
     pass
 
