@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,6 +47,16 @@ from dist_worker import ENGINES, adapter_grads, build_model, global_batch, shard
 TIMEOUT_S = 300
 GRAD_RTOL = 1e-6
 TRAINER_RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread for the in-process parts (the ranks set their own): on a shared 2-core machine
+    OpenMP's waiting for a busy second core made these tiny models 10-30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _cpu_backend_built() -> bool:
@@ -103,10 +114,12 @@ def run_processes(cmds: list[list[str]], envs: list[dict[str, str]], log_dir: Pa
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     if any(c != 0 for c in codes):
-        report = [
-            f"{what}: process {i} {_describe(c)}\n{log.read_text()[-3000:]}"
-            for i, (c, log) in enumerate(zip(codes, logs, strict=True))
-        ]
+        report = []
+        for i, (c, log) in enumerate(zip(codes, logs, strict=True)):
+            text = log.read_text()
+            # The exceptions first (a launcher's own summary can push them out of the tail).
+            raised = dict.fromkeys(m for m in re.findall(r"^\S*(?:Error|Exception)\b.*$", text, re.M))
+            report.append(f"{what}: process {i} {_describe(c)}; raised: {list(raised)[:5]}\n{text[-3000:]}")
         pytest.fail("\n\n".join(report), pytrace=False)
 
 
