@@ -121,7 +121,7 @@ inline T act_value(T x) {
     case Act::kGeluErf:
       return T(0.5) * x * (T(1) + std::erf(x * T(0.7071067811865476)));
     case Act::kRelu:
-      return x > T(0) ? x : T(0);
+      return x < T(0) ? T(0) : x;  // NaN passes through, as in torch.relu
   }
   return x;
 }

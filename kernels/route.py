@@ -76,13 +76,16 @@ def route_fwd_kernel(
     tl.store(p_p, b_p.to(probs_ptr.dtype.element_ty), mask=m_t[:, None] & m_e[None, :])
 
     # K rounds of argmax, ties to the lower index: slot j holds the j-th largest probability.
-    b_cur = tl.where(m_e[None, :], b_p, -1.0)  # probs are >= 0: -1 marks padding and taken experts
+    # probs are >= 0: -1 marks padding and taken experts; a NaN prob ranks first (as torch.topk) as 2.0, and
+    # its weight is taken from b_p, so that NaN propagates and every index stays in [0, E).
+    b_cur = tl.where(m_e[None, :], tl.where(b_p != b_p, 2.0, b_p), -1.0)
     b_w = tl.zeros([BT, BK], dtype=DT)
     b_i = tl.full([BT, BK], -1, dtype=tl.int64)
     for j in range(0, K):
         b_max = tl.max(b_cur, axis=1)  # [BT]
         b_arg = tl.min(tl.where(b_cur == b_max[:, None], o_e[None, :], BE), axis=1)  # [BT]
-        b_w = tl.where(o_k[None, :] == j, b_max[:, None], b_w)
+        b_val = tl.sum(tl.where(o_e[None, :] == b_arg[:, None], b_p, 0.0), axis=1)  # [BT]: b_p at b_arg
+        b_w = tl.where(o_k[None, :] == j, b_val[:, None], b_w)
         b_i = tl.where(o_k[None, :] == j, b_arg.to(tl.int64)[:, None], b_i)
         b_cur = tl.where(o_e[None, :] == b_arg[:, None], -1.0, b_cur)
 

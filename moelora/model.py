@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -308,6 +309,17 @@ def install_routing_hooks(model: nn.Module) -> None:
             layer.__dict__["_moelora_hooked"] = True
 
 
+@functools.cache
+def _with_aux_loss(output_type: type) -> type:
+    """`output_type` (an HF ModelOutput dataclass) with an `aux_loss` field: torch's pytree (DDP with
+    find_unused_parameters, FSDP) rebuilds a ModelOutput from its fields and would drop or reject the key."""
+    if "aux_loss" in {f.name for f in dataclasses.fields(output_type)}:
+        return output_type
+    return dataclasses.make_dataclass(
+        f"{output_type.__name__}WithAux", [("aux_loss", Tensor | None, None)], bases=(output_type,)
+    )
+
+
 class MoeLoraModel(nn.Module):
     """A Hugging Face causal LM with MixLoRA / MiLoRA / LoRA adapters; forwards like the model it wraps.
 
@@ -481,9 +493,16 @@ class MoeLoraModel(nn.Module):
         elif milora_log and want_aux:
             aux = prompt_balance_loss(torch.stack(milora_log))
         if aux is not None and isinstance(outputs, dict):  # dict: a ModelOutput
-            outputs["aux_loss"] = aux
+            outputs = _with_aux_loss(type(outputs))(**outputs, aux_loss=aux)
             if outputs.get("loss") is not None:
-                outputs["loss"] = outputs["loss"] + config.router_aux_loss_coef * aux.to(outputs["loss"].dtype)
+                coef = config.router_aux_loss_coef
+                num_items = kwargs.get("num_items_in_batch")
+                if num_items is not None and labels is not None:
+                    # transformers.Trainer divided the summed CE by the label tokens of every rank and
+                    # micro-batch (num_items_in_batch) and then sums the per-rank, per-micro-batch losses:
+                    # weight this batch's aux by its share of those tokens, so the aux term stays a mean.
+                    coef = coef * (labels[..., 1:] != -100).sum() / num_items
+                outputs["loss"] = outputs["loss"] + coef * aux.to(outputs["loss"].dtype)
         return outputs
 
     @staticmethod

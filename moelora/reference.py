@@ -116,7 +116,7 @@ def _sorted_pairs(weights: Tensor, indices: Tensor, num_experts: int, dt: torch.
 def _per_expert(rows: Tensor, counts: list[int], fn: Callable[[int, Tensor], Tensor]) -> Tensor:
     """fn(e, rows of expert e) on each expert's contiguous segment, concatenated back."""
     out = [fn(e, seg) for e, seg in enumerate(torch.split(rows, counts)) if counts[e] > 0]
-    return torch.cat(out) if out else rows.new_zeros(0, 0)
+    return torch.cat(out) if out else fn(0, rows[:0])  # no pair: an empty result of the right width
 
 
 def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
@@ -170,7 +170,9 @@ def mixlora_ffn(
     no longer holds. Returns [T, H] in up's dtype.
     """
     T, out_dtype, dt = x.shape[0], up.dtype, compute_dtype(up)
-    E = next((p.A.shape[0] for p in (gate_lora, up_lora, down_lora) if p is not None), int(indices.max()) + 1)
+    E = next((p.A.shape[0] for p in (gate_lora, up_lora, down_lora) if p is not None), None)
+    if E is None:  # no LoRA at all: the experts are only names; an empty batch has none
+        E = int(indices.max()) + 1 if indices.numel() else 1
     pairs = _sorted_pairs(weights, indices, max(E, 1), dt)
     x_pairs = x[pairs.token].to(dt)
 
