@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import VOCAB, randomize_adapters, tiny_model
 
 import moelora
-from moelora import MixLoraConfig, MoeLoraModel, get_moelora_model
+from moelora import MiLoraConfig, MixLoraConfig, MoeLoraModel, get_moelora_model
 
 WORLD_SIZE = 2
 ENGINES = ("ddp", "ddp-find-unused", "fsdp2")
@@ -37,9 +37,16 @@ ENGINES = ("ddp", "ddp-find-unused", "fsdp2")
 AUX_COEF = 0.5
 
 
-def build_model(seed: int = 0, aux_coef: float = AUX_COEF) -> MoeLoraModel:
-    """Tiny MixLoRA llama (E=4, k=2, r=4, no dropout) with random non-zero adapters, in train mode."""
-    config = MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2, lora_dropout=0.0, router_aux_loss_coef=aux_coef)
+def build_model(seed: int = 0, aux_coef: float = AUX_COEF, method: str | None = None) -> MoeLoraModel:
+    """Tiny MixLoRA llama (E=4, k=2, r=4, no dropout), or MiLoRA (r=4, top-3 of 7; method="milora", or
+    DIST_METHOD=milora in the environment), with random non-zero adapters, in train mode."""
+    method = method or os.environ.get("DIST_METHOD", "mixlora")
+    if method == "milora":
+        config = MiLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, router_aux_loss_coef=aux_coef)
+    else:
+        config = MixLoraConfig(
+            r=4, lora_alpha=8, num_experts=4, top_k=2, lora_dropout=0.0, router_aux_loss_coef=aux_coef
+        )
     model = get_moelora_model(tiny_model("llama", seed=seed), config)
     randomize_adapters(model, seed=seed + 1)
     return model.train()

@@ -68,8 +68,13 @@ def _cpu_backend_built() -> bool:
 
 
 BACKENDS = [
-    pytest.param("reference", id="reference"),
-    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not _cpu_backend_built(), reason="moelora._C is not built")),
+    pytest.param(("reference", "mixlora"), id="reference"),
+    pytest.param(
+        ("cpu", "mixlora"),
+        id="cpu",
+        marks=pytest.mark.skipif(not _cpu_backend_built(), reason="moelora._C is not built"),
+    ),
+    pytest.param(("reference", "milora"), id="milora-reference"),
 ]
 
 
@@ -132,9 +137,11 @@ def max_rel_err(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> 
     return max((rel_err(got[k], want[k]), k) for k in want)
 
 
-def single_process(batches: list[dict[str, torch.Tensor]], aux_coef: float | None = None) -> dict:
+def single_process(
+    batches: list[dict[str, torch.Tensor]], aux_coef: float | None = None, method: str = "mixlora"
+) -> dict:
     """Per-batch losses and gradients of a fresh build_model() in this process, and their means."""
-    kwargs = {} if aux_coef is None else {"aux_coef": aux_coef}
+    kwargs = {"method": method} if aux_coef is None else {"aux_coef": aux_coef, "method": method}
     losses, grads, aux_grads = [], [], []
     for batch in batches:
         model = build_model(**kwargs)
@@ -156,17 +163,20 @@ def single_process(batches: list[dict[str, torch.Tensor]], aux_coef: float | Non
 @pytest.fixture(scope="module", params=BACKENDS)
 def engine_runs(request, tmp_path_factory) -> tuple[str, dict[str, list[dict]], dict]:
     """Two ranks of tests/dist_worker.py for one backend: {engine: [rank0, rank1]}, and the single-process oracle."""
-    backend = request.param
-    out = tmp_path_factory.mktemp(f"dist-{backend}")
-    env = [child_env(RANK=str(r), WORLD_SIZE="2", INIT_METHOD=f"file://{out / 'rendezvous'}") for r in range(2)]
+    backend, method = request.param
+    out = tmp_path_factory.mktemp(f"dist-{backend}-{method}")
+    env = [
+        child_env(RANK=str(r), WORLD_SIZE="2", INIT_METHOD=f"file://{out / 'rendezvous'}", DIST_METHOD=method)
+        for r in range(2)
+    ]
     cmd = [sys.executable, str(HERE / "dist_worker.py"), backend, str(out)]
     t0 = time.perf_counter()
     run_processes([cmd, cmd], env, out, f"dist_worker-{backend}")
     print(f"\n2-rank job ({backend}): {time.perf_counter() - t0:.1f} s for {len(ENGINES)} engines")
     results = {e: [torch.load(out / f"{e}-rank{r}.pt", weights_only=False) for r in range(2)] for e in ENGINES}
     with moelora.set_backend(backend):
-        oracle = single_process([shard(global_batch(), r) for r in range(2)])
-    return backend, results, oracle
+        oracle = single_process([shard(global_batch(), r) for r in range(2)], method=method)
+    return f"{backend}/{method}", results, oracle
 
 
 @pytest.mark.parametrize("engine", ENGINES)
