@@ -502,3 +502,31 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * (14 + 4)
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_forward_and_backward_are_bitwise_repeatable(backend):
+    import moelora
+
+    if backend == "cpu":
+        pytest.importorskip("moelora.cpu_backend", reason="moelora._C is not built", exc_type=ImportError)
+    ids = _ids(3, 7)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    runs = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        with moelora.set_backend(backend):
+            for _ in range(2):
+                model = _milora().train()
+                out = model(ids, attention_mask=mask, labels=ids)
+                out.loss.backward()
+                grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+                model.eval()
+                with torch.no_grad():
+                    mixed = _tenants()(ids, attention_mask=mask, adapter_names=["mi1", "mix", "mi2"]).logits
+                runs.append((out.logits, grads, mixed))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][2], runs[1][2])
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
