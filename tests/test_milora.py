@@ -113,7 +113,9 @@ SEGMENT_CASES = [
 
 
 @pytest.mark.parametrize(("T", "token_seq", "seq_lora", "n_lora"), SEGMENT_CASES)
-def test_segmented_lora_matches_the_oracle(T, token_seq, seq_lora, n_lora):
+@pytest.mark.parametrize("path", ["gather", "loop"])
+def test_segmented_lora_matches_the_oracle(T, token_seq, seq_lora, n_lora, path, monkeypatch):
+    monkeypatch.setattr(reference, "SEGMENTED_GATHER_TOKENS", 64 if path == "gather" else 0)
     g = torch.Generator().manual_seed(1)
     IN, OUT, R = 6, 5, 4
     x = torch.randn(T, IN, generator=g, dtype=F64).requires_grad_()
