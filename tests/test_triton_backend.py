@@ -399,7 +399,7 @@ def test_gpu_check_dry_run(tmp_path):
     (report_path,) = tmp_path.glob("gpu-check-cpu-interpreter-*.json")
     report = json.loads(report_path.read_text())
     assert report["dry_run"] and report["parity"] and all(r["ok"] for r in report["parity"])
-    assert {r["op"] for r in report["parity"]} == {"route", "moe_lora", "mixlora_ffn"}
+    assert {r["op"] for r in report["parity"]} == {"route", "moe_lora", "mixlora_ffn", "prompt_route", "segmented_lora"}
     assert all(r["forward_bitwise"] and r["backward_bitwise"] for r in report["races"])
     assert all(ms > 0 for row in report["ffn"] for ms in row["ms"].values())
     assert report_path.with_suffix(".md").read_text().startswith("# gpu_check on cpu-interpreter")
