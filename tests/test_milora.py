@@ -9,6 +9,8 @@ import oracle
 import pytest
 import torch
 from conftest import VOCAB, randomize_adapters, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moelora import LoraConfig, MiLoraConfig, MixLoraConfig, MoeLoraModel, get_moelora_model, reference
 from moelora.layers import MiLoraRouter
@@ -532,3 +534,90 @@ def test_forward_and_backward_are_bitwise_repeatable(backend):
         torch.use_deterministic_algorithms(False)
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][2], runs[1][2])
     assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+
+
+# --- properties (hypothesis) --------------------------------------------------------------------------------
+
+
+@st.composite
+def _prompt_cases(draw):
+    B, S, H = draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 9))
+    M = draw(st.integers(1, 8))
+    return dict(
+        B=B,
+        S=S,
+        H=H,
+        M=M,
+        top_k=draw(st.integers(1, M)),
+        pooling=draw(st.sampled_from(reference.POOLINGS)),
+        gelu=draw(st.booleans()),
+        pad=[draw(st.integers(0, S - 1)) for _ in range(B)],
+        left=draw(st.booleans()),
+        ties=draw(st.booleans()),
+        nan_seq=draw(st.one_of(st.none(), st.integers(0, B - 1))),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(c=_prompt_cases())
+def test_prompt_route_property_against_the_oracle(c):
+    """Random shapes, paddings, poolings and router ties: the reference equals the oracle (fp64); a NaN in one
+    sequence's prompt stays in that sequence; exactly top_k gates are set per clean sequence."""
+    g = torch.Generator().manual_seed(c["seed"])
+    B, S, H, M = c["B"], c["S"], c["H"], c["M"]
+    hidden = torch.randn(B, S, H, generator=g, dtype=F64)
+    router = torch.randn(M, H, generator=g, dtype=F64)
+    if c["ties"]:
+        router[:] = router[0]  # every module the same logit: top-k by index, as torch.topk (stable) picks
+    mask = torch.ones(B, S, dtype=torch.bool)
+    for b, p in enumerate(c["pad"]):  # p < S padding tokens, on the left or the right
+        if p and c["left"]:
+            mask[b, :p] = False
+        elif p:
+            mask[b, S - p :] = False
+    if c["nan_seq"] is not None:
+        hidden[c["nan_seq"], mask[c["nan_seq"]].nonzero()[0, 0]] = float("nan")
+    num = den = None
+    if not c["gelu"]:
+        num = torch.tensor(reference.RATIONAL_GELU_NUMERATOR, dtype=F64)
+        den = torch.tensor(reference.RATIONAL_GELU_DENOMINATOR, dtype=F64)
+    pool_w = torch.randn(H, generator=g, dtype=F64)
+    r = reference.prompt_route(
+        hidden, mask, router, num, den, top_k=c["top_k"], pooling=c["pooling"], pool_weight=pool_w
+    )
+    for b in range(B):
+        gates, probs = oracle.prompt_route_sequence(
+            hidden[b], mask[b].tolist(), router, num, den, c["top_k"], c["pooling"], pool_w
+        )
+        if b == c["nan_seq"]:
+            assert torch.isnan(r.probs[b]).all() or c["pooling"] in ("max", "last"), "NaN vanished"
+            continue
+        assert torch.isfinite(r.probs[b]).all(), "a NaN leaked into another sequence"
+        _close(r.probs[b], probs, f"probs of sequence {b}")
+        if not c["ties"]:
+            _close(r.gates[b], gates, f"gates of sequence {b}")
+        assert int((r.gates[b] > 0).sum()) == c["top_k"]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(
+    T=st.integers(0, 70),
+    n_seq=st.integers(1, 5),
+    n_lora=st.integers(1, 4),
+    r=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_segmented_lora_property_against_the_oracle(T, n_seq, n_lora, r, seed):
+    """Random token maps over both paths (T <= 64 gathers, above loops): the reference equals the oracle."""
+    g = torch.Generator().manual_seed(seed)
+    token_seq = torch.randint(0, n_seq, (T,), generator=g)
+    seq_lora = torch.randint(-1, n_lora, (n_seq,), generator=g)
+    x = torch.randn(T, 5, generator=g, dtype=F64)
+    A, B = torch.randn(n_lora, r, 5, generator=g, dtype=F64), torch.randn(n_lora, 3, r, generator=g, dtype=F64)
+    gate, scaling = torch.rand(n_seq, generator=g, dtype=F64), torch.rand(n_lora, generator=g, dtype=F64) + 0.5
+    y = reference.segmented_lora(x, token_seq, seq_lora, gate, A, B, scaling)
+    assert y.shape == (T, 3)
+    if T:
+        expected = oracle.segmented_lora(x, token_seq.tolist(), seq_lora.tolist(), gate, A, B, scaling)
+        _close(y, expected, "y")
