@@ -493,7 +493,10 @@ class MoeLoraModel(nn.Module):
         elif milora_log and want_aux:
             aux = prompt_balance_loss(torch.stack(milora_log))
         if aux is not None and isinstance(outputs, dict):  # dict: a ModelOutput
-            outputs = _with_aux_loss(type(outputs))(**outputs, aux_loss=aux)
+            if torch.compiler.is_compiling():  # dynamo cannot build the dataclass; a compiled model is not DDP's
+                outputs["aux_loss"] = aux
+            else:
+                outputs = _with_aux_loss(type(outputs))(**outputs, aux_loss=aux)
             if outputs.get("loss") is not None:
                 coef = config.router_aux_loss_coef
                 num_items = kwargs.get("num_items_in_batch")
