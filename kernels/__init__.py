@@ -6,6 +6,10 @@
 - `mixlora_ffn`: from the frozen base's G and U, the gate/up LoRA expand per slot, activation (SiLU,
   GELU erf / tanh, ReLU), product, weighted sum into hbar and the down-LoRA shrink, never materialising
   [T, k, I]; backward recomputes h. The caller runs the frozen down projection once, on hbar.
+- `prompt_route` (MiLoRA): pool each prompt (attention / mean / last / max, padding ignored), rational
+  activation, softmax over the layer's modules, top-k gates; backward.
+- `segmented_lora` (MiLoRA, many tenants): one LoRA and gate per sequence through token -> sequence ->
+  LoRA maps, inactive tokens skipped, fixed grids (CUDA-graph capturable); backward.
 No atomics in any forward or backward: results are deterministic. Each is tested against
 moelora.reference under the interpreter in fp32 and fp16. moelora.triton_backend registers them as
 torch.library ops (namespace moelora_triton) behind `MOELORA_BACKEND=triton` (and `auto` on CUDA).
