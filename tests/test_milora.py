@@ -501,11 +501,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = _milora().train()
         if checkpointing:
             hf, kwargs = model.model, {"use_reentrant": False}
-            if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 (the old names are deprecated)
                 hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                assert hf.is_activation_checkpointing
             else:
                 hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            assert hf.is_gradient_checkpointing
+                assert hf.is_gradient_checkpointing
         model(ids, attention_mask=mask, labels=ids, use_cache=False).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * (14 + 4)
