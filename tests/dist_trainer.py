@@ -116,3 +116,8 @@ if __name__ == "__main__":
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
+    # Results are on disk: skip interpreter teardown, where a gloo thread still joinable at exit aborted a
+    # rank with "terminate called without an active exception" (SIGABRT) in one CI dry run of 3.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
