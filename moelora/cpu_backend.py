@@ -12,10 +12,10 @@ import importlib.util
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moelora import reference
+from moelora.activations import activation_name
 from moelora.reference import ExpertLora, Routing
 
 _spec = importlib.util.find_spec("moelora._C")
@@ -65,28 +65,6 @@ def _mixlora_ffn_backward_fake(grad_hbar, grad_y_lora, x, gate, up, weights, ind
 
 supports_dora = False
 lora = reference.lora  # a dense LoRA is two ATen GEMMs already
-
-
-# Activations whose math csrc/common.h implements, by class name (HF's classes and torch's modules).
-_ACTIVATION_CLASSES = {
-    "SiLUActivation": "silu",
-    "SiLU": "silu",
-    "ReLU": "relu",
-    "GELUTanh": "gelu_tanh",
-    "PytorchGELUTanh": "gelu_tanh",
-    "NewGELUActivation": "gelu_tanh",
-}
-_ACTIVATION_FUNCTIONS = {F.silu: "silu", F.relu: "relu", F.gelu: "gelu"}
-
-
-def activation_name(act: Callable[[Tensor], Tensor]) -> str | None:
-    """The C++ name of a known activation module or function, or None (then the reference runs)."""
-    kind = type(act).__name__
-    if kind == "GELU":
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
-    if kind == "GELUActivation":  # HF's "gelu": erf GELU through F.gelu (its python variant is not matched)
-        return "gelu" if getattr(act, "act", None) is F.gelu else None
-    return _ACTIVATION_CLASSES.get(kind) or _ACTIVATION_FUNCTIONS.get(act)
 
 
 class _Route(torch.autograd.Function):

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import triton  # noqa: F401 - fail the import here, with triton's own message, when triton is missing
 from torch import Tensor
 
 from moelora import reference
+from moelora.activations import activation_name
 from moelora.kernels import mixlora_ffn as _ffn_kernels
 from moelora.kernels import moe_lora as _moe_lora_kernels
 from moelora.kernels import prompt_route as _prompt_route_kernels
@@ -253,29 +253,6 @@ class _MixLoraFfn(torch.autograd.Function):
         )
         grad_x, grad_gate, grad_up, grad_w, *lora_grads = (_or_none(g) for g in grads)
         return (grad_x, grad_gate, grad_up, grad_w, None, *lora_grads, None, None)
-
-
-# Activations the kernels implement, by class name (HF's classes and torch's modules). The cpu backend keeps
-# the same table; both could share one once it moves out of the backend modules.
-_ACTIVATION_CLASSES = {
-    "SiLUActivation": "silu",
-    "SiLU": "silu",
-    "ReLU": "relu",
-    "GELUTanh": "gelu_tanh",
-    "PytorchGELUTanh": "gelu_tanh",
-    "NewGELUActivation": "gelu_tanh",
-}
-_ACTIVATION_FUNCTIONS = {F.silu: "silu", F.relu: "relu", F.gelu: "gelu"}
-
-
-def activation_name(act: Callable[[Tensor], Tensor]) -> str | None:
-    """The kernel name of a known activation module or function, or None (then the reference runs)."""
-    kind = type(act).__name__
-    if kind == "GELU":
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
-    if kind == "GELUActivation":  # HF's "gelu": erf GELU through F.gelu (its python variant is not matched)
-        return "gelu" if getattr(act, "act", None) is F.gelu else None
-    return _ACTIVATION_CLASSES.get(kind) or _ACTIVATION_FUNCTIONS.get(act)
 
 
 def mixlora_ffn(
