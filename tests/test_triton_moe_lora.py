@@ -20,10 +20,10 @@ if __name__ == "__main__":  # the child, before triton is imported; the pytest p
 import json
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 import torch
+from poison import nan_empty
 
 pytest.importorskip("triton")
 
@@ -34,22 +34,6 @@ from moelora import reference
 IN, OUT = 20, 36  # not multiples of any block size
 SCALING = 2.0
 NAMES = ("y", "grad_x", "grad_weights", "grad_A", "grad_B")
-
-
-@contextmanager
-def nan_empty():
-    """torch.empty / empty_like return NaN-filled float tensors, so an output a kernel leaves unwritten fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = lambda *a, **kw: nan_fill(empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: nan_fill(empty_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
 
 
 def make_routing(T: int, E: int, k: int, kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

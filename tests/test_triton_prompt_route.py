@@ -24,10 +24,10 @@ import json
 import subprocess
 import sys
 import zlib
-from contextlib import contextmanager
 
 import pytest
 import torch
+from poison import nan_empty
 
 pytest.importorskip("triton")
 
@@ -38,22 +38,6 @@ from moelora import reference
 GRAD_NAMES = ("hidden", "router_weight", "numerator", "denominator", "pool_weight")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MASK_DTYPES = {"left": torch.bool, "right": torch.int64}
-
-
-@contextmanager
-def nan_empty():
-    """torch.empty / empty_like return NaN-filled float tensors, so an output a kernel leaves unwritten fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = lambda *a, **kw: nan_fill(empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: nan_fill(empty_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
 
 
 def make_mask(B: int, S: int, padding: str, g: torch.Generator) -> torch.Tensor | None:

@@ -26,10 +26,10 @@ if __name__ == "__main__":  # the child, before triton is imported; the pytest p
 import json
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 import torch
+from poison import nan_empty
 
 pytest.importorskip("triton")
 
@@ -39,22 +39,6 @@ from moelora import reference
 
 NAMES = ("y", "grad_x", "grad_seq_gate", "grad_A", "grad_B", "grad_scaling")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-@contextmanager
-def nan_empty():
-    """torch.empty / empty_like return NaN-filled float tensors, so an output a kernel leaves unwritten fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = lambda *a, **kw: nan_fill(empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: nan_fill(empty_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
 
 
 def make_maps(T: int, n_seq: int, n_lora: int, layout: str, g: torch.Generator):
