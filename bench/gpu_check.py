@@ -1,16 +1,17 @@
 """Everything issue 3 asks of a GPU, in one call: `python -m bench.gpu_check` (about 2-4 minutes on an H100).
 
-1. Parity of the Triton ops (route, moe_lora, mixlora_ffn, and MiLoRA's prompt_route and segmented_lora)
+1. Parity of the Triton ops (route, moe_lora, mixlora_ffn, routed_mixlora_ffn (route_shrink + the FFN), and
+   MiLoRA's prompt_route and segmented_lora)
    against moelora.reference in bf16, fp16 and fp32,
    forward and every gradient, with the tests' rule: the kernel's error against an fp64 reference may be
    at most twice PyTorch's own error at that dtype plus 4 ulps (of the largest value).
 2. Races: the forward (and the backward) of each op repeated, bitwise equal every time.
 3. Timings (triton.testing.do_bench, medians, L2 flushed) of one MixLoRA FFN at the issue's goal shape
    (H=4096, I=11008, E=8, k=2, r=16; T=8192 and T=32; bf16), forward and forward+backward, for
-   `triton` (moelora's route + fused mixlora_ffn), `lora` (the frozen FFN with one dense LoRA on gate/up/
-   down), `loop` (the per-expert loop of mixlora / MoE-PEFT) and `base` (the frozen FFN alone), with the
-   ratios the issue's goals name; and the bandwidth of the one-read-of-x kernels (route; the gate+up shrink)
-   against a device copy.
+   `triton` (routed_mixlora_ffn: route_shrink + the fused FFN, as MixLoraFFN runs it), `triton-apart` (route,
+   then mixlora_ffn), `lora` (the frozen FFN with one dense LoRA on gate/up/down), `loop` (the per-expert
+   loop of mixlora / MoE-PEFT) and `base` (the frozen FFN alone), with the ratios the issue's goals name;
+   and the bandwidth of the one-read-of-x kernels (route; the gate+up shrink; route_shrink) against a copy.
 Writes bench/results/gpu-check-<device>-<date>.json and .md (the device named) and prints the markdown.
 MiLoRA's decode-step goals (issue 4) are the milora bench suite's:
 `python -m bench --suite milora --preset llama2-7b --dtype bf16` (run it in the same GPU session).
@@ -165,6 +166,39 @@ def _run_ffn(impl, d, cast):
     return dict(zip(names, [y, *_grads(y, inputs, cast(d["upstream_h"]))], strict=True))
 
 
+def _run_routed_ffn(impl, d, cast):
+    """route + mixlora_ffn on the same x: the triton backend's routed_mixlora_ffn (route_shrink: one read of x
+    for the router and the gate/up shrink), the reference's route then mixlora_ffn."""
+    x, gate, up, router = (_leaf(cast(d[n])) for n in ("x", "gate", "up", "router"))
+    lo = {p: ExpertLora(_leaf(cast(A)), _leaf(cast(B))) for p, (A, B) in d["loras"].items()}
+    Wd = cast(d["Wd"])
+    ffn = dict(
+        gate_lora=lo["gate"],
+        up_lora=lo["up"],
+        down_lora=lo["down"],
+        down_proj=lambda h: F.linear(h, Wd.to(h.dtype)),
+        act=F.silu,
+        scaling=2.0,
+    )
+    k = d["weights"].shape[1]
+    if hasattr(impl, "routed_mixlora_ffn"):
+        y, r = impl.routed_mixlora_ffn(x, router, gate, up, top_k=k, top_p=None, **ffn)
+    else:
+        r = impl.route(x, router, top_k=k)
+        y = impl.mixlora_ffn(x, gate, up, r.weights, r.indices, **ffn)
+    loss = (y * cast(d["upstream_h"]).to(y.dtype)).sum() + r.probs.square().sum()
+    inputs = [x, gate, up, router, *(t for p in lo.values() for t in (p.A, p.B))]
+    names = ["grad x", "grad gate", "grad up", "grad router"] + [f"grad {p}.{ab}" for p in lo for ab in "AB"]
+    grads = torch.autograd.grad(loss, inputs)
+    return {
+        "y": y,
+        "weights": r.weights,
+        "indices": r.indices,
+        "probs": r.probs,
+        **dict(zip(names, grads, strict=True)),
+    }
+
+
 def _milora_inputs(d: dict[str, Any]) -> dict[str, Any]:
     """MiLoRA inputs from the same shape: B=4 prompts of T/4 tokens (row 0 left-padded), M=7 modules, and
     T tokens of 4 sequences over 3 LoRAs (one sequence without one). Gates stay away from 0: the kernel
@@ -222,6 +256,7 @@ OPS: dict[str, Callable] = {
     "route": _run_route,
     "moe_lora": _run_moe_lora,
     "mixlora_ffn": _run_ffn,
+    "routed_mixlora_ffn": _run_routed_ffn,
     "prompt_route": _run_prompt_route,
     "segmented_lora": _run_segmented_lora,
 }
@@ -238,7 +273,7 @@ def parity(shapes, dtypes: list[str], device: torch.device) -> list[dict]:
                 lp = fn(reference, d, lambda t: t)
                 got = fn(_tb(), d, lambda t: t)
                 errs = _errors(got, lp, want, dtype)
-                if op in ("route", "prompt_route"):  # near-ties may pick another expert at 16-bit: not bounded
+                if "indices" in errs:  # near-ties may pick another expert at 16-bit: not bounded
                     errs.pop("indices")
                 rows.append(dict(op=op, shape=shape, dtype=dname, ok=all(e["ok"] for e in errs.values()), errors=errs))
     return rows
@@ -273,27 +308,27 @@ def races(shapes, dtypes: list[str], device: torch.device, repeats: int) -> list
 # --------------------------------------------------------------------------------------------- timings
 
 
-def _triton_ffn(inp: FfnInputs) -> Callable[[], Tensor]:
-    """route + fused mixlora_ffn of the triton backend, as MixLoraFFN calls them (gate and up from the base)."""
+def _triton_ffn(inp: FfnInputs, fused_router: bool = True) -> Callable[[], Tensor]:
+    """The triton backend's MixLoRA FFN as MixLoraFFN runs it (gate and up from the base): routed_mixlora_ffn
+    (the router fused into the gate/up shrink); with fused_router=False, route then mixlora_ffn."""
     tb = _tb()
     loras = {p: ExpertLora(*inp.experts[p]) for p in ("gate_proj", "up_proj", "down_proj")}
+    ffn = dict(
+        gate_lora=loras["gate_proj"],
+        up_lora=loras["up_proj"],
+        down_lora=loras["down_proj"],
+        down_proj=inp.down_proj,
+        act=F.silu,
+        scaling=inp.scaling,
+    )
 
     def run() -> Tensor:
         x = inp.x
+        gate, up = inp.gate_proj(x), inp.up_proj(x)
+        if fused_router:
+            return tb.routed_mixlora_ffn(x, inp.router, gate, up, top_k=inp.top_k, top_p=None, **ffn)[0]
         routing = tb.route(x, inp.router, top_k=inp.top_k)
-        return tb.mixlora_ffn(
-            x,
-            inp.gate_proj(x),
-            inp.up_proj(x),
-            routing.weights,
-            routing.indices,
-            gate_lora=loras["gate_proj"],
-            up_lora=loras["up_proj"],
-            down_lora=loras["down_proj"],
-            down_proj=inp.down_proj,
-            act=F.silu,
-            scaling=inp.scaling,
-        )
+        return tb.mixlora_ffn(x, gate, up, routing.weights, routing.indices, **ffn)
 
     return run
 
@@ -314,7 +349,13 @@ def _bench(step: Callable[[], object], device: torch.device, dry: bool) -> float
 
 
 def ffn_timings(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
-    providers = {"triton": _triton_ffn, "lora": PROVIDERS["lora"], "loop": PROVIDERS["loop"], "base": PROVIDERS["base"]}
+    providers = {
+        "triton": _triton_ffn,
+        "triton-apart": lambda inp: _triton_ffn(inp, fused_router=False),
+        "lora": PROVIDERS["lora"],
+        "loop": PROVIDERS["loop"],
+        "base": PROVIDERS["base"],
+    }
     rows = []
     for T in Ts:
         shape = Shape(T=T, **dims)
@@ -322,7 +363,7 @@ def ffn_timings(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: b
         row: dict[str, Any] = dict(T=T, **dims, ms={})
         for name, factory in providers.items():
             fn = factory(inp)
-            targets = [t for _, t in grad_targets("fused" if name == "triton" else name, inp)]
+            targets = [t for _, t in grad_targets("fused" if name.startswith("triton") else name, inp)]
             for mode in ("fwd", "fwd+bwd"):
                 if mode == "fwd":
 
@@ -337,9 +378,11 @@ def ffn_timings(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: b
                 row["ms"][f"{name} {mode}"] = _bench(step, device, dry)
             del fn
         ms = row["ms"]
-        row["ratios"] = {f"triton / lora {m}": ms[f"triton {m}"] / ms[f"lora {m}"] for m in ("fwd", "fwd+bwd")} | {
-            f"loop / triton {m}": ms[f"loop {m}"] / ms[f"triton {m}"] for m in ("fwd", "fwd+bwd")
-        }
+        row["ratios"] = {}
+        for m in ("fwd", "fwd+bwd"):
+            row["ratios"][f"triton / lora {m}"] = ms[f"triton {m}"] / ms[f"lora {m}"]
+            row["ratios"][f"loop / triton {m}"] = ms[f"loop {m}"] / ms[f"triton {m}"]
+            row["ratios"][f"triton-apart / triton {m}"] = ms[f"triton-apart {m}"] / ms[f"triton {m}"]
         rows.append(row)
         del inp
         if device.type == "cuda":
@@ -348,7 +391,8 @@ def ffn_timings(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: b
 
 
 def bandwidth(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
-    """GB/s of the kernels that read x once (route; the gate+up LoRA shrink), next to a device copy's."""
+    """GB/s of the kernels that read x once (route alone; the gate+up shrink alone; route_shrink, the two fused),
+    as bytes of x over time, next to a device copy's (which reads and writes x)."""
     from moelora.kernels import mixlora_ffn as ffn_kernels
     from moelora.kernels import route as route_kernels
 
@@ -358,23 +402,21 @@ def bandwidth(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: boo
         g = torch.Generator().manual_seed(0)
         x = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
         router = (torch.randn(E, H, generator=g) * 0.02).to(device)
-        As = [(torch.randn(E, r, H, generator=g) * H**-0.5).to(device) for _ in range(2)]
+        A = (torch.randn(2 * E, r, H, generator=g) * H**-0.5).to(device=device, dtype=dtype)  # gate's and up's
         x_bytes = x.numel() * x.element_size()
-        copy_ms = _bench(x.clone, device, dry)
-        route_ms = _bench(lambda x=x, router=router: route_kernels.route_fwd(x, router, k, None), device, dry)
-        shrink_ms = _bench(lambda x=x, As=As: ffn_kernels.shrink_x(x, As, r), device, dry)
-        copy_gbs = 2 * x_bytes / copy_ms / 1e6  # a copy reads and writes x
-        rows.append(
-            dict(
-                T=T,
-                H=H,
-                copy_GBps=copy_gbs,
-                route_GBps=x_bytes / route_ms / 1e6,
-                shrink_GBps=x_bytes / shrink_ms / 1e6,
-                route_fraction_of_copy=x_bytes / route_ms / 1e6 / copy_gbs,
-                shrink_fraction_of_copy=x_bytes / shrink_ms / 1e6 / copy_gbs,
-            )
-        )
+        copy_gbs = 2 * x_bytes / _bench(x.clone, device, dry) / 1e6
+        ms = {
+            "route": _bench(lambda x=x, router=router: route_kernels.route_fwd(x, router, k, None), device, dry),
+            "shrink": _bench(lambda x=x, A=A: ffn_kernels.shrink_x(x, A), device, dry),
+            "route_shrink": _bench(
+                lambda x=x, router=router, A=A: route_kernels.route_shrink_fwd(x, router, A, k, None), device, dry
+            ),
+        }
+        row: dict[str, Any] = dict(T=T, H=H, copy_GBps=copy_gbs)
+        for name, t in ms.items():
+            row[f"{name}_GBps"] = x_bytes / t / 1e6
+            row[f"{name}_fraction_of_copy"] = x_bytes / t / 1e6 / copy_gbs
+        rows.append(row)
     return rows
 
 
@@ -413,19 +455,21 @@ def markdown(report: dict) -> str:
     for row in report["ffn"]:
         dims = ", ".join(f"{n}={row[n]}" for n in ("T", "H", "I", "E", "k", "r"))
         lines += [f"### {dims}", "", "| provider | fwd | fwd+bwd |", "|---|---|---|"]
-        for p in ("triton", "lora", "loop", "base"):
+        for p in ("triton", "triton-apart", "lora", "loop", "base"):
             lines.append(f"| {p} | {row['ms'][f'{p} fwd']:.3f} | {row['ms'][f'{p} fwd+bwd']:.3f} |")
         lines += [""] + [f"- {k}: {v:.2f}x" for k, v in row["ratios"].items()] + [""]
     lines += ["Goals: triton / lora fwd+bwd <= 1.10 at T=8192; loop / triton >= 3 (fwd, fwd+bwd), >= 5 at T=32.", ""]
-    lines += ["## One read of x: bandwidth", "", "| T | copy GB/s | route GB/s (frac) | shrink GB/s (frac) |"]
-    lines += ["|---|---|---|---|"]
+    lines += [
+        "`triton` reads x once for the router and the gate/up shrink (route_shrink); `triton-apart` routes first."
+    ]
+    lines += ["", "## One read of x: bandwidth (GB/s of x read, fraction of a copy's)", ""]
+    lines += ["| T | copy | route | shrink | route_shrink |", "|---|---|---|---|---|"]
     for b in report["bandwidth"]:
-        lines.append(
-            f"| {b['T']} | {b['copy_GBps']:.0f} | {b['route_GBps']:.0f} ({b['route_fraction_of_copy']:.2f}) "
-            f"| {b['shrink_GBps']:.0f} ({b['shrink_fraction_of_copy']:.2f}) |"
-        )
-    lines += ["", "Goal: the fused route+shrink at >= 0.75 of copy bandwidth for T >= 4096 (route and shrink are "]
-    lines += ["separate kernels today, each one read of x)."]
+        cells = [
+            f"{b[f'{n}_GBps']:.0f} ({b[f'{n}_fraction_of_copy']:.2f})" for n in ("route", "shrink", "route_shrink")
+        ]
+        lines.append(f"| {b['T']} | {b['copy_GBps']:.0f} | " + " | ".join(cells) + " |")
+    lines += ["", "Goal: route_shrink at >= 0.75 of copy bandwidth for T >= 4096."]
     return "\n".join(lines) + "\n"
 
 

@@ -10,12 +10,16 @@ For token t, slot j, expert e = indices[t, j] (design.md, op 3):
 The caller runs the frozen down projection once on hbar and adds y_lora: y = Wd hbar + y_lora.
 
 Kernels, in the order they run:
-- `mixlora_ffn_fwd_kernel_shrink`: ua = x @ [Ag_all | Au_all]^T, [T, P*E*r] fp32, one read of x for both.
+- `mixlora_ffn_fwd_kernel_shrink` (shrink_x): ua = x @ [Ag_all | Au_all]^T, [T, P*E*r] fp32, one read of x per
+  128 rank columns; or, with the router, `moelora.kernels.route.route_shrink_fwd` (one read of x in all).
+  Phi-3's gate and up share one A: ua has one block then, read by both (shared_a).
 - `mixlora_ffn_fwd_kernel`: per (token block, slice of I): the gate/up LoRA expand of each slot as a
   dense-masked GEMM with K = E*r (the slot's expert keeps its r columns of ua, the others are masked to 0,
   so one tile of B_all serves every token whatever its expert), activation, product, the weighted sum into
   hbar in registers, and the down shrink of each h_j, accumulated over the slice into zd.
 - the expand y_lora = zd @ Bd_all is moe_lora's expand kernel (K = E*r).
+The part after the shrink is mixlora_ffn_core_fwd / _bwd (from ua; the triton backend's op), the shrink's
+backward shrink_x_bwd (grad_x, grad A from the rank-space gradient of ua).
 Backward, recomputing h (two more expand GEMMs of K = E*r per slot) instead of storing [T, k, I]:
 - q = dy_lora @ Bd_all [T, E*r] (moe_lora's shrink kernel), then
 - `mixlora_ffn_bwd_kernel_rows`: grid over (token block, slice of I); the reductions over I: rank-space
@@ -672,19 +676,24 @@ def _t_bucket(T: int) -> int:
     return min(triton.next_power_of_2(max(T, 1)), 16384)
 
 
-def shrink_x(x: Tensor, As: list[Tensor], R: int) -> Tensor:
-    """x [T, D] @ [A_0 | A_1]^T with each A [E, R, D] -> [T, len(As) * E * R] fp32 (one read of x)."""
+def shrink_x(x: Tensor, A: Tensor) -> Tensor:
+    """ua = x [T, D] @ A_all^T with A [E', R, D] (gate and up experts stacked: E' = P*E) -> [T, E'*R] fp32.
+
+    One program holds up to SHRINK_BLOCK_N rank columns; with more (MixLoRA gate + up at E=8, r=16 is 256)
+    x is read once per SHRINK_BLOCK_N columns. `moelora.kernels.route.route_shrink_fwd` reads it once for
+    the router and all 256 columns together.
+    """
     T, D = x.shape
-    if not As:
-        return torch.empty(T, 0, dtype=torch.float32, device=x.device)
-    W = As[0] if len(As) == 1 else torch.cat(As)  # [P*E, R, D]: a copy of P*E*R*D weights, small next to x
-    N = W.shape[0] * R
+    R = A.shape[1]
+    N = A.shape[0] * R
     out = torch.empty(T, N, dtype=torch.float32, device=x.device)
+    if N == 0 or T == 0:
+        return out
     prec, dot_dt = _dot_mode(x.dtype)
     BN = min(SHRINK_BLOCK_N, max(16, triton.next_power_of_2(N)))
     mixlora_ffn_fwd_kernel_shrink[(triton.cdiv(T, SHRINK_BLOCK_T), triton.cdiv(N, BN))](
         x_ptr=x,
-        w_ptr=W,
+        w_ptr=A,
         out_ptr=out,
         T=T,
         D=D,
@@ -692,9 +701,9 @@ def shrink_x(x: Tensor, As: list[Tensor], R: int) -> Tensor:
         R=R,
         stride_xt=x.stride(0),
         stride_xd=x.stride(1),
-        stride_we=W.stride(0),
-        stride_wr=W.stride(1),
-        stride_wd=W.stride(2),
+        stride_we=A.stride(0),
+        stride_wr=A.stride(1),
+        stride_wd=A.stride(2),
         BT=SHRINK_BLOCK_T,
         BN=BN,
         BD=SHRINK_BLOCK_D,
@@ -703,6 +712,15 @@ def shrink_x(x: Tensor, As: list[Tensor], R: int) -> Tensor:
         num_warps=4,
     )
     return out
+
+
+def shrink_x_bwd(grad_ua: Tensor, x: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward of shrink_x: grad_x = grad_ua @ A_all [T, D] (x's dtype), grad_A = grad_ua^T @ x (A's dtype)."""
+    R = A.shape[1]
+    grad_ua = grad_ua.contiguous()
+    grad_x = _expand(grad_ua, A, _a_strides(A), R, x.shape[1], x.dtype)
+    grad_A = _wgrad(grad_ua, x, _new(A), _a_strides(A), R)
+    return grad_x, grad_A
 
 
 def _common_args(
@@ -782,16 +800,69 @@ def _new(like: Tensor) -> Tensor:
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
 
-def _experts(*As: Tensor | None) -> tuple[int, int]:
-    A = next(a for a in As if a is not None)
-    return A.shape[0], A.shape[1]
+def _experts(gB: Tensor | None, uB: Tensor | None, dA: Tensor | None) -> tuple[int, int]:
+    """(E, R) from the first LoRA present: gB, uB [E, I, R], dA [E, R, I]."""
+    if gB is not None or uB is not None:
+        B = gB if gB is not None else uB
+        return B.shape[0], B.shape[2]
+    return dA.shape[0], dA.shape[1]
 
 
-def _rank_views(ua: Tensor, has_gate: bool, has_up: bool, N: int) -> tuple[Tensor, Tensor]:
-    """The gate and up column blocks of ua [T, P*N] (ua itself stands in for an absent one)."""
+def _rank_views(ua: Tensor, has_gate: bool, has_up: bool, shared_a: bool, N: int) -> tuple[Tensor, Tensor]:
+    """The gate and up column blocks of ua [T, P*N] (ua itself stands in for an absent one). shared_a: gate
+    and up LoRAs share one A (phi-3's fused gate_up_proj), so both read ua's only block."""
     ag = ua[:, :N] if has_gate else ua
-    au = ua[:, N * has_gate :] if has_up else ua
+    au = ua[:, N * (has_gate and not shared_a) :] if has_up else ua
     return ag, au
+
+
+def _stack_a(gA: Tensor | None, uA: Tensor | None) -> tuple[Tensor | None, bool]:
+    """(the A of shrink_x: gate's and up's stacked [P*E, R, H], or None without either; whether they are one)."""
+    if gA is not None and uA is not None:
+        return (gA, True) if gA is uA else (torch.cat([gA, uA]), False)
+    return (gA if gA is not None else uA), False
+
+
+def mixlora_ffn_core_fwd(
+    ua: Tensor,
+    gate: Tensor | None,
+    up: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    gB: Tensor | None,
+    uB: Tensor | None,
+    dA: Tensor | None,
+    dB: Tensor | None,
+    scaling: float,
+    act: str,
+    shared_a: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """mixlora_ffn from the gate/up rank-space rows ua (shrink_x or route_shrink) on.
+
+    ua [T, P*E*r] fp32: the gate block then the up block (one block for both when shared_a), [T, 0] without
+    gate and up LoRAs. -> hbar [T, I] in up's dtype, y_lora [T, H] fp32 ([T, 0] without a down LoRA), and
+    zd [T, E*r] fp32 ([T, 0]) that the backward keeps.
+    """
+    T, I = up.shape
+    E, R = _experts(gB, uB, dA)
+    N = E * R
+    ag, au = _rank_views(ua, gB is not None, uB is not None, shared_a, N)
+    hbar = torch.empty(T, I, dtype=up.dtype, device=up.device)
+    chunks = triton.cdiv(N, _rank_chunk(N)) if dA is not None else 1
+    S = _slices(triton.cdiv(T, NOMINAL_BT), triton.cdiv(I, NOMINAL_BI), chunks, up.device)
+    zd_part = torch.empty(S, T, N if dA is not None else 0, dtype=torch.float32, device=up.device)
+    mixlora_ffn_fwd_kernel[lambda META: (triton.cdiv(T, META["BT"]), S, chunks)](
+        **_common_args(gate, up, weights, indices, ag, au, gB, uB, dA, E, R, scaling, act),
+        hbar_ptr=hbar,
+        zd_ptr=zd_part if dA is not None else hbar,
+        S=S,
+    )
+    zd = zd_part.sum(0) if S > 1 else zd_part[0]  # fixed-order sum over the I-slices: deterministic
+    if dA is None:
+        return hbar, up.new_empty(T, 0, dtype=torch.float32), zd
+    # fp32, so that the caller adds it to Wd hbar before the one rounding to the model dtype, as the reference
+    y_lora = _expand(zd, dB, _b_strides(dB), R, dB.shape[1], torch.float32)
+    return hbar, y_lora, zd
 
 
 def mixlora_ffn_fwd(
@@ -811,67 +882,49 @@ def mixlora_ffn_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> hbar [T, I] in up's dtype, y_lora [T, H] fp32 ([T, 0] without a down LoRA), and what the backward
     keeps: ua [T, P*E*r] fp32 (x's rank-space rows for the gate and up LoRA), zd [T, E*r] fp32 ([T, 0])."""
-    T, I = up.shape
-    E, R = _experts(gA, uA, dA)
-    N = E * R
-    ua = shrink_x(x, [A for A in (gA, uA) if A is not None], R)
-    ag, au = _rank_views(ua, gA is not None, uA is not None, N)
-    hbar = torch.empty(T, I, dtype=up.dtype, device=up.device)
-    chunks = triton.cdiv(N, _rank_chunk(N)) if dA is not None else 1
-    S = _slices(triton.cdiv(T, NOMINAL_BT), triton.cdiv(I, NOMINAL_BI), chunks, up.device)
-    zd_part = torch.empty(S, T, N if dA is not None else 0, dtype=torch.float32, device=up.device)
-    mixlora_ffn_fwd_kernel[lambda META: (triton.cdiv(T, META["BT"]), S, chunks)](
-        **_common_args(gate, up, weights, indices, ag, au, gB, uB, dA, E, R, scaling, act),
-        hbar_ptr=hbar,
-        zd_ptr=zd_part if dA is not None else hbar,
-        S=S,
-    )
-    zd = zd_part.sum(0) if S > 1 else zd_part[0]  # fixed-order sum over the I-slices: deterministic
-    if dA is None:
-        return hbar, up.new_empty(T, 0, dtype=torch.float32), ua, zd
-    # fp32, so that the caller adds it to Wd hbar before the one rounding to the model dtype, as the reference
-    y_lora = _expand(zd, dB, _b_strides(dB), R, dB.shape[1], torch.float32)
+    A, shared_a = _stack_a(gA, uA)
+    ua = shrink_x(x, A) if A is not None else x.new_empty(x.shape[0], 0, dtype=torch.float32)
+    hbar, y_lora, zd = mixlora_ffn_core_fwd(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a)
     return hbar, y_lora, ua, zd
 
 
-def mixlora_ffn_bwd(
+def mixlora_ffn_core_bwd(
     grad_hbar: Tensor,
     grad_y_lora: Tensor | None,
-    x: Tensor,
+    ua: Tensor,
     gate: Tensor | None,
     up: Tensor,
     weights: Tensor,
     indices: Tensor,
-    gA: Tensor | None,
     gB: Tensor | None,
-    uA: Tensor | None,
     uB: Tensor | None,
     dA: Tensor | None,
     dB: Tensor | None,
-    ua: Tensor,
     zd: Tensor,
     scaling: float,
     act: str,
+    shared_a: bool,
 ) -> tuple[Tensor | None, ...]:
-    """-> the gradients of (x, gate, up, weights, gA, gB, uA, uB, dA, dB); None for an absent input."""
+    """-> the gradients of (ua, gate, up, weights, gB, uB, dA, dB) of mixlora_ffn_core_fwd; None for an absent
+    input (grad_ua is [T, 0] without gate and up LoRAs)."""
     T, I = up.shape
-    E, R = _experts(gA, uA, dA)
+    E, R = _experts(gB, uB, dA)
     N = E * R
     K = weights.shape[1]
     dev = up.device
     has_down = dA is not None and grad_y_lora is not None
     # q = dy_lora @ Bd_all [T, N] fp32 (ua stands in, unread, without a down LoRA)
     q = _shrink(grad_y_lora, dB, _b_strides(dB), R, weights, indices, scaling, raw=True)[0] if has_down else ua
-    ag, au = _rank_views(ua, gA is not None, uA is not None, N)
+    ag, au = _rank_views(ua, gB is not None, uB is not None, shared_a, N)
     common = _common_args(gate, up, weights, indices, ag, au, gB, uB, dA if has_down else None, E, R, scaling, act)
     strides = dict(stride_dht=grad_hbar.stride(0), stride_dhi=grad_hbar.stride(1))
 
     # Reductions over I: rank-space gradients of the gate/up LoRA, routing-weight gradients; dG and dU.
-    P = (gA is not None) + (uA is not None)
+    P = (gB is not None) + (uB is not None)  # the kernel writes gate's and up's blocks apart, even when shared_a
     chunks = triton.cdiv(N, _rank_chunk(N)) if P else 1
     S = _slices(triton.cdiv(T, NOMINAL_BT), triton.cdiv(I, NOMINAL_BI), chunks, dev)
     da = torch.empty(S, T, P * N, dtype=torch.float32, device=dev)
-    dag, dau = (da[:, :, :N], da[:, :, N * (gA is not None) :]) if P else (da, da)
+    dag, dau = (da[:, :, :N], da[:, :, N * (gB is not None) :]) if P else (da, da)
     dw = torch.empty(S, T, K, dtype=torch.float32, device=dev)
     grad_gate = torch.empty(T, I, dtype=gate.dtype, device=dev) if gate is not None else None
     grad_up = torch.empty(T, I, dtype=up.dtype, device=dev)
@@ -892,16 +945,7 @@ def mixlora_ffn_bwd(
     )
     da = da.sum(0) if S > 1 else da[0]  # [T, P*N]
     grad_w = (dw.sum(0) if S > 1 else dw[0]).to(weights.dtype)
-    if P:
-        A_cat = torch.cat([A for A in (gA, uA) if A is not None]) if P == 2 else (gA if gA is not None else uA)
-        grad_x = _expand(da, A_cat, _a_strides(A_cat), R, x.shape[1], x.dtype)
-    else:
-        grad_x = torch.zeros_like(x)
-    grad_gA = _wgrad(da[:, :N], x, _new(gA), _a_strides(gA), R) if gA is not None else None
-    grad_uA = None
-    if uA is not None:
-        off = N * (gA is not None)
-        grad_uA = _wgrad(da[:, off : off + N], x, _new(uA), _a_strides(uA), R)
+    grad_ua = da[:, :N] + da[:, N:] if shared_a else da  # one A: its rank-space gradient sums gate's and up's
 
     # Reductions over T: the gradients of Bg, Bu and Ad, as [N, I] per T-slice.
     chunks = triton.cdiv(N, _rank_chunk(N))
@@ -940,6 +984,41 @@ def mixlora_ffn_bwd(
             grad_dB.zero_()
         if grad_dA is None:
             grad_dA = torch.zeros_like(dA)
+    return grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA, grad_dB
+
+
+def mixlora_ffn_bwd(
+    grad_hbar: Tensor,
+    grad_y_lora: Tensor | None,
+    x: Tensor,
+    gate: Tensor | None,
+    up: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    gA: Tensor | None,
+    gB: Tensor | None,
+    uA: Tensor | None,
+    uB: Tensor | None,
+    dA: Tensor | None,
+    dB: Tensor | None,
+    ua: Tensor,
+    zd: Tensor,
+    scaling: float,
+    act: str,
+) -> tuple[Tensor | None, ...]:
+    """-> the gradients of (x, gate, up, weights, gA, gB, uA, uB, dA, dB); None for an absent input. When gA
+    is uA (one shared A), its whole gradient is returned as gA's and uA's is None (autograd adds them)."""
+    A, shared_a = _stack_a(gA, uA)
+    grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA, grad_dB = mixlora_ffn_core_bwd(
+        grad_hbar, grad_y_lora, ua, gate, up, weights, indices, gB, uB, dA, dB, zd, scaling, act, shared_a
+    )
+    if A is None:
+        grad_x, grad_gA, grad_uA = torch.zeros_like(x), None, None
+    else:
+        grad_x, grad_A = shrink_x_bwd(grad_ua, x, A)
+        E = A.shape[0] if shared_a or gA is None or uA is None else gA.shape[0]
+        grad_gA = grad_A[:E] if gA is not None else None
+        grad_uA = None if shared_a else (grad_A[-E:] if uA is not None else None)
     return grad_x, grad_gate, grad_up, grad_w, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB
 
 
@@ -964,11 +1043,13 @@ def check_inputs(
     x: Tensor,
     gate: Tensor | None,
     up: Tensor,
-    weights: Tensor,
-    indices: Tensor,
+    weights: Tensor | None,
+    indices: Tensor | None,
     loras: dict[str, tuple[Tensor, Tensor] | None],
     act: str,
 ) -> None:
+    """Raise ValueError / TypeError for arguments the kernels cannot run. weights and indices may be None (not
+    known yet: route_shrink computes them), then only the rest is checked."""
     named = [("x", x, 2), ("gate", gate, 2), ("up", up, 2), ("weights", weights, 2), ("indices", indices, 2)]
     for p, lo in loras.items():
         if lo is not None:
@@ -986,7 +1067,7 @@ def check_inputs(
             raise ValueError(f"mixlora_ffn: {name} is on {t.device} but up is on {up.device}")
         if name != "indices" and t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"mixlora_ffn: {name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if indices.dtype not in (torch.int32, torch.int64):
+    if indices is not None and indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"mixlora_ffn: indices must be int32 or int64, got {indices.dtype}")
     for name, t in (("x", x), ("gate", gate)):
         if t is not None and t.dtype != up.dtype:
@@ -1000,7 +1081,7 @@ def check_inputs(
             f"mixlora_ffn: x {tuple(x.shape)}, gate {None if gate is None else tuple(gate.shape)} and up "
             f"{tuple(up.shape)} must be [T, H], [T, I], [T, I]"
         )
-    if weights.shape[0] != T or indices.shape != weights.shape:
+    if weights is not None and (weights.shape[0] != T or indices.shape != weights.shape):
         raise ValueError(
             f"mixlora_ffn: weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be [T={T}, k]"
         )
@@ -1022,7 +1103,12 @@ def check_inputs(
             )
     # Range of indices: checked only where it costs no host sync (eager CPU tensors: the interpreter). On
     # CUDA an index >= E (or < -1) silently contributes nothing and gets a zero weight gradient.
-    if indices.device.type == "cpu" and indices.numel() > 0 and not torch.compiler.is_compiling():
+    if (
+        indices is not None
+        and indices.device.type == "cpu"
+        and indices.numel() > 0
+        and not torch.compiler.is_compiling()
+    ):
         lo, hi = int(indices.min()), int(indices.max())
         if lo < -1 or hi >= E:
             raise ValueError(f"mixlora_ffn: indices must lie in [-1, E={E}), got values in [{lo}, {hi}]")

@@ -4,6 +4,12 @@ The math of `moelora.reference.route`, fused per block of tokens: one read of x 
 gives the logits in registers (never written), then softmax, selection and the outputs. The backward
 turns the upstream gradients of weights and probs into grad_logits [T, E] in a kernel; grad_x and
 grad_router are then two GEMMs, left to torch. CUDA tensors; CPU tensors under TRITON_INTERPRET=1.
+
+`route_shrink` is the dense-masked regime's first step (design.md, op 2): the same routing plus every
+expert's LoRA shrink ua = x @ A_all^T (MixLoRA's gate and up A stacked, up to ROUTE_SHRINK_MAX_N = 256
+rank columns) from ONE read of x, each tile of x feeding both dots. mixlora_ffn's fused FFN then starts
+from ua. Its backward is route_bwd plus the shrink's (moe_lora's expand and wgrad kernels). Large E*r
+takes the sorted path instead (kernels/moe_lora_sorted.py: sort_by_expert, no host sync).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from moelora.kernels.mixlora_ffn import _dot_mode, shrink_x_bwd
 from torch import Tensor
 
 from moelora.reference import Routing, compute_dtype
@@ -22,52 +29,35 @@ from moelora.reference import Routing, compute_dtype
 BLOCK_T = 32
 BLOCK_H = 64
 NUM_WARPS = 4
+# route_shrink keeps all rank columns of one token block in registers ([32, 256] fp32 = 64 per thread at 4
+# warps), so that x is read once: MixLoRA's gate + up at E=8, r=16 is exactly 256.
+ROUTE_SHRINK_MAX_N = 256
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @triton.jit
-def route_fwd_kernel(
-    x_ptr,  # [T, H] any float dtype
-    wr_ptr,  # [E, H] any float dtype
-    weights_ptr,  # [T, K] compute dtype, contiguous
-    indices_ptr,  # [T, K] int64, contiguous
-    probs_ptr,  # [T, E] compute dtype, contiguous
-    top_p,  # fp32 scalar, used only when TOP_P
-    T,
-    H,
+def _select(
+    b_l,  # [BT, BE] router logits in DT; padding columns (>= E) are masked here
+    o_t64,  # [BT] int64 token ids
+    m_t,  # [BT] valid tokens
+    weights_ptr,
+    indices_ptr,
+    probs_ptr,
+    top_p,
     E,
-    stride_xt,
-    stride_xh,
-    stride_we,
-    stride_wh,
     K: tl.constexpr,
     TOP_P: tl.constexpr,
     DT: tl.constexpr,
     BT: tl.constexpr,
-    BH: tl.constexpr,
     BE: tl.constexpr,
     BK: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    o_t = i_t * BT + tl.arange(0, BT)  # [BT]
-    m_t = o_t < T
-    o_t64 = o_t.to(tl.int64)
+    """Softmax, top-k (renormalised) or top-p, and the stores of probs, weights and indices."""
     o_e = tl.arange(0, BE)  # [BE]
     m_e = o_e < E
     o_k = tl.arange(0, BK)  # [BK]
     m_k = o_k < K
-
-    b_l = tl.zeros([BT, BE], dtype=DT)
-    for i_h in range(0, tl.cdiv(H, BH)):
-        o_h = i_h * BH + tl.arange(0, BH)  # [BH]
-        m_h = o_h < H
-        p_x = x_ptr + o_t64[:, None] * stride_xt + o_h[None, :] * stride_xh
-        b_x = tl.load(p_x, mask=m_t[:, None] & m_h[None, :], other=0.0).to(DT)  # [BT, BH]
-        p_w = wr_ptr + o_e.to(tl.int64)[:, None] * stride_we + o_h[None, :] * stride_wh
-        b_w = tl.load(p_w, mask=m_e[:, None] & m_h[None, :], other=0.0).to(DT)  # [BE, BH]
-        b_l = tl.dot(b_x, tl.trans(b_w), acc=b_l, input_precision="ieee")  # [BT, BE]
-
     b_l = tl.where(m_e[None, :], b_l, float("-inf"))
     b_p = tl.exp(b_l - tl.max(b_l, axis=1)[:, None])
     b_p = tl.where(m_e[None, :], b_p, 0.0)
@@ -101,6 +91,111 @@ def route_fwd_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
     tl.store(weights_ptr + o_t64[:, None] * K + o_k[None, :], b_w.to(weights_ptr.dtype.element_ty), mask=m_tk)
     tl.store(indices_ptr + o_t64[:, None] * K + o_k[None, :], b_i, mask=m_tk)
+
+
+@triton.jit
+def route_fwd_kernel(
+    x_ptr,  # [T, H] any float dtype
+    wr_ptr,  # [E, H] any float dtype
+    weights_ptr,  # [T, K] compute dtype, contiguous
+    indices_ptr,  # [T, K] int64, contiguous
+    probs_ptr,  # [T, E] compute dtype, contiguous
+    top_p,  # fp32 scalar, used only when TOP_P
+    T,
+    H,
+    E,
+    stride_xt,
+    stride_xh,
+    stride_we,
+    stride_wh,
+    K: tl.constexpr,
+    TOP_P: tl.constexpr,
+    DT: tl.constexpr,
+    BT: tl.constexpr,
+    BH: tl.constexpr,
+    BE: tl.constexpr,
+    BK: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    o_t = i_t * BT + tl.arange(0, BT)  # [BT]
+    m_t = o_t < T
+    o_t64 = o_t.to(tl.int64)
+    o_e = tl.arange(0, BE)  # [BE]
+    m_e = o_e < E
+
+    b_l = tl.zeros([BT, BE], dtype=DT)
+    for i_h in range(0, tl.cdiv(H, BH)):
+        o_h = i_h * BH + tl.arange(0, BH)  # [BH]
+        m_h = o_h < H
+        p_x = x_ptr + o_t64[:, None] * stride_xt + o_h[None, :] * stride_xh
+        b_x = tl.load(p_x, mask=m_t[:, None] & m_h[None, :], other=0.0).to(DT)  # [BT, BH]
+        p_w = wr_ptr + o_e.to(tl.int64)[:, None] * stride_we + o_h[None, :] * stride_wh
+        b_w = tl.load(p_w, mask=m_e[:, None] & m_h[None, :], other=0.0).to(DT)  # [BE, BH]
+        b_l = tl.dot(b_x, tl.trans(b_w), acc=b_l, input_precision="ieee")  # [BT, BE]
+
+    _select(b_l, o_t64, m_t, weights_ptr, indices_ptr, probs_ptr, top_p, E, K, TOP_P, DT, BT, BE, BK)
+
+
+@triton.jit
+def route_shrink_fwd_kernel(
+    x_ptr,  # [T, H] fp16 / bf16 / fp32
+    wr_ptr,  # [E, H] router weight, any float dtype
+    a_ptr,  # [E', R, H] through strides (expert, rank, column): every expert's LoRA A, gate and up stacked
+    weights_ptr,  # [T, K] fp32, contiguous
+    indices_ptr,  # [T, K] int64, contiguous
+    probs_ptr,  # [T, E] fp32, contiguous
+    ua_ptr,  # [T, N] fp32, contiguous, N = E' * R: x @ A_all^T, ungated
+    top_p,
+    T,
+    H,
+    E,
+    N,
+    R,
+    stride_xt,
+    stride_xh,
+    stride_we,
+    stride_wh,
+    stride_ae,
+    stride_ar,
+    stride_ah,
+    K: tl.constexpr,
+    TOP_P: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    BT: tl.constexpr,
+    BH: tl.constexpr,
+    BE: tl.constexpr,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
+):
+    # x @ [Wr | A_all]^T: each tile of x is loaded once and feeds both dots. The router's dot is fp32 ieee
+    # (the reference routes in fp32); the shrink's takes 16-bit operands for 16-bit x (tensor cores).
+    i_t = tl.program_id(0)
+    o_t = i_t * BT + tl.arange(0, BT)  # [BT]
+    m_t = o_t < T
+    o_t64 = o_t.to(tl.int64)
+    o_e = tl.arange(0, BE)  # [BE]
+    m_e = o_e < E
+    o_n = tl.arange(0, BN)  # [BN] all rank columns: N <= BN
+    m_n = o_n < N
+    p_a = a_ptr + (o_n // R).to(tl.int64) * stride_ae + (o_n % R).to(tl.int64) * stride_ar  # [BN]
+
+    b_l = tl.zeros([BT, BE], dtype=tl.float32)
+    b_u = tl.zeros([BT, BN], dtype=tl.float32)
+    for i_h in range(0, tl.cdiv(H, BH)):
+        o_h = (i_h * BH + tl.arange(0, BH)).to(tl.int64)  # [BH]
+        m_h = o_h < H
+        b_x = tl.load(
+            x_ptr + o_t64[:, None] * stride_xt + o_h[None, :] * stride_xh, mask=m_t[:, None] & m_h[None, :], other=0.0
+        )  # [BT, BH]
+        p_w = wr_ptr + o_e.to(tl.int64)[:, None] * stride_we + o_h[None, :] * stride_wh
+        b_w = tl.load(p_w, mask=m_e[:, None] & m_h[None, :], other=0.0).to(tl.float32)  # [BE, BH]
+        b_l = tl.dot(b_x.to(tl.float32), tl.trans(b_w), acc=b_l, input_precision="ieee")  # [BT, BE]
+        b_a = tl.load(p_a[None, :] + o_h[:, None] * stride_ah, mask=m_h[:, None] & m_n[None, :], other=0.0)  # [BH, BN]
+        b_u = tl.dot(b_x.to(DOT_DT), b_a.to(DOT_DT), acc=b_u, input_precision=PREC)  # [BT, BN]
+
+    tl.store(ua_ptr + o_t64[:, None] * N + o_n[None, :], b_u, mask=m_t[:, None] & m_n[None, :])
+    _select(b_l, o_t64, m_t, weights_ptr, indices_ptr, probs_ptr, top_p, E, K, TOP_P, tl.float32, BT, BE, BK)
 
 
 @triton.jit
@@ -238,6 +333,79 @@ def route_bwd(
     grad_x = (grad_logits @ router_weight.to(dt)).to(x.dtype)  # [T, H]
     grad_router = (grad_logits.t() @ x.to(dt)).to(router_weight.dtype)  # [E, H]
     return grad_x, grad_router
+
+
+def route_shrink_fwd(
+    x: Tensor, router_weight: Tensor, A: Tensor, k: int, top_p: float | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """route_fwd and ua = x @ A_all^T [T, E'*R] fp32 (A [E', R, H]) from one read of x; E'*R <= ROUTE_SHRINK_MAX_N."""
+    T, H = x.shape
+    E = router_weight.shape[0]
+    N = A.shape[0] * A.shape[1]
+    if N > ROUTE_SHRINK_MAX_N:
+        raise ValueError(f"route_shrink: A has {N} rank columns, more than the fused kernel's {ROUTE_SHRINK_MAX_N}")
+    f32 = dict(dtype=torch.float32, device=x.device)
+    weights, probs = torch.empty(T, k, **f32), torch.empty(T, E, **f32)
+    indices = torch.empty(T, k, dtype=torch.int64, device=x.device)
+    ua = torch.empty(T, N, **f32)
+    if T == 0:
+        return weights, indices, probs, ua
+    prec, dot_dt = _dot_mode(x.dtype)
+    route_shrink_fwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+        x_ptr=x,
+        wr_ptr=router_weight,
+        a_ptr=A,
+        weights_ptr=weights,
+        indices_ptr=indices,
+        probs_ptr=probs,
+        ua_ptr=ua,
+        top_p=float(top_p or 0.0),
+        T=T,
+        H=H,
+        E=E,
+        N=N,
+        R=A.shape[1],
+        stride_xt=x.stride(0),
+        stride_xh=x.stride(1),
+        stride_we=router_weight.stride(0),
+        stride_wh=router_weight.stride(1),
+        stride_ae=A.stride(0),
+        stride_ar=A.stride(1),
+        stride_ah=A.stride(2),
+        K=k,
+        TOP_P=top_p is not None,
+        PREC=prec,
+        DOT_DT=dot_dt,
+        BT=BLOCK_T,
+        BH=BLOCK_H,
+        BE=_pad(E),
+        BK=triton.next_power_of_2(k),
+        BN=_pad(N),
+        num_warps=NUM_WARPS,
+    )
+    return weights, indices, probs, ua
+
+
+def route_shrink_bwd(
+    grad_weights: Tensor,
+    grad_probs: Tensor | None,
+    grad_ua: Tensor,
+    x: Tensor,
+    router_weight: Tensor,
+    A: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    probs: Tensor,
+    renormalized: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> grad_x [T, H] (x's dtype), grad_router [E, H], grad_A [E', R, H] (contiguous, A's dtype).
+
+    grad_x = grad_logits @ Wr + grad_ua @ A_all: the router's part from route_bwd, the LoRA's and grad_A =
+    grad_ua^T @ x from shrink_x_bwd (moe_lora's expand and wgrad kernels). No atomics.
+    """
+    grad_x, grad_router = route_bwd(grad_weights, grad_probs, x, router_weight, weights, indices, probs, renormalized)
+    grad_x_lora, grad_A = shrink_x_bwd(grad_ua, x, A)
+    return grad_x + grad_x_lora, grad_router, grad_A
 
 
 class RouteFunction(torch.autograd.Function):

@@ -321,10 +321,6 @@ class MixLoraFFN(nn.Module):
         if self.training and a.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - a.jitter_noise, 1.0 + a.jitter_noise)
 
-        routing = ops.route(x, a.router, top_k=a.top_k, top_p=a.top_p)
-        if self.router_log is not None:
-            self.router_log.append((routing.probs, routing.indices))
-
         base = self.base_layer
         if self.kind == "gated":
             gate, up, down = base.gate_proj(x), base.up_proj(x), base.down_proj
@@ -354,12 +350,16 @@ class MixLoraFFN(nn.Module):
             def down_dropout(h: Tensor) -> Tensor:
                 return F.dropout(h, p=p, training=True)
 
-        y = ops.mixlora_ffn(
-            a.dropout(x),
+        # Without dropout the router and the LoRAs read the same x: the triton backend then reads it once for both.
+        lora_input = a.dropout(x) if self.training and isinstance(a.dropout, nn.Dropout) else None
+        y, routing = ops.routed_mixlora_ffn(
+            x,
+            a.router,
             gate,
             up,
-            routing.weights,
-            routing.indices,
+            top_k=a.top_k,
+            top_p=a.top_p,
+            lora_input=lora_input,
             gate_lora=gate_lora,
             up_lora=up_lora,
             down_lora=down_lora,
@@ -372,6 +372,8 @@ class MixLoraFFN(nn.Module):
             down_bias=getattr(down, "bias", None),
             down_dropout=down_dropout,
         )
+        if self.router_log is not None:
+            self.router_log.append((routing.probs, routing.indices))
         return y.reshape(*shape[:-1], y.shape[-1])
 
 

@@ -5,6 +5,11 @@ run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (slowly, for te
 is one `torch.library.custom_op` (namespace moelora_triton) with a fake kernel, so torch.compile traces a
 model through them as opaque calls; the autograd Functions below call the forward and backward ops.
 
+MixLoRA's FFN is three ops: the gate/up shrink `rank_shrink` (or `route_shrink`, the router fused with it:
+one read of x for both, what `routed_mixlora_ffn` and so MixLoraFFN use when no dropout separates the
+router's input from the LoRAs'), then `mixlora_ffn` from the rank-space rows on; the frozen down projection
+runs in between, on hbar, outside the ops.
+
 What the kernels do not cover goes to the reference, as in the cpu backend: DoRA (supports_dora = False),
 activations other than SiLU, GELU (erf or tanh) and ReLU, dropout on h_j (training with lora_dropout > 0
 on the down projection), float64 tensors, and empty batches. `lora` (one dense LoRA) is the reference's
@@ -110,75 +115,129 @@ def _(grad_y, x, weights, indices, A, B, u, v, scaling):
     return x.new_empty(x.shape), weights.new_empty(weights.shape), torch.empty_like(A), torch.empty_like(B)
 
 
+@torch.library.custom_op("moelora_triton::rank_shrink", mutates_args=())
+def _rank_shrink_op(x: Tensor, A: Tensor) -> Tensor:
+    """ua = x @ A_all^T [T, E'*r] fp32, A [E', r, H]: the gate and up LoRAs' shrink, one read of x."""
+    return _ffn_kernels.shrink_x(x, A)
+
+
+@_rank_shrink_op.register_fake
+def _(x, A):
+    return x.new_empty(x.shape[0], A.shape[0] * A.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("moelora_triton::rank_shrink_backward", mutates_args=())
+def _rank_shrink_backward_op(grad_ua: Tensor, x: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    return _ffn_kernels.shrink_x_bwd(grad_ua, x, A)
+
+
+@_rank_shrink_backward_op.register_fake
+def _(grad_ua, x, A):
+    return x.new_empty(x.shape), A.new_empty(A.shape)
+
+
+@torch.library.custom_op("moelora_triton::route_shrink", mutates_args=())
+def _route_shrink_op(
+    x: Tensor, router_weight: Tensor, A: Tensor, top_k: int, top_p: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """route (top_k > 0: top-k renormalised; 0: top-p) and rank_shrink from one read of x."""
+    k = top_k if top_k > 0 else router_weight.shape[0]
+    return _route_kernels.route_shrink_fwd(x, router_weight, A, k, top_p if top_k == 0 else None)
+
+
+@_route_shrink_op.register_fake
+def _(x, router_weight, A, top_k, top_p):
+    k = top_k if top_k > 0 else router_weight.shape[0]
+    T, E = x.shape[0], router_weight.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return (
+        x.new_empty(T, k, **f32),
+        x.new_empty(T, k, dtype=torch.int64),
+        x.new_empty(T, E, **f32),
+        x.new_empty(T, A.shape[0] * A.shape[1], **f32),
+    )
+
+
+@torch.library.custom_op("moelora_triton::route_shrink_backward", mutates_args=())
+def _route_shrink_backward_op(
+    grad_weights: Tensor,
+    grad_probs: Tensor | None,
+    grad_ua: Tensor,
+    x: Tensor,
+    router_weight: Tensor,
+    A: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    probs: Tensor,
+    renormalized: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _route_kernels.route_shrink_bwd(
+        grad_weights, grad_probs, grad_ua, x, router_weight, A, weights, indices, probs, renormalized
+    )
+
+
+@_route_shrink_backward_op.register_fake
+def _(grad_weights, grad_probs, grad_ua, x, router_weight, A, weights, indices, probs, renormalized):
+    return x.new_empty(x.shape), router_weight.new_empty(router_weight.shape), A.new_empty(A.shape)
+
+
 @torch.library.custom_op("moelora_triton::mixlora_ffn", mutates_args=())
 def _mixlora_ffn_op(
-    x: Tensor,
+    ua: Tensor,
     gate: Tensor | None,
     up: Tensor,
     weights: Tensor,
     indices: Tensor,
-    gA: Tensor | None,
     gB: Tensor | None,
-    uA: Tensor | None,
     uB: Tensor | None,
     dA: Tensor | None,
     dB: Tensor | None,
     scaling: float,
     act: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> hbar [T, I] (up's dtype), y_lora [T, H] fp32, and the backward's ua [T, P*E*r], zd [T, E*r] fp32."""
-    return _ffn_kernels.mixlora_ffn_fwd(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act)
+    shared_a: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """From ua (rank_shrink or route_shrink) -> hbar [T, I] (up's dtype), y_lora [T, H] fp32, and the
+    backward's zd [T, E*r] fp32."""
+    return _ffn_kernels.mixlora_ffn_core_fwd(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a)
 
 
 @_mixlora_ffn_op.register_fake
-def _(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act):
+def _(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a):
     T, I = up.shape
-    A = next(a for a in (gA, uA, dA) if a is not None)
-    N = A.shape[0] * A.shape[1]
-    P = (gA is not None) + (uA is not None)
+    E, R = _ffn_kernels._experts(gB, uB, dA)
     f32 = dict(dtype=torch.float32)
     hidden = dB.shape[1] if dB is not None else 0
-    return (
-        up.new_empty(T, I),
-        up.new_empty(T, hidden, **f32),
-        up.new_empty(T, P * N, **f32),
-        up.new_empty(T, N if dA is not None else 0, **f32),
-    )
+    return up.new_empty(T, I), up.new_empty(T, hidden, **f32), up.new_empty(T, E * R if dA is not None else 0, **f32)
 
 
 @torch.library.custom_op("moelora_triton::mixlora_ffn_backward", mutates_args=())
 def _mixlora_ffn_backward_op(
     grad_hbar: Tensor,
     grad_y_lora: Tensor,
-    x: Tensor,
+    ua: Tensor,
     gate: Tensor | None,
     up: Tensor,
     weights: Tensor,
     indices: Tensor,
-    gA: Tensor | None,
     gB: Tensor | None,
-    uA: Tensor | None,
     uB: Tensor | None,
     dA: Tensor | None,
     dB: Tensor | None,
-    ua: Tensor,
     zd: Tensor,
     scaling: float,
     act: str,
+    shared_a: bool,
 ) -> list[Tensor]:
-    """-> grads of (x, gate, up, weights, gA, gB, uA, uB, dA, dB); an absent input's is a 1-d empty tensor."""
-    grads = _ffn_kernels.mixlora_ffn_bwd(
-        grad_hbar, grad_y_lora, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd, scaling, act
+    """-> grads of (ua, gate, up, weights, gB, uB, dA, dB); an absent input's is a 1-d empty tensor."""
+    grads = _ffn_kernels.mixlora_ffn_core_bwd(
+        grad_hbar, grad_y_lora, ua, gate, up, weights, indices, gB, uB, dA, dB, zd, scaling, act, shared_a
     )
     return [_none(g, up) for g in grads]
 
 
 @_mixlora_ffn_backward_op.register_fake
-def _(grad_hbar, grad_y_lora, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd, scaling, act):
-    return [
-        t.new_empty(t.shape) if t is not None else up.new_empty(0)
-        for t in (x, gate, up, weights, gA, gB, uA, uB, dA, dB)
-    ]
+def _(grad_hbar, grad_y_lora, ua, gate, up, weights, indices, gB, uB, dA, dB, zd, scaling, act, shared_a):
+    return [t.new_empty(t.shape) if t is not None else up.new_empty(0) for t in (ua, gate, up, weights, gB, uB, dA, dB)]
 
 
 _ops = torch.ops.moelora_triton
@@ -236,23 +295,108 @@ def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, 
     return _MoeLora.apply(x, weights, indices, A, B, float(scaling))
 
 
-class _MixLoraFfn(torch.autograd.Function):
+class _RankShrink(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act):
-        hbar, y_lora, ua, zd = _ops.mixlora_ffn(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act)
-        ctx.save_for_backward(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd)
-        ctx.args = (scaling, act)
-        ctx.mark_non_differentiable(ua, zd)
-        return hbar, y_lora, ua, zd
+    def forward(ctx, x, A):
+        ctx.save_for_backward(x, A)
+        return _ops.rank_shrink(x, A)
 
     @staticmethod
-    def backward(ctx, grad_hbar, grad_y_lora, _grad_ua, _grad_zd):
-        x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd = ctx.saved_tensors
-        grads = _ops.mixlora_ffn_backward(
-            grad_hbar, grad_y_lora, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd, *ctx.args
+    def backward(ctx, grad_ua):
+        x, A = ctx.saved_tensors
+        return _ops.rank_shrink_backward(grad_ua, x, A)
+
+
+class _RouteShrink(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, router_weight, A, top_k, top_p):
+        weights, indices, probs, ua = _ops.route_shrink(x, router_weight, A, top_k, top_p)
+        ctx.save_for_backward(x, router_weight, A, weights, indices, probs)
+        ctx.renormalized = top_k > 0
+        ctx.mark_non_differentiable(indices)
+        return weights, indices, probs, ua
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_indices, grad_probs, grad_ua):
+        x, router_weight, A, weights, indices, probs = ctx.saved_tensors
+        grad_x, grad_router, grad_A = _ops.route_shrink_backward(
+            grad_weights.contiguous(),
+            grad_probs,
+            grad_ua,
+            x,
+            router_weight,
+            A,
+            weights,
+            indices,
+            probs,
+            ctx.renormalized,
         )
-        grad_x, grad_gate, grad_up, grad_w, *lora_grads = (_or_none(g) for g in grads)
-        return (grad_x, grad_gate, grad_up, grad_w, None, *lora_grads, None, None)
+        return grad_x, grad_router, grad_A, None, None
+
+
+class _MixLoraFfn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a):
+        hbar, y_lora, zd = _ops.mixlora_ffn(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a)
+        ctx.save_for_backward(ua, gate, up, weights, indices, gB, uB, dA, dB, zd)
+        ctx.args = (scaling, act, shared_a)
+        return hbar, y_lora
+
+    @staticmethod
+    def backward(ctx, grad_hbar, grad_y_lora):
+        ua, gate, up, weights, indices, gB, uB, dA, dB, zd = ctx.saved_tensors
+        grads = _ops.mixlora_ffn_backward(
+            grad_hbar, grad_y_lora, ua, gate, up, weights, indices, gB, uB, dA, dB, zd, *ctx.args
+        )
+        grad_ua, grad_gate, grad_up, grad_w, *lora_grads = (_or_none(g) for g in grads)
+        return (grad_ua, grad_gate, grad_up, grad_w, None, *lora_grads, None, None, None)
+
+
+def _kernels_take(act_name: str | None, up: Tensor, loras: list[ExpertLora | None], dora_only: dict) -> bool:
+    """Whether the fused kernels cover this call (else the reference runs it); see the module docstring."""
+    return not (
+        act_name is None
+        or dora_only.get("down_dropout") is not None
+        or all(p is None for p in loras)
+        or any(p is not None and p.magnitude is not None for p in loras)
+        or up.dtype not in _KERNEL_DTYPES
+        or up.shape[0] == 0
+    )
+
+
+def _ffn_from_ua(
+    ua: Tensor,
+    shared_a: bool,
+    gate: Tensor | None,
+    up: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    loras: list[ExpertLora | None],
+    down_proj: Callable[[Tensor], Tensor],
+    scaling: float,
+    act_name: str,
+    down_bias: Tensor | None,
+) -> Tensor:
+    """The fused FFN from the gate/up rank-space rows on; the frozen down projection runs once, on hbar."""
+    down_lora = loras[2]
+    gB, uB = (lo.B if lo is not None else None for lo in loras[:2])
+    dA, dB = (down_lora.A, down_lora.B) if down_lora is not None else (None, None)
+    hbar, y_lora = _MixLoraFfn.apply(ua, gate, up, weights, indices, gB, uB, dA, dB, float(scaling), act_name, shared_a)
+    y = down_proj(hbar).float()
+    if down_bias is not None:
+        y = y + (weights.float().sum(dim=-1, keepdim=True) - 1.0) * down_bias.float()
+    if down_lora is not None:
+        y = y + y_lora
+    return y.to(up.dtype)
+
+
+def _gate_up_a(loras: list[ExpertLora | None]) -> tuple[Tensor | None, bool]:
+    """The A of the gate/up shrink: gate's and up's stacked [P*E, r, H] (a differentiable cat), or the one A
+    they share (phi-3's fused gate_up_proj: computed once), or None; and whether it is shared."""
+    gA, uA = (lo.A if lo is not None else None for lo in loras[:2])
+    if gA is not None and uA is not None:
+        return (gA, True) if gA is uA else (torch.cat([gA, uA]), False)
+    return (gA if gA is not None else uA), False
 
 
 def mixlora_ffn(
@@ -277,14 +421,7 @@ def mixlora_ffn(
     """
     act_name = activation_name(act)
     loras = [gate_lora, up_lora, down_lora]
-    if (
-        act_name is None
-        or dora_only.get("down_dropout") is not None
-        or all(p is None for p in loras)
-        or any(p is not None and p.magnitude is not None for p in loras)
-        or up.dtype not in _KERNEL_DTYPES
-        or up.shape[0] == 0
-    ):
+    if not _kernels_take(act_name, up, loras, dora_only):
         return reference.mixlora_ffn(
             x,
             gate,
@@ -302,14 +439,62 @@ def mixlora_ffn(
         )
     pairs = {p: (lo.A, lo.B) if lo is not None else None for p, lo in zip(("gate", "up", "down"), loras, strict=True)}
     _ffn_kernels.check_inputs(x, gate, up, weights, indices, pairs, act_name)
-    flat = [t for lo in pairs.values() for t in (lo if lo is not None else (None, None))]
-    hbar, y_lora, _, _ = _MixLoraFfn.apply(x, gate, up, weights, indices, *flat, float(scaling), act_name)
-    y = down_proj(hbar).float()
-    if down_bias is not None:
-        y = y + (weights.float().sum(dim=-1, keepdim=True) - 1.0) * down_bias.float()
-    if down_lora is not None:
-        y = y + y_lora
-    return y.to(up.dtype)
+    A, shared_a = _gate_up_a(loras)
+    ua = _RankShrink.apply(x, A) if A is not None else x.new_empty(x.shape[0], 0, dtype=torch.float32)
+    return _ffn_from_ua(ua, shared_a, gate, up, weights, indices, loras, down_proj, scaling, act_name, down_bias)
+
+
+def routed_mixlora_ffn(
+    x: Tensor,
+    router_weight: Tensor,
+    gate: Tensor | None,
+    up: Tensor,
+    *,
+    top_k: int | None,
+    top_p: float | None,
+    gate_lora: ExpertLora | None,
+    up_lora: ExpertLora | None,
+    down_lora: ExpertLora | None,
+    down_proj: Callable[[Tensor], Tensor],
+    act: Callable[[Tensor], Tensor],
+    scaling: float,
+    down_bias: Tensor | None = None,
+    **dora_only: Any,
+) -> tuple[Tensor, Routing]:
+    """route, then mixlora_ffn on the same x, with the router fused into the gate/up shrink: one read of x
+    computes x @ [Wr | Ag_all | Au_all]^T (kernels/route.py, route_shrink) when the gate and up LoRAs have at
+    most ROUTE_SHRINK_MAX_N rank columns together (MixLoRA's 8 x 16 x 2 = 256); otherwise route and
+    mixlora_ffn apart. -> (y [T, H_out] in up's dtype, Routing)."""
+    act_name = activation_name(act)
+    loras = [gate_lora, up_lora, down_lora]
+    A, shared_a = _gate_up_a(loras)
+    fused = (
+        _kernels_take(act_name, up, loras, dora_only)
+        and A is not None
+        and A.shape[0] * A.shape[1] <= _route_kernels.ROUTE_SHRINK_MAX_N
+        and x.dtype in _KERNEL_DTYPES
+    )
+    ffn = dict(down_proj=down_proj, act=act, scaling=scaling, down_bias=down_bias, **dora_only)
+    if not fused:
+        routing = route(x, router_weight, top_k=top_k, top_p=top_p)
+        y = mixlora_ffn(
+            x,
+            gate,
+            up,
+            routing.weights,
+            routing.indices,
+            gate_lora=gate_lora,
+            up_lora=up_lora,
+            down_lora=down_lora,
+            **ffn,
+        )
+        return y, routing
+    _route_kernels.check_inputs(x, router_weight, top_k, top_p)
+    pairs = {p: (lo.A, lo.B) if lo is not None else None for p, lo in zip(("gate", "up", "down"), loras, strict=True)}
+    _ffn_kernels.check_inputs(x, gate, up, None, None, pairs, act_name)
+    weights, indices, probs, ua = _RouteShrink.apply(x, router_weight, A, top_k or 0, float(top_p or 0.0))
+    y = _ffn_from_ua(ua, shared_a, gate, up, weights, indices, loras, down_proj, scaling, act_name, down_bias)
+    return y, Routing(weights, indices, probs)
 
 
 # --- MiLoRA: prompt_route and segmented_lora -----------------------------------------------------------------

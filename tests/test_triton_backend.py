@@ -4,8 +4,8 @@ In one worker process with TRITON_INTERPRET=1 (this file run as a script): whole
 llama, phi3 (fused gate_up) and phi (fc1/fc2, ungated) families with MOELORA_BACKEND=triton against
 `reference`, forward and backward; the backend's mixlora_ffn with a down bias and HF activation modules,
 and its reference fallbacks; the torch.library ops' fake kernels (opcheck) and torch.compile(fullgraph)
-of route + mixlora_ffn + moe_lora equal to eager; a MiLoRA model (prompt_route, segmented_lora) training and
-serving a mixed batch. In this process: backend dispatch and its errors, and
+of route + mixlora_ffn + routed_mixlora_ffn + moe_lora equal to eager; a MiLoRA model (prompt_route,
+segmented_lora) training and serving a mixed batch. In this process: backend dispatch and its errors, and
 bench/gpu_check.py --dry-run.
 """
 
@@ -194,26 +194,35 @@ def check_compile() -> dict[str, list[str]]:
     x, router = d["x"], torch.randn(4, 12, generator=g)
     w, idx, probs = ops.route(x, router, 2, 0.0)
     (gA, gB), (uA, uB), (dA, dB) = (d["loras"][p][:2] for p in ("gate", "up", "down"))
-    lora_weights = (gA, gB, uA, uB, dA, dB)
     y, u, v = ops.moe_lora(x, w, idx, uA, uB, 2.0)
-    hbar, y_lora, ua, zd = ops.mixlora_ffn(x, d["gate"], d["up"], w, idx, gA, gB, uA, uB, dA, dB, 2.0, "silu")
+    A_cat = torch.cat([gA, uA])
+    ua = ops.rank_shrink(x, A_cat)
+    ffn_args = (ua, d["gate"], d["up"], w, idx, gB, uB, dA, dB, 2.0, "silu", False)
+    hbar, y_lora, zd = ops.mixlora_ffn(*ffn_args)
     grads_out = (torch.randn_like(hbar), torch.randn_like(y_lora))
-    bwd_args = (*grads_out, x, d["gate"], d["up"], w, idx, *lora_weights, ua, zd, 2.0, "silu")
+    rs_w, rs_idx, rs_probs, rs_ua = ops.route_shrink(x, router, A_cat, 2, 0.0)
+    rs_grads = (torch.randn_like(rs_w), torch.randn_like(rs_probs), torch.randn_like(rs_ua))
     cases = {
         "route": (ops.route.default, (x, router, 2, 0.0)),
         "route-top-p": (ops.route.default, (x, router, 0, 0.7)),
         "route-bwd": (ops.route_backward.default, (torch.randn_like(w), probs, x, router, w, idx, probs, True)),
         "moe_lora": (ops.moe_lora.default, (x, w, idx, uA, uB, 2.0)),
         "moe_lora-bwd": (ops.moe_lora_backward.default, (torch.randn_like(y), x, w, idx, uA, uB, u, v, 2.0)),
-        "ffn": (ops.mixlora_ffn.default, (x, d["gate"], d["up"], w, idx, gA, gB, uA, uB, dA, dB, 2.0, "silu")),
+        "rank_shrink": (ops.rank_shrink.default, (x, A_cat)),
+        "rank_shrink-bwd": (ops.rank_shrink_backward.default, (torch.randn_like(ua), x, A_cat)),
+        "route_shrink": (ops.route_shrink.default, (x, router, A_cat, 2, 0.0)),
+        "route_shrink-top-p": (ops.route_shrink.default, (x, router, uA, 0, 0.7)),
+        "route_shrink-bwd": (
+            ops.route_shrink_backward.default,
+            (*rs_grads, x, router, A_cat, rs_w, rs_idx, rs_probs, True),
+        ),
+        "ffn": (ops.mixlora_ffn.default, ffn_args),
+        "ffn-shared-a": (ops.mixlora_ffn.default, (ua[:, :16], *ffn_args[1:-1], True)),
         "ffn-ungated": (
             ops.mixlora_ffn.default,
-            (x, None, d["up"], w, idx, None, None, uA, uB, None, None, 2.0, "relu"),
+            (ua[:, 16:], None, d["up"], w, idx, None, uB, None, None, 2.0, "relu", False),
         ),
-        "ffn-bwd": (
-            ops.mixlora_ffn_backward.default,
-            bwd_args,
-        ),
+        "ffn-bwd": (ops.mixlora_ffn_backward.default, (*grads_out, *ffn_args[:-3], zd, 2.0, "silu", False)),
     }
     hidden, num = torch.randn(3, 5, 12, generator=g), torch.tensor(reference.RATIONAL_GELU_NUMERATOR)
     den, pool_w = torch.tensor(reference.RATIONAL_GELU_DENOMINATOR), torch.randn(12, generator=g)
@@ -242,13 +251,7 @@ def check_compile() -> dict[str, list[str]]:
     lo = {p: ExpertLora(*(t.clone().requires_grad_() for t in d["loras"][p][:2])) for p in ("gate", "up", "down")}
 
     def f(x, router):
-        r = triton_backend.route(x, router, top_k=2)
-        y = triton_backend.mixlora_ffn(
-            x,
-            d["gate"],
-            d["up"],
-            r.weights,
-            r.indices,
+        ffn = dict(
             gate_lora=lo["gate"],
             up_lora=lo["up"],
             down_lora=lo["down"],
@@ -257,6 +260,10 @@ def check_compile() -> dict[str, list[str]]:
             scaling=2.0,
             down_bias=d["bias"],
         )
+        r = triton_backend.route(x, router, top_k=2)
+        y = triton_backend.mixlora_ffn(x, d["gate"], d["up"], r.weights, r.indices, **ffn)
+        y_fused, r_fused = triton_backend.routed_mixlora_ffn(x, router, d["gate"], d["up"], top_k=2, top_p=None, **ffn)
+        y = y + y_fused + r_fused.probs.sum(-1, keepdim=True)
         return y + triton_backend.moe_lora(x, r.weights, r.indices, lo["up"].A, lo["down"].B, 2.0)
 
     xl, rl = x.clone().requires_grad_(), router.clone().requires_grad_()
@@ -344,7 +351,9 @@ WORKER_CASES = [
     *(
         f"opcheck-{n}"
         for n in (
-            *("route", "route-top-p", "route-bwd", "moe_lora", "moe_lora-bwd", "ffn", "ffn-ungated", "ffn-bwd"),
+            *("route", "route-top-p", "route-bwd", "moe_lora", "moe_lora-bwd", "rank_shrink", "rank_shrink-bwd"),
+            *("route_shrink", "route_shrink-top-p", "route_shrink-bwd"),
+            *("ffn", "ffn-shared-a", "ffn-ungated", "ffn-bwd"),
             *("prompt_route", "prompt_route-bwd", "segmented_lora", "segmented_lora-bwd"),
         )
     ),
@@ -399,7 +408,9 @@ def test_gpu_check_dry_run(tmp_path):
     (report_path,) = tmp_path.glob("gpu-check-cpu-interpreter-*.json")
     report = json.loads(report_path.read_text())
     assert report["dry_run"] and report["parity"] and all(r["ok"] for r in report["parity"])
-    assert {r["op"] for r in report["parity"]} == {"route", "moe_lora", "mixlora_ffn", "prompt_route", "segmented_lora"}
+    ops = {"route", "moe_lora", "mixlora_ffn", "routed_mixlora_ffn", "prompt_route", "segmented_lora"}
+    assert {r["op"] for r in report["parity"]} == ops
+    assert all(row["route_shrink_GBps"] > 0 for row in report["bandwidth"])
     assert all(r["forward_bitwise"] and r["backward_bitwise"] for r in report["races"])
     assert all(ms > 0 for row in report["ffn"] for ms in row["ms"].values())
     assert report_path.with_suffix(".md").read_text().startswith("# gpu_check on cpu-interpreter")
