@@ -19,7 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from moelora.kernels.mixlora_ffn import _dot_mode, shrink_x_bwd
+from moelora.kernels.mixlora_ffn import PIN_CONFIG_ENV, _dot_mode, shrink_x_bwd
 from torch import Tensor
 
 from moelora.reference import Routing, compute_dtype
@@ -32,6 +32,20 @@ NUM_WARPS = 4
 # route_shrink keeps all rank columns of one token block in registers ([32, 256] fp32 = 64 per thread at 4
 # warps), so that x is read once: MixLoRA's gate + up at E=8, r=16 is exactly 256.
 ROUTE_SHRINK_MAX_N = 256
+
+
+def _route_shrink_configs() -> list[triton.Config]:
+    """Tiles of route_shrink. At N = 256 rank columns the GEMM x @ [Wr | A_all]^T sits near the H100's ridge
+    (2 * 256 flop per 2-byte element of x), so the tile decides whether it stays bandwidth-bound: larger BT
+    re-reads A_all (N * H, from L2) fewer times per byte of x. One pinned config under the interpreter (a
+    multi-config autotune crashes it) or with MOELORA_TRITON_PIN_CONFIG=1. Not tuned on a GPU yet."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get(PIN_CONFIG_ENV) == "1":
+        return [triton.Config({"BT": BLOCK_T, "BH": BLOCK_H}, num_warps=NUM_WARPS)]
+    return [
+        triton.Config({"BT": bt, "BH": bh}, num_warps=w, num_stages=st)
+        for bt, bh, w, st in ((32, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3))
+    ]
+
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -136,6 +150,7 @@ def route_fwd_kernel(
     _select(b_l, o_t64, m_t, weights_ptr, indices_ptr, probs_ptr, top_p, E, K, TOP_P, DT, BT, BE, BK)
 
 
+@triton.autotune(configs=_route_shrink_configs(), key=["T_BUCKET", "H", "N", "E", "K", "DOT_DT"])
 @triton.jit
 def route_shrink_fwd_kernel(
     x_ptr,  # [T, H] fp16 / bf16 / fp32
@@ -158,6 +173,7 @@ def route_shrink_fwd_kernel(
     stride_ae,
     stride_ar,
     stride_ah,
+    T_BUCKET,
     K: tl.constexpr,
     TOP_P: tl.constexpr,
     PREC: tl.constexpr,
@@ -351,7 +367,7 @@ def route_shrink_fwd(
     if T == 0:
         return weights, indices, probs, ua
     prec, dot_dt = _dot_mode(x.dtype)
-    route_shrink_fwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+    route_shrink_fwd_kernel[lambda META: (triton.cdiv(T, META["BT"]),)](
         x_ptr=x,
         wr_ptr=router_weight,
         a_ptr=A,
@@ -372,16 +388,14 @@ def route_shrink_fwd(
         stride_ae=A.stride(0),
         stride_ar=A.stride(1),
         stride_ah=A.stride(2),
+        T_BUCKET=min(triton.next_power_of_2(T), 16384),
         K=k,
         TOP_P=top_p is not None,
         PREC=prec,
         DOT_DT=dot_dt,
-        BT=BLOCK_T,
-        BH=BLOCK_H,
         BE=_pad(E),
         BK=triton.next_power_of_2(k),
         BN=_pad(N),
-        num_warps=NUM_WARPS,
     )
     return weights, indices, probs, ua
 
