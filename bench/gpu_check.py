@@ -1,7 +1,8 @@
 """Everything issue 3 asks of a GPU, in one call: `python -m bench.gpu_check` (about 2-4 minutes on an H100).
 
-1. Parity of the Triton ops (route, moe_lora, mixlora_ffn, routed_mixlora_ffn (route_shrink + the FFN), and
-   MiLoRA's prompt_route and segmented_lora)
+1. Parity of the Triton ops (route, moe_lora (dense-masked, and sorted at the last shape), moe_lora_sorted at
+   every shape, mixlora_ffn, routed_mixlora_ffn (route_shrink + the FFN), and MiLoRA's prompt_route and
+   segmented_lora)
    against moelora.reference in bf16, fp16 and fp32,
    forward and every gradient, with the tests' rule: the kernel's error against an fp64 reference may be
    at most twice PyTorch's own error at that dtype plus 4 ulps (of the largest value).
@@ -11,7 +12,8 @@
    `triton` (routed_mixlora_ffn: route_shrink + the fused FFN, as MixLoraFFN runs it), `triton-apart` (route,
    then mixlora_ffn), `lora` (the frozen FFN with one dense LoRA on gate/up/down), `loop` (the per-expert
    loop of mixlora / MoE-PEFT) and `base` (the frozen FFN alone), with the ratios the issue's goals name;
-   and the bandwidth of the one-read-of-x kernels (route; the gate+up shrink; route_shrink) against a copy.
+   the bandwidth of the one-read-of-x kernels (route; the gate+up shrink; route_shrink) against a copy; and
+   moe_lora's two regimes at T=8192, E = 8..64, r=16 (where the dense-masked one stops paying).
 Writes bench/results/gpu-check-<device>-<date>.json and .md (the device named) and prints the markdown.
 MiLoRA's decode-step goals (issue 4) are the milora bench suite's:
 `python -m bench --suite milora --preset llama2-7b --dtype bf16` (run it in the same GPU session).
@@ -31,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 if "--dry-run" in sys.argv:
@@ -49,14 +52,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GOAL = dict(H=4096, I=11008, E=8, k=2, r=16)
 GOAL_T = (8192, 32)
 BANDWIDTH_T = (4096, 8192)
+REGIME_E = (8, 16, 32, 64)  # moe_lora at r=16: 128, 256, 512 and 1024 rank columns
 # (T, H, I, E, k, r): odd sizes, edge cases of k, and one medium shape with several blocks on every axis
 PARITY_SHAPES = [
     (1, 64, 176, 8, 2, 16),
     (63, 200, 344, 16, 16, 8),
     (1000, 512, 1376, 8, 2, 16),
     (517, 256, 704, 4, 1, 32),
+    (777, 256, 704, 64, 2, 16),  # E*r = 1024: the backend's moe_lora takes the sorted regime
 ]
-DRY_PARITY_SHAPES = [(7, 20, 40, 4, 2, 8)]
+DRY_PARITY_SHAPES = [(7, 20, 40, 4, 2, 8), (9, 20, 40, 16, 3, 32)]  # the second: E*r = 512, moe_lora sorted
 DRY_TIMING = dict(H=24, I=40, E=4, k=2, r=8)
 
 
@@ -141,6 +146,15 @@ def _run_moe_lora(impl, d, cast):
     y = impl.moe_lora(x, w, d["indices"], A, B, 2.0)
     names = ["y", "grad x", "grad weights", "grad A", "grad B"]
     return dict(zip(names, [y, *_grads(y, leaves, cast(d["upstream_i"]))], strict=True))
+
+
+def _run_moe_lora_sorted(impl, d, cast):
+    """moe_lora's sorted regime at the parity shape, whatever its E*r (the backend picks it only above 256)."""
+    if impl is not reference:
+        from moelora.kernels import moe_lora_sorted
+
+        impl = SimpleNamespace(moe_lora=moe_lora_sorted.moe_lora_sorted)
+    return _run_moe_lora(impl, d, cast)
 
 
 def _run_ffn(impl, d, cast):
@@ -255,6 +269,7 @@ def _run_segmented_lora(impl, d, cast):
 OPS: dict[str, Callable] = {
     "route": _run_route,
     "moe_lora": _run_moe_lora,
+    "moe_lora_sorted": _run_moe_lora_sorted,
     "mixlora_ffn": _run_ffn,
     "routed_mixlora_ffn": _run_routed_ffn,
     "prompt_route": _run_prompt_route,
@@ -390,6 +405,40 @@ def ffn_timings(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: b
     return rows
 
 
+def regime_timings(T: int, dims: dict, Es, dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
+    """moe_lora (the up projection's LoRA: in H, out I) in both regimes at E experts of rank r, top-k: where
+    the dense-masked regime (every token computes E*r rank columns) stops paying; the backend switches at 256."""
+    from moelora.kernels import moe_lora as dense_kernels
+    from moelora.kernels import moe_lora_sorted as sorted_kernels
+
+    H, I, k, r = dims["H"], dims["I"], dims["k"], dims["r"]
+    rows = []
+    for E in Es:
+        g = torch.Generator().manual_seed(E)
+        x = torch.randn(T, H, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        routing = reference.route(x.detach(), (torch.randn(E, H, generator=g) * 0.02).to(device), top_k=k)
+        w = routing.weights.detach().requires_grad_()
+        A = (torch.randn(E, r, H, generator=g) * H**-0.5).to(device=device, dtype=dtype).requires_grad_()
+        B = (torch.randn(E, I, r, generator=g) * 0.1).to(device=device, dtype=dtype).requires_grad_()
+        dy = torch.randn(T, I, generator=g).to(device=device, dtype=dtype)
+        row: dict[str, Any] = dict(T=T, H=H, I=I, E=E, k=k, r=r, ms={})
+        args, leaves = (x, w, routing.indices, A, B, 2.0), (x, w, A, B)
+        for name, fn in (("dense", dense_kernels.moe_lora), ("sorted", sorted_kernels.moe_lora_sorted)):
+
+            def fwd(fn=fn, args=args):
+                with torch.no_grad():
+                    return fn(*args)
+
+            def fwd_bwd(fn=fn, args=args, leaves=leaves, dy=dy):
+                return torch.autograd.grad(fn(*args), leaves, dy)
+
+            row["ms"][f"{name} fwd"] = _bench(fwd, device, dry)
+            row["ms"][f"{name} fwd+bwd"] = _bench(fwd_bwd, device, dry)
+        row["dense / sorted"] = {m: row["ms"][f"dense {m}"] / row["ms"][f"sorted {m}"] for m in ("fwd", "fwd+bwd")}
+        rows.append(row)
+    return rows
+
+
 def bandwidth(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
     """GB/s of the kernels that read x once (route alone; the gate+up shrink alone; route_shrink, the two fused),
     as bytes of x over time, next to a device copy's (which reads and writes x)."""
@@ -462,6 +511,14 @@ def markdown(report: dict) -> str:
     lines += [
         "`triton` reads x once for the router and the gate/up shrink (route_shrink); `triton-apart` routes first."
     ]
+    lines += ["", f"## moe_lora regimes ({report['timing_dtype']}, median ms)", ""]
+    lines += ["| T | H | I | E | k | r | dense fwd | sorted fwd | dense fwd+bwd | sorted fwd+bwd |"]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["regimes"]:
+        dims = " | ".join(str(row[n]) for n in ("T", "H", "I", "E", "k", "r"))
+        ms = " | ".join(f"{row['ms'][f'{p} {m}']:.3f}" for m in ("fwd", "fwd+bwd") for p in ("dense", "sorted"))
+        lines.append(f"| {dims} | {ms} |")
+    lines += ["", "The backend takes the sorted regime above E*r = 256 rank columns."]
     lines += ["", "## One read of x: bandwidth (GB/s of x read, fraction of a copy's)", ""]
     lines += ["| T | copy | route | shrink | route_shrink |", "|---|---|---|---|---|"]
     for b in report["bandwidth"]:
@@ -505,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         timing_dtype=str(timing_dtype).removeprefix("torch."),
         ffn=ffn_timings(Ts, dims, timing_dtype, device, dry),
         bandwidth=bandwidth((5,) if dry else BANDWIDTH_T, dims, timing_dtype, device, dry),
+        regimes=regime_timings(7 if dry else 8192, dims, (4, 16) if dry else REGIME_E, timing_dtype, device, dry),
     )
     text = markdown(report)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,12 @@
 """moelora.kernels: the Triton kernels (CUDA; CPU tensors only under TRITON_INTERPRET=1).
 
-- `route`: router GEMM + softmax + top-k / top-p, fused; backward.
+- `route`: router GEMM + softmax + top-k / top-p, fused; backward. `route_shrink`: the same and every
+  expert's gate/up LoRA shrink from one read of x (x @ [Wr | A_all]^T, up to 256 rank columns).
 - `moe_lora`: the dense-masked regime (one read of x for every expert's shrink, one expand GEMM with
   K = E*r); backward.
+- `moe_lora_sorted`: the sorted regime for large E*r (ScatterMoE-style): `sort_by_expert` (no host sync),
+  gather on load, scatter on store to per-pair buffers summed over slots in a fixed order, per-expert
+  contiguous loops for dA / dB; backward.
 - `mixlora_ffn`: from the frozen base's G and U, the gate/up LoRA expand per slot, activation (SiLU,
   GELU erf / tanh, ReLU), product, weighted sum into hbar and the down-LoRA shrink, never materialising
   [T, k, I]; backward recomputes h. The caller runs the frozen down projection once, on hbar.
@@ -13,7 +17,6 @@
 No atomics in any forward or backward: results are deterministic. Each is tested against
 moelora.reference under the interpreter in fp32 and fp16. moelora.triton_backend registers them as
 torch.library ops (namespace moelora_triton) behind `MOELORA_BACKEND=triton` (and `auto` on CUDA).
-Not yet: the sorted (ScatterMoE-style) regime for large E*r, a route kernel fused with the shrink, and
-any run on a GPU (bench/gpu_check.py is the one-call check for that). The kernel files never import
-transformers.
+Not yet: any run on a GPU (bench/gpu_check.py is the one-call check for that). The kernel files never
+import transformers.
 """

@@ -29,6 +29,7 @@ from moelora import reference
 from moelora.activations import activation_name
 from moelora.kernels import mixlora_ffn as _ffn_kernels
 from moelora.kernels import moe_lora as _moe_lora_kernels
+from moelora.kernels import moe_lora_sorted as _sorted_kernels
 from moelora.kernels import prompt_route as _prompt_route_kernels
 from moelora.kernels import route as _route_kernels
 from moelora.kernels import segmented_lora as _segmented_kernels
@@ -113,6 +114,53 @@ def _moe_lora_backward_op(
 def _(grad_y, x, weights, indices, A, B, u, v, scaling):
     # grad_A and grad_B are written into empty_like(A / B) by the real kernel, so they keep A's and B's strides
     return x.new_empty(x.shape), weights.new_empty(weights.shape), torch.empty_like(A), torch.empty_like(B)
+
+
+@torch.library.custom_op("moelora_triton::moe_lora_sorted", mutates_args=())
+def _moe_lora_sorted_op(
+    x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> y [T, out], u [T*k, r] fp32 and the expert sort (order [T*k], offsets [E+1] int64) for the backward."""
+    y, u, sort = _sorted_kernels.moe_lora_sorted_fwd(x, weights, indices, A, B, scaling, save=True)
+    return y, u, sort.order, sort.offsets
+
+
+@_moe_lora_sorted_op.register_fake
+def _(x, weights, indices, A, B, scaling):
+    pairs = indices.numel()
+    return (
+        x.new_empty(x.shape[0], B.shape[1]),
+        x.new_empty(pairs, A.shape[1], dtype=torch.float32),
+        x.new_empty(pairs, dtype=torch.int64),
+        x.new_empty(A.shape[0] + 1, dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("moelora_triton::moe_lora_sorted_backward", mutates_args=())
+def _moe_lora_sorted_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    A: Tensor,
+    B: Tensor,
+    u: Tensor,
+    order: Tensor,
+    offsets: Tensor,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    sort = _sorted_kernels.ExpertSort(order, offsets)
+    return _sorted_kernels.moe_lora_sorted_bwd(grad_y.contiguous(), x, weights, indices, A, B, u, sort, scaling)
+
+
+@_moe_lora_sorted_backward_op.register_fake
+def _(grad_y, x, weights, indices, A, B, u, order, offsets, scaling):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(weights, memory_format=torch.contiguous_format),
+        torch.empty_like(A, memory_format=torch.contiguous_format),
+        torch.empty_like(B, memory_format=torch.contiguous_format),
+    )
 
 
 @torch.library.custom_op("moelora_triton::rank_shrink", mutates_args=())
@@ -287,11 +335,36 @@ class _MoeLora(torch.autograd.Function):
         return grad_x, grad_w, None, grad_A, grad_B, None
 
 
+class _MoeLoraSorted(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, indices, A, B, scaling):
+        y, u, order, offsets = _ops.moe_lora_sorted(x, weights, indices, A, B, scaling)
+        ctx.save_for_backward(x, weights, indices, A, B, u, order, offsets)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weights, indices, A, B, u, order, offsets = ctx.saved_tensors
+        grads = _ops.moe_lora_sorted_backward(grad_y, x, weights, indices, A, B, u, order, offsets, ctx.scaling)
+        grad_x, grad_w, grad_A, grad_B = grads
+        return grad_x, grad_w, None, grad_A, grad_B, None
+
+
+# Past this many rank columns (E*r) moe_lora takes the sorted regime: the dense-masked shrink keeps 256
+# columns of a token block in one program, and past that every token pays E*r columns for its k*r useful
+# ones (E=64, r=16: 64x the sorted regime's shrink work). Not measured on a GPU yet: gpu_check times both.
+DENSE_MAX_RANK_COLUMNS = 256
+
+
 def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
-    """moelora.reference.moe_lora, dense-masked in Triton (kernels/moe_lora.py); fp64 and T = 0: the reference."""
+    """moelora.reference.moe_lora in Triton: dense-masked (kernels/moe_lora.py) up to 256 rank columns E*r,
+    sorted (kernels/moe_lora_sorted.py) above; fp64 and T = 0: the reference."""
     if x.dtype not in _KERNEL_DTYPES or x.shape[0] == 0:
         return reference.moe_lora(x, weights, indices, A, B, scaling)
     _moe_lora_kernels.check_inputs(x, weights, indices, A, B)
+    if A.shape[0] * A.shape[1] > DENSE_MAX_RANK_COLUMNS:
+        return _MoeLoraSorted.apply(x, weights, indices, A, B, float(scaling))
     return _MoeLora.apply(x, weights, indices, A, B, float(scaling))
 
 

@@ -4,7 +4,7 @@ In one worker process with TRITON_INTERPRET=1 (this file run as a script): whole
 llama, phi3 (fused gate_up) and phi (fc1/fc2, ungated) families with MOELORA_BACKEND=triton against
 `reference`, forward and backward; the backend's mixlora_ffn with a down bias and HF activation modules,
 and its reference fallbacks; the torch.library ops' fake kernels (opcheck) and torch.compile(fullgraph)
-of route + mixlora_ffn + routed_mixlora_ffn + moe_lora equal to eager; a MiLoRA model (prompt_route,
+of route + mixlora_ffn + routed_mixlora_ffn + moe_lora (both regimes) equal to eager; a MiLoRA model (prompt_route,
 segmented_lora) training and serving a mixed batch. In this process: backend dispatch and its errors, and
 bench/gpu_check.py --dry-run.
 """
@@ -172,15 +172,33 @@ def check_ops() -> dict[str, list[str]]:
                 weights=r.weights, probs=r.probs, indices=r.indices.double(), grad_x=gx, grad_router=gr
             )
         out[f"route-{next(iter(kw))}"] = _compare(res["moelora.triton_backend"], res["moelora.reference"])
-    d = _ffn_inputs(True, g)
-    A, B = d["loras"]["up"][:2]
-    res = {}
-    for impl in (triton_backend, reference):
-        leaves = [t.clone().requires_grad_() for t in (d["x"], d["weights"], A, B)]
-        y = impl.moe_lora(*leaves[:2], d["indices"], *leaves[2:], 1.5)
-        grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
-        res[impl.__name__] = dict(zip(["y", "grad x", "grad weights", "grad A", "grad B"], [y, *grads], strict=True))
-    out["moe_lora"] = _compare(res["moelora.triton_backend"], res["moelora.reference"])
+    # E*r = 32: the dense-masked regime; E*r = 4 * 80 = 320 > 256: the sorted one (a spy says which ran)
+    from moelora.kernels import moe_lora_sorted
+
+    sorted_fwd, sorted_calls = moe_lora_sorted.moe_lora_sorted_fwd, []
+
+    def spy(*args, **kwargs):
+        sorted_calls.append(1)
+        return sorted_fwd(*args, **kwargs)
+
+    moe_lora_sorted.moe_lora_sorted_fwd = spy
+    try:
+        for case, r, regime in (("moe_lora", 8, "dense"), ("moe_lora-sorted", 80, "sorted")):
+            d = _ffn_inputs(True, g, r=r)
+            A, B = d["loras"]["up"][:2]
+            res = {}
+            sorted_calls.clear()
+            for impl in (triton_backend, reference):
+                leaves = [t.clone().requires_grad_() for t in (d["x"], d["weights"], A, B)]
+                y = impl.moe_lora(*leaves[:2], d["indices"], *leaves[2:], 1.5)
+                grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+                names = ["y", "grad x", "grad weights", "grad A", "grad B"]
+                res[impl.__name__] = dict(zip(names, [y, *grads], strict=True))
+            out[case] = _compare(res["moelora.triton_backend"], res["moelora.reference"])
+            if bool(sorted_calls) != (regime == "sorted"):
+                out[case].append(f"expected the {regime} regime, sorted kernel called {len(sorted_calls)} times")
+    finally:
+        moe_lora_sorted.moe_lora_sorted_fwd = sorted_fwd
     return out
 
 
@@ -195,6 +213,8 @@ def check_compile() -> dict[str, list[str]]:
     w, idx, probs = ops.route(x, router, 2, 0.0)
     (gA, gB), (uA, uB), (dA, dB) = (d["loras"][p][:2] for p in ("gate", "up", "down"))
     y, u, v = ops.moe_lora(x, w, idx, uA, uB, 2.0)
+    big_A, big_B = torch.randn(4, 80, 12, generator=g) / 4, torch.randn(4, 20, 80, generator=g) / 9  # E*r = 320
+    sy, su, order, offsets = ops.moe_lora_sorted(x, w, idx, big_A, big_B, 2.0)
     A_cat = torch.cat([gA, uA])
     ua = ops.rank_shrink(x, A_cat)
     ffn_args = (ua, d["gate"], d["up"], w, idx, gB, uB, dA, dB, 2.0, "silu", False)
@@ -208,6 +228,11 @@ def check_compile() -> dict[str, list[str]]:
         "route-bwd": (ops.route_backward.default, (torch.randn_like(w), probs, x, router, w, idx, probs, True)),
         "moe_lora": (ops.moe_lora.default, (x, w, idx, uA, uB, 2.0)),
         "moe_lora-bwd": (ops.moe_lora_backward.default, (torch.randn_like(y), x, w, idx, uA, uB, u, v, 2.0)),
+        "moe_lora_sorted": (ops.moe_lora_sorted.default, (x, w, idx, big_A, big_B, 2.0)),
+        "moe_lora_sorted-bwd": (
+            ops.moe_lora_sorted_backward.default,
+            (torch.randn_like(sy), x, w, idx, big_A, big_B, su, order, offsets, 2.0),
+        ),
         "rank_shrink": (ops.rank_shrink.default, (x, A_cat)),
         "rank_shrink-bwd": (ops.rank_shrink_backward.default, (torch.randn_like(ua), x, A_cat)),
         "route_shrink": (ops.route_shrink.default, (x, router, A_cat, 2, 0.0)),
@@ -264,10 +289,12 @@ def check_compile() -> dict[str, list[str]]:
         y = triton_backend.mixlora_ffn(x, d["gate"], d["up"], r.weights, r.indices, **ffn)
         y_fused, r_fused = triton_backend.routed_mixlora_ffn(x, router, d["gate"], d["up"], top_k=2, top_p=None, **ffn)
         y = y + y_fused + r_fused.probs.sum(-1, keepdim=True)
+        y = y + triton_backend.moe_lora(x, r.weights, r.indices, big[0], big[1], 2.0)  # sorted regime
         return y + triton_backend.moe_lora(x, r.weights, r.indices, lo["up"].A, lo["down"].B, 2.0)
 
+    big = (big_A.clone().requires_grad_(), torch.randn(4, 12, 80, generator=g).requires_grad_())
     xl, rl = x.clone().requires_grad_(), router.clone().requires_grad_()
-    params = [xl, rl, *(t for p in lo.values() for t in p[:2])]
+    params = [xl, rl, *(t for p in lo.values() for t in p[:2]), *big]
     results = []
     for fn in (f, torch.compile(f, fullgraph=True)):
         y = fn(xl, rl)
@@ -348,10 +375,12 @@ WORKER_CASES = [
     "route-top_k",
     "route-top_p",
     "moe_lora",
+    "moe_lora-sorted",
     *(
         f"opcheck-{n}"
         for n in (
             *("route", "route-top-p", "route-bwd", "moe_lora", "moe_lora-bwd", "rank_shrink", "rank_shrink-bwd"),
+            *("moe_lora_sorted", "moe_lora_sorted-bwd"),
             *("route_shrink", "route_shrink-top-p", "route_shrink-bwd"),
             *("ffn", "ffn-shared-a", "ffn-ungated", "ffn-bwd"),
             *("prompt_route", "prompt_route-bwd", "segmented_lora", "segmented_lora-bwd"),
@@ -408,9 +437,11 @@ def test_gpu_check_dry_run(tmp_path):
     (report_path,) = tmp_path.glob("gpu-check-cpu-interpreter-*.json")
     report = json.loads(report_path.read_text())
     assert report["dry_run"] and report["parity"] and all(r["ok"] for r in report["parity"])
-    ops = {"route", "moe_lora", "mixlora_ffn", "routed_mixlora_ffn", "prompt_route", "segmented_lora"}
-    assert {r["op"] for r in report["parity"]} == ops
+    ops = {"route", "moe_lora", "moe_lora_sorted", "mixlora_ffn", "routed_mixlora_ffn", "prompt_route"}
+    assert {r["op"] for r in report["parity"]} == ops | {"segmented_lora"}
     assert all(row["route_shrink_GBps"] > 0 for row in report["bandwidth"])
+    assert [row["E"] for row in report["regimes"]] == [4, 16]
+    assert all(ms > 0 for row in report["regimes"] for ms in row["ms"].values())
     assert all(r["forward_bitwise"] and r["backward_bitwise"] for r in report["races"])
     assert all(ms > 0 for row in report["ffn"] for ms in row["ms"].values())
     assert report_path.with_suffix(".md").read_text().startswith("# gpu_check on cpu-interpreter")
