@@ -816,8 +816,9 @@ def _rank_views(ua: Tensor, has_gate: bool, has_up: bool, shared_a: bool, N: int
     return ag, au
 
 
-def _stack_a(gA: Tensor | None, uA: Tensor | None) -> tuple[Tensor | None, bool]:
-    """(the A of shrink_x: gate's and up's stacked [P*E, R, H], or None without either; whether they are one)."""
+def stack_gate_up_a(gA: Tensor | None, uA: Tensor | None) -> tuple[Tensor | None, bool]:
+    """The A of shrink_x / route_shrink: gate's and up's stacked [P*E, R, H] (a differentiable cat), the one A
+    they share (gA is uA: phi-3's fused gate_up_proj, shrunk once), or None without either; and whether shared."""
     if gA is not None and uA is not None:
         return (gA, True) if gA is uA else (torch.cat([gA, uA]), False)
     return (gA if gA is not None else uA), False
@@ -882,7 +883,7 @@ def mixlora_ffn_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> hbar [T, I] in up's dtype, y_lora [T, H] fp32 ([T, 0] without a down LoRA), and what the backward
     keeps: ua [T, P*E*r] fp32 (x's rank-space rows for the gate and up LoRA), zd [T, E*r] fp32 ([T, 0])."""
-    A, shared_a = _stack_a(gA, uA)
+    A, shared_a = stack_gate_up_a(gA, uA)
     ua = shrink_x(x, A) if A is not None else x.new_empty(x.shape[0], 0, dtype=torch.float32)
     hbar, y_lora, zd = mixlora_ffn_core_fwd(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a)
     return hbar, y_lora, ua, zd
@@ -1008,7 +1009,7 @@ def mixlora_ffn_bwd(
 ) -> tuple[Tensor | None, ...]:
     """-> the gradients of (x, gate, up, weights, gA, gB, uA, uB, dA, dB); None for an absent input. When gA
     is uA (one shared A), its whole gradient is returned as gA's and uA's is None (autograd adds them)."""
-    A, shared_a = _stack_a(gA, uA)
+    A, shared_a = stack_gate_up_a(gA, uA)
     grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA, grad_dB = mixlora_ffn_core_bwd(
         grad_hbar, grad_y_lora, ua, gate, up, weights, indices, gB, uB, dA, dB, zd, scaling, act, shared_a
     )

@@ -252,10 +252,10 @@ def _mixlora_ffn_op(
 @_mixlora_ffn_op.register_fake
 def _(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a):
     T, I = up.shape
-    E, R = _ffn_kernels._experts(gB, uB, dA)
     f32 = dict(dtype=torch.float32)
     hidden = dB.shape[1] if dB is not None else 0
-    return up.new_empty(T, I), up.new_empty(T, hidden, **f32), up.new_empty(T, E * R if dA is not None else 0, **f32)
+    rank_columns = dA.shape[0] * dA.shape[1] if dA is not None else 0
+    return up.new_empty(T, I), up.new_empty(T, hidden, **f32), up.new_empty(T, rank_columns, **f32)
 
 
 @torch.library.custom_op("moelora_triton::mixlora_ffn_backward", mutates_args=())
@@ -464,12 +464,9 @@ def _ffn_from_ua(
 
 
 def _gate_up_a(loras: list[ExpertLora | None]) -> tuple[Tensor | None, bool]:
-    """The A of the gate/up shrink: gate's and up's stacked [P*E, r, H] (a differentiable cat), or the one A
-    they share (phi-3's fused gate_up_proj: computed once), or None; and whether it is shared."""
+    """The A of the gate/up shrink and whether gate and up share it (see kernels' stack_gate_up_a)."""
     gA, uA = (lo.A if lo is not None else None for lo in loras[:2])
-    if gA is not None and uA is not None:
-        return (gA, True) if gA is uA else (torch.cat([gA, uA]), False)
-    return (gA if gA is not None else uA), False
+    return _ffn_kernels.stack_gate_up_a(gA, uA)
 
 
 def mixlora_ffn(

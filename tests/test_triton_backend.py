@@ -63,17 +63,32 @@ def check_model(family: str, overrides: dict) -> list[str]:
     pm.train()
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     results = {}
+    from moelora.kernels import route as route_kernels
+
+    route_shrink_fwd, fused_calls = route_kernels.route_shrink_fwd, []
+
+    def spy(*args):
+        fused_calls.append(1)
+        return route_shrink_fwd(*args)
+
     for name in ("reference", "triton"):
         pm.zero_grad()
-        with moelora.set_backend(name):
-            if name == "triton":
-                assert backend.resolve(ids.device).__name__ == "moelora.triton_backend"
-            out = pm(ids, labels=ids)
-            out.loss.backward()
+        route_kernels.route_shrink_fwd = spy
+        try:
+            with moelora.set_backend(name):
+                if name == "triton":
+                    assert backend.resolve(ids.device).__name__ == "moelora.triton_backend"
+                out = pm(ids, labels=ids)
+                out.loss.backward()
+        finally:
+            route_kernels.route_shrink_fwd = route_shrink_fwd
         grads = {f"grad {n}": p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
         results[name] = {"logits": out.logits.detach(), "aux loss": out.aux_loss.detach(), **grads}
     n_grads = sum(k.startswith("grad ") for k in results["reference"])
     failures = [] if n_grads > 0 else ["no adapter gradients"]
+    layers = pm.config.num_hidden_layers
+    if len(fused_calls) != layers:  # lora_dropout = 0: every MixLoRA FFN reads x once for router and shrink
+        failures.append(f"route_shrink ran {len(fused_calls)} times, expected once per layer ({layers})")
     return failures + _compare(results["triton"], results["reference"])
 
 

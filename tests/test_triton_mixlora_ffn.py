@@ -87,7 +87,7 @@ NAMED_CASES = {
 }
 
 
-def _inputs(T, H, I, E, k, r, kind, gated, adapted, dtype, g, strided=False):
+def _inputs(T, H, I, E, k, r, kind, gated, adapted, dtype, g, strided=False, shared_a=False):
     weights, indices = make_routing(T, E, k, kind, g)
 
     def rand(*shape, std=1.0):
@@ -107,6 +107,8 @@ def _inputs(T, H, I, E, k, r, kind, gated, adapted, dtype, g, strided=False):
         )
         for p in adapted
     }
+    if shared_a:  # phi-3's gate_up_proj: one A, its B split by rows into the gate and up halves
+        loras["up"] = (loras["gate"][0], loras["up"][1])
     Wd = rand(H, I, std=I**-0.5)
     upstream = rand(T, H)
     return x, gate, up, weights, indices, loras, Wd, upstream
@@ -116,6 +118,8 @@ def _run(fn, x, gate, up, weights, indices, loras, Wd, upstream, act):
     """y and the gradients of (x, gate, up, weights, each A and B): fn is the kernel or the reference."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, gate, up, weights)]
     lo = {p: tuple(t.detach().clone().requires_grad_() for t in ab) for p, ab in loras.items()}
+    if "gate" in loras and "up" in loras and loras["up"][0] is loras["gate"][0]:
+        lo["up"] = (lo["gate"][0], lo["up"][1])  # keep the one shared A one leaf: its gradient sums both uses
     x, gate, up, weights = leaves
     if fn is mixlora_ffn:
         hbar, y_lora = mixlora_ffn(
@@ -146,17 +150,19 @@ def _run(fn, x, gate, up, weights, indices, loras, Wd, upstream, act):
     }
 
 
-def check(T, H, I, E, k, r, kind, act, adapted, gated, dtype_name, strided=False) -> list[str]:
+def check(T, H, I, E, k, r, kind, act, adapted, gated, dtype_name, strided=False, shared_a=False) -> list[str]:
     """Kernel vs reference for one case; returns the failures (empty = pass). Runs in the worker."""
     dtype = DTYPES[dtype_name]
     g = torch.Generator().manual_seed(T * 1000 + E * 10 + r + k + I)
-    args = _inputs(T, H, I, E, k, r, kind, gated, adapted, dtype, g, strided)
+    args = _inputs(T, H, I, E, k, r, kind, gated, adapted, dtype, g, strided, shared_a)
     x, gate, up, weights, indices, loras, Wd, upstream = args
 
     def f64(t):
         return t.double() if t is not None else None
 
     loras64 = {p: (A.double(), B.double()) for p, (A, B) in loras.items()}
+    if shared_a:
+        loras64["up"] = (loras64["gate"][0], loras64["up"][1])
     want = _run(reference, *map(f64, (x, gate, up, weights)), indices, loras64, Wd.double(), upstream.double(), act)
     torch_lp = _run(reference, *args, act)
     with nan_empty():
@@ -218,6 +224,8 @@ def check_deterministic() -> list[str]:
 def worker() -> dict[str, list[str]]:
     results = {f"{name}-{d}": check(*case[:-1], d) for name, case in NAMED_CASES.items() for d in case[-1]}
     results["strided-phi3-layout"] = check(33, 20, 40, 4, 2, 8, "topk", "silu", ALL, True, "fp32", strided=True)
+    for d in DTYPES:
+        results[f"shared-A-phi3-{d}"] = check(33, 20, 40, 4, 2, 8, "topk", "silu", ALL, True, d, shared_a=True)
     results["no-grad-int32"] = check_no_grad_int32()
     results["deterministic"] = check_deterministic()
     return results
@@ -241,7 +249,9 @@ def test_matches_reference(worker_results, case_id):
     assert not failures, "; ".join(failures)
 
 
-@pytest.mark.parametrize("case_id", ["strided-phi3-layout", "no-grad-int32", "deterministic"])
+@pytest.mark.parametrize(
+    "case_id", ["strided-phi3-layout", "shared-A-phi3-fp32", "shared-A-phi3-fp16", "no-grad-int32", "deterministic"]
+)
 def test_layouts_inference_and_determinism(worker_results, case_id):
     failures = worker_results[case_id]
     assert not failures, "; ".join(failures)
