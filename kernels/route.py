@@ -37,13 +37,18 @@ ROUTE_SHRINK_MAX_N = 256
 def _route_shrink_configs() -> list[triton.Config]:
     """Tiles of route_shrink. At N = 256 rank columns the GEMM x @ [Wr | A_all]^T sits near the H100's ridge
     (2 * 256 flop per 2-byte element of x), so the tile decides whether it stays bandwidth-bound: larger BT
-    re-reads A_all (N * H, from L2) fewer times per byte of x. One pinned config under the interpreter (a
-    multi-config autotune crashes it) or with MOELORA_TRITON_PIN_CONFIG=1. Not tuned on a GPU yet."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get(PIN_CONFIG_ENV) == "1":
+    re-reads A_all (N * H, from L2) fewer times per byte of x. Registers (`python -m bench.compile_check`,
+    sm_90, bf16, N = 256): BT=32/BH=64 at 4 warps spills 248 B per thread, BT=32 or 64 with BH=32 at 8 warps
+    spill nothing (138 / 176 registers); those two lead the list, and BT=64/BH=32/8 warps is the pinned
+    GPU config (MOELORA_TRITON_PIN_CONFIG=1). Under the interpreter (a multi-config autotune crashes it):
+    one small config. Not timed on a GPU yet."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BT": BLOCK_T, "BH": BLOCK_H}, num_warps=NUM_WARPS)]
+    if os.environ.get(PIN_CONFIG_ENV) == "1":
+        return [triton.Config({"BT": 64, "BH": 32}, num_warps=8, num_stages=3)]
     return [
         triton.Config({"BT": bt, "BH": bh}, num_warps=w, num_stages=st)
-        for bt, bh, w, st in ((32, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3))
+        for bt, bh, w, st in ((64, 32, 8, 3), (32, 32, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3))
     ]
 
 
