@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from poison import nan_empty
+from tolerance import tolerance_failure
 from transformers.activations import ACT2FN
 
 pytest.importorskip("triton")
@@ -176,14 +177,8 @@ def check(T, H, I, E, k, r, kind, act, adapted, gated, dtype_name, strided=False
         if gk.dtype != gt.dtype or gk.shape != gt.shape:
             failures.append(f"{name}: {gk.dtype}{tuple(gk.shape)} != {gt.dtype}{tuple(gt.shape)}")
             continue
-        if not torch.isfinite(gk).all():
-            failures.append(f"{name}: non-finite values (an unwritten output?)")
-            continue
-        err_kernel = (gk.double() - gw).abs().max().item()
-        err_torch = (gt.double() - gw).abs().max().item()
-        tol = 2 * err_torch + 4 * eps * gw.abs().max().item() + 1e-12
-        if err_kernel > tol:
-            failures.append(f"{name}: error {err_kernel:.3g} > {tol:.3g} (torch {err_torch:.3g})")
+        if (failure := tolerance_failure(name, gk, gt, gw, eps)) is not None:
+            failures.append(failure)
     return failures
 
 

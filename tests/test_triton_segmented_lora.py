@@ -30,6 +30,7 @@ import sys
 import pytest
 import torch
 from poison import nan_empty
+from tolerance import tolerance_failure
 
 pytest.importorskip("triton")
 
@@ -119,11 +120,8 @@ def check_case(T, n_seq, n_lora, r, d_in, d_out, layout, dtype_name) -> list[str
             if (gk[active == 0] != 0).any():
                 failures.append("grad_seq_gate: a zero gate got a non-zero gradient")
             gt, gw = gt * active, gw * active
-        err_kernel = (gk.double() - gw).abs().max().item()
-        err_torch = (gt.double() - gw).abs().max().item()
-        tol = 2 * err_torch + 4 * torch.finfo(gk.dtype).eps * gw.abs().max().item() + 1e-12
-        if err_kernel > tol:
-            failures.append(f"{name}: error {err_kernel:.3g} > {tol:.3g} (torch {err_torch:.3g})")
+        if (failure := tolerance_failure(name, gk, gt, gw, torch.finfo(gk.dtype).eps)) is not None:
+            failures.append(failure)
     return failures
 
 
