@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,9 @@ os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpret
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction, mangle_type
+from triton.runtime.jit import JITFunction, native_specialize_impl
 
 # Shared memory one block may use, by compute capability (bytes, the opt-in maximum): H100 / H200, A100.
 SHARED_LIMIT = {90: 232448, 80: 166912}
@@ -94,9 +94,38 @@ def _capture(run) -> list[Launch]:
     return launches
 
 
+@contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = old
+
+
+def _exercise_ffn(ops, ua, gate, up, w, idx, gB, uB, dA, dB, act, g) -> None:
+    """The mixlora_ffn op forward and backward: llama, phi-3's shared A, phi (ungated), no down LoRA. `act`
+    makes a random tensor in the activation dtype."""
+    (T, I), E, r, H = up.shape, gB.shape[0], gB.shape[2], dB.shape[1]
+    for args in (
+        (ua, gate, up, w, idx, gB, uB, dA, dB, 2.0, "silu", False),
+        (ua[:, : E * r], gate, up, w, idx, gB, uB, dA, dB, 2.0, "gelu", True),  # phi-3's shared A
+        (ua[:, : E * r], None, up, w, idx, None, uB, dA, dB, 2.0, "gelu_tanh", False),  # phi: ungated
+        (ua[:, : E * r], gate, up, w, idx, gB, uB, None, None, 2.0, "relu", False),
+    ):
+        ops.mixlora_ffn(*args)
+        zd = torch.randn(T, E * r if args[7] is not None else 0, generator=g)
+        y_lora = torch.randn(T, H if args[7] is not None else 0, generator=g)
+        ops.mixlora_ffn_backward(act(T, I), y_lora, *args[:9], zd, *args[9:])
+
+
 def _exercise_ops(act_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
     """Every moelora_triton op, forward and backward, on CPU tensors (launches are captured, not run)."""
-    from moelora import reference, triton_backend  # noqa: F401 - registers the ops
+    from moelora import reference, triton_backend  # importing triton_backend registers the ops
 
     ops = torch.ops.moelora_triton
     T, H, I, E, k, r = (SHAPE[n] for n in ("T", "H", "I", "E", "k", "r"))
@@ -134,16 +163,9 @@ def _exercise_ops(act_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
         act(T, I), x, w, idx, big_A, big_B, torch.randn(T * k, r, generator=g), order, offsets, 2.0
     )
     ua = torch.randn(T, 2 * E * r, generator=g)
-    for args in (
-        (ua, gate, up, w, idx, gB, uB, dA, dB, 2.0, "silu", False),
-        (ua[:, : E * r], gate, up, w, idx, gB, uB, dA, dB, 2.0, "gelu", True),  # phi-3's shared A
-        (ua[:, : E * r], None, up, w, idx, None, uB, dA, dB, 2.0, "gelu_tanh", False),  # phi: ungated
-        (ua[:, : E * r], gate, up, w, idx, gB, uB, None, None, 2.0, "relu", False),
-    ):
-        ops.mixlora_ffn(*args)
-        zd = torch.randn(T, E * r if args[7] is not None else 0, generator=g)
-        y_lora = torch.randn(T, H if args[7] is not None else 0, generator=g)
-        ops.mixlora_ffn_backward(act(T, I), y_lora, *args[:9], zd, *args[9:])
+    for regime in ("dense", "sorted"):  # the fused FFN's two regimes (the backend picks one from the shapes)
+        with _env(triton_backend.FFN_REGIME_ENV, regime):
+            _exercise_ffn(ops, ua, gate, up, w, idx, gB, uB, dA, dB, act, g)
 
     B, S, M = 4, 16, 7
     hidden, mask = act(B, S, H), torch.ones(B, S, dtype=torch.bool)
@@ -164,16 +186,27 @@ def _exercise_ops(act_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
     ops.segmented_lora_backward(act(T, I), *seq_args, torch.randn(T, r, generator=g))
 
 
-def _signature(fn: JITFunction, bound: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
-    signature, constexprs = {}, {}
-    for p in fn.params:
+def _signature(fn: JITFunction, bound: dict[str, Any], arch: int) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as Triton's launcher specialises a launch on a GPU: an int argument equal to 1
+    becomes a constexpr, and pointers and ints divisible by 16 carry tt.divisibility, which is what lets a unit-
+    stride, aligned tile load as vectors. Without it the compiler sees a generic kernel: one 64-bit address per
+    element, registers and spills that the GPU's JIT would never produce."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
         value = bound.get(p.name, p.default if p.has_default else None)
         if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constexprs[p.name] = value
+            kind, spec = "constexpr", value
         else:
-            signature[p.name] = mangle_type(value)
-    return signature, constexprs
+            kind, spec = native_specialize_impl(
+                backend, value, p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment
+            )
+        signature[p.name] = kind
+        if kind == "constexpr":
+            constexprs[p.name] = spec
+        elif isinstance(spec, str) and spec:
+            attrs[(i,)] = backend.parse_attr(spec)
+    return signature, constexprs, attrs
 
 
 def _resources(cubin: bytes) -> dict[str, int]:
@@ -195,9 +228,10 @@ class Job:
     signature: dict[str, str]
     constexprs: dict[str, Any]
     options: dict[str, int]
+    attrs: dict[tuple[int, ...], Any] = field(default_factory=dict)  # tt.divisibility, as the launcher specialises
 
 
-def jobs(variants: list[str], kernels: set[str] | None = None) -> list[Job]:
+def jobs(variants: list[str], kernels: set[str] | None = None, arch: int = 90) -> list[Job]:
     """Every distinct compile the ops launch in these variants (optionally only the named kernels)."""
     out, seen = [], set()
     for variant in variants:
@@ -207,12 +241,13 @@ def jobs(variants: list[str], kernels: set[str] | None = None) -> list[Job]:
                 continue
             for config in launch.configs:
                 bound = launch.args | config
-                signature, constexprs = _signature(launch.fn, bound)
+                signature, constexprs, attrs = _signature(launch.fn, bound, arch)
                 options = {k: bound[k] for k in ("num_warps", "num_stages") if k in bound}
                 key = (launch.fn.__name__, tuple(signature.items()), repr(sorted(constexprs.items())), repr(options))
+                key += (repr(sorted(attrs.items())),)
                 if key not in seen:
                     seen.add(key)
-                    out.append(Job(launch.fn, variant, signature, constexprs, options))
+                    out.append(Job(launch.fn, variant, signature, constexprs, options, attrs))
     return out
 
 
@@ -222,7 +257,7 @@ def compile_job(job: Job, arch: int) -> dict[str, Any]:
     row["constexprs"] = {k: str(v) for k, v in job.constexprs.items()}
     t0 = time.perf_counter()
     try:
-        src = ASTSource(fn=job.fn, signature=job.signature, constexprs=job.constexprs)
+        src = ASTSource(fn=job.fn, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=job.options)
         row |= _resources(compiled.asm["cubin"]) | dict(shared=compiled.metadata.shared, ok=True)
         limit = SHARED_LIMIT.get(arch)
@@ -247,7 +282,7 @@ def check(
     """Compile every distinct launch for sm_<arch>, one row each, with progress on stderr. Compiling is
     single-threaded, so `processes` forked workers divide the wall time (9 min for the default variants and
     pinned configs in one process on this project's 2-core VM)."""
-    _TODO[:] = jobs(variants or list(VARIANTS), kernels)
+    _TODO[:] = jobs(variants or list(VARIANTS), kernels, arch)
     work = [(i, arch) for i in range(len(_TODO))]
     rows = []
     with multiprocessing.get_context("fork").Pool(processes) if processes > 1 else nullcontext() as pool:

@@ -1,8 +1,8 @@
 """Everything issue 3 asks of a GPU, in one call: `python -m bench.gpu_check` (about 2-4 minutes on an H100).
 
 1. Parity of the Triton ops (route, moe_lora (dense-masked, and sorted at the last shape), moe_lora_sorted at
-   every shape, mixlora_ffn, routed_mixlora_ffn (route_shrink + the FFN), and MiLoRA's prompt_route and
-   segmented_lora)
+   every shape, mixlora_ffn and routed_mixlora_ffn (route_shrink + the FFN), each in the fused FFN's dense and
+   sorted regimes, and MiLoRA's prompt_route and segmented_lora)
    against moelora.reference in bf16, fp16 and fp32,
    forward and every gradient, with the tests' rule: the kernel's error against an fp64 reference may be
    at most twice PyTorch's own error at that dtype plus 4 ulps (of the largest value).
@@ -10,8 +10,9 @@
 3. Timings (triton.testing.do_bench, medians, L2 flushed) of one MixLoRA FFN at the issue's goal shape
    (H=4096, I=11008, E=8, k=2, r=16; T=8192 and T=32; bf16), forward and forward+backward, for
    `triton` (routed_mixlora_ffn: route_shrink + the fused FFN, as MixLoraFFN runs it), `triton-apart` (route,
-   then mixlora_ffn), `lora` (the frozen FFN with one dense LoRA on gate/up/down), `loop` (the per-expert
-   loop of mixlora / MoE-PEFT) and `base` (the frozen FFN alone), with the ratios the issue's goals name;
+   then mixlora_ffn), `triton-dense` and `triton-sorted` (routed, the fused FFN's regime forced), `lora` (the
+   frozen FFN with one dense LoRA on gate/up/down), `loop` (the per-expert loop of mixlora / MoE-PEFT) and
+   `base` (the frozen FFN alone), with the ratios the issue's goals name;
    the bandwidth of the one-read-of-x kernels (route; the gate+up shrink; route_shrink) against a copy; and
    moe_lora's two regimes at T=8192, E = 8..64, r=16 (where the dense-masked one stops paying).
 Writes bench/results/gpu-check-<device>-<date>.json and .md (the device named) and prints the markdown.
@@ -31,7 +32,8 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -266,12 +268,42 @@ def _run_segmented_lora(impl, d, cast):
     return dict(zip(names, [y, *_grads(y, leaves, cast(d["upstream_i"]))], strict=True))
 
 
+@contextmanager
+def _ffn_regime(regime: str | None) -> Iterator[None]:
+    """Force the triton backend's fused-FFN regime ("dense" or "sorted"; None: the backend's own choice from
+    the shapes). Forward and backward read it: keep both inside."""
+    from moelora.triton_backend import FFN_REGIME_ENV
+
+    old = os.environ.get(FFN_REGIME_ENV)
+    if regime is not None:
+        os.environ[FFN_REGIME_ENV] = regime
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(FFN_REGIME_ENV, None)
+        else:
+            os.environ[FFN_REGIME_ENV] = old
+
+
+def _in_regime(run: Callable, regime: str) -> Callable:
+    """An op runner with the fused-FFN regime forced while it runs (its forward and its gradients)."""
+
+    def run_in_regime(impl, d, cast):
+        with _ffn_regime(regime):
+            return run(impl, d, cast)
+
+    return run_in_regime
+
+
 OPS: dict[str, Callable] = {
     "route": _run_route,
     "moe_lora": _run_moe_lora,
     "moe_lora_sorted": _run_moe_lora_sorted,
-    "mixlora_ffn": _run_ffn,
-    "routed_mixlora_ffn": _run_routed_ffn,
+    "mixlora_ffn dense": _in_regime(_run_ffn, "dense"),
+    "mixlora_ffn sorted": _in_regime(_run_ffn, "sorted"),
+    "routed_mixlora_ffn dense": _in_regime(_run_routed_ffn, "dense"),
+    "routed_mixlora_ffn sorted": _in_regime(_run_routed_ffn, "sorted"),
     "prompt_route": _run_prompt_route,
     "segmented_lora": _run_segmented_lora,
 }
@@ -367,6 +399,8 @@ def ffn_timings(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: b
     providers = {
         "triton": _triton_ffn,
         "triton-apart": lambda inp: _triton_ffn(inp, fused_router=False),
+        "triton-dense": _triton_ffn,
+        "triton-sorted": _triton_ffn,
         "lora": PROVIDERS["lora"],
         "loop": PROVIDERS["loop"],
         "base": PROVIDERS["base"],
@@ -379,6 +413,7 @@ def ffn_timings(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: b
         for name, factory in providers.items():
             fn = factory(inp)
             targets = [t for _, t in grad_targets("fused" if name.startswith("triton") else name, inp)]
+            regime = name.removeprefix("triton-") if name in ("triton-dense", "triton-sorted") else None
             for mode in ("fwd", "fwd+bwd"):
                 if mode == "fwd":
 
@@ -390,7 +425,8 @@ def ffn_timings(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: b
                     def step(fn=fn, targets=targets, grad_out=inp.grad_out):
                         return torch.autograd.grad(fn(), targets, grad_out)
 
-                row["ms"][f"{name} {mode}"] = _bench(step, device, dry)
+                with _ffn_regime(regime):
+                    row["ms"][f"{name} {mode}"] = _bench(step, device, dry)
             del fn
         ms = row["ms"]
         row["ratios"] = {}
@@ -398,6 +434,7 @@ def ffn_timings(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: b
             row["ratios"][f"triton / lora {m}"] = ms[f"triton {m}"] / ms[f"lora {m}"]
             row["ratios"][f"loop / triton {m}"] = ms[f"loop {m}"] / ms[f"triton {m}"]
             row["ratios"][f"triton-apart / triton {m}"] = ms[f"triton-apart {m}"] / ms[f"triton {m}"]
+            row["ratios"][f"triton-dense / triton-sorted {m}"] = ms[f"triton-dense {m}"] / ms[f"triton-sorted {m}"]
         rows.append(row)
         del inp
         if device.type == "cuda":
@@ -504,12 +541,13 @@ def markdown(report: dict) -> str:
     for row in report["ffn"]:
         dims = ", ".join(f"{n}={row[n]}" for n in ("T", "H", "I", "E", "k", "r"))
         lines += [f"### {dims}", "", "| provider | fwd | fwd+bwd |", "|---|---|---|"]
-        for p in ("triton", "triton-apart", "lora", "loop", "base"):
+        for p in ("triton", "triton-apart", "triton-dense", "triton-sorted", "lora", "loop", "base"):
             lines.append(f"| {p} | {row['ms'][f'{p} fwd']:.3f} | {row['ms'][f'{p} fwd+bwd']:.3f} |")
         lines += [""] + [f"- {k}: {v:.2f}x" for k, v in row["ratios"].items()] + [""]
     lines += ["Goals: triton / lora fwd+bwd <= 1.10 at T=8192; loop / triton >= 3 (fwd, fwd+bwd), >= 5 at T=32.", ""]
     lines += [
-        "`triton` reads x once for the router and the gate/up shrink (route_shrink); `triton-apart` routes first."
+        "`triton` reads x once for the router and the gate/up shrink (route_shrink); `triton-apart` routes first.",
+        "`triton-dense` / `triton-sorted` force the fused FFN's regime (`triton` lets the backend pick by shape).",
     ]
     lines += ["", f"## moe_lora regimes ({report['timing_dtype']}, median ms)", ""]
     lines += ["| T | H | I | E | k | r | dense fwd | sorted fwd | dense fwd+bwd | sorted fwd+bwd |"]

@@ -9,7 +9,11 @@
   contiguous loops for dA / dB; backward.
 - `mixlora_ffn`: from the frozen base's G and U, the gate/up LoRA expand per slot, activation (SiLU,
   GELU erf / tanh, ReLU), product, weighted sum into hbar and the down-LoRA shrink, never materialising
-  [T, k, I]; backward recomputes h. The caller runs the frozen down projection once, on hbar.
+  [T, k, I]; backward recomputes h. The caller runs the frozen down projection once, on hbar. Dense-masked
+  (every slot's rank work over all E*r columns, no sort).
+- `mixlora_ffn_sorted`: the same op with tokens sorted by their combination of experts (`combo_sort`, no
+  host sync), so that a block shares one expert per slot: r rank columns per slot instead of E*r, the sum
+  over slots still in registers; the weight gradients per expert over its (token, slot) pairs.
 - `prompt_route` (MiLoRA): pool each prompt (attention / mean / last / max, padding ignored), rational
   activation, softmax over the layer's modules, top-k gates; backward.
 - `segmented_lora` (MiLoRA, many tenants): one LoRA and gate per sequence through token -> sequence ->

@@ -38,7 +38,11 @@ ieee fp32 dots. Under the interpreter, bf16 dots are computed in fp32 (the inter
 broken). Elementwise math (activation, product, weighted sum, gradients) is fp32. The rank axis only
 reaches `tl.dot` through the flat E*r axis tiled by constexpr blocks >= 16, so r = 4 or 8 needs no padding.
 Expert ranks beyond one block of RANK_CHUNK columns (E*r > 128) are split over a third grid axis, each
-program recomputing h for its chunk: correct, but the large-E*r regime really wants a sorted kernel.
+program recomputing h for its chunk: correct, but wasteful at large E*r.
+
+This is the dense-masked regime: every slot pays E*r rank columns for its r. kernels/mixlora_ffn_sorted.py
+(tokens sorted by their combination of experts) pays r; the triton backend picks between them by shape
+(moelora.triton_backend.ffn_regime), `mixlora_ffn(..., regime=)` here.
 """
 
 from __future__ import annotations
@@ -75,9 +79,10 @@ def _configs() -> list[triton.Config]:
     autotune crashes it) or with MOELORA_TRITON_PIN_CONFIG=1; small tiles there so that the tests cross
     block boundaries. Not tuned on a GPU yet: the list is a starting point.
 
-    Register pressure, from `python -m bench.compile_check` (sm_90, bf16, MixLoRA all three LoRAs): every
-    config below hits 255 registers and spills in the two backward kernels (70 B to 9 KB of stack per
-    thread); the forward spills nothing only at BT=16, BI=64, 8 warps (last entry). Which config wins
+    Register pressure, from `python -m bench.compile_check --all-configs` (sm_90, bf16, specialised as the
+    launcher does): BT=16, BI=64 at 8 warps (last entry) spills nothing in the forward and the rows
+    backward and 0-24 B in the cols backward; BT=32, BI=64 at 4 warps spills 32-120 B (forward), 48-456 B
+    (rows) and 0.5-1.5 KB (cols); BT=64 spills more (cols up to 2.7 KB at 4 warps). Which config wins
     despite the spills is for the GPU's autotuner to say."""
     if _interpreting():
         return [triton.Config({"BT": 32, "BI": 32}, num_warps=4)]
@@ -308,6 +313,9 @@ def mixlora_ffn_fwd_kernel(
         b_hbar = tl.zeros([BT, BI], dtype=tl.float32)
         for j in range(0, K):
             b_e = tl.load(indices_ptr + o_t * stride_it + j * stride_ik, mask=m_t, other=-1)  # [BT]
+            # int32 for the [BT, N] compares against the column's expert (int64 there cost registers: sm_90
+            # compile_check); an out-of-range id becomes -1 first, so that it cannot wrap onto an expert
+            b_e = tl.where((b_e >= 0) & (b_e < E), b_e, -1).to(tl.int32)
             b_w = tl.load(weights_ptr + o_t * stride_wt + j * stride_wk, mask=m_t, other=0.0).to(tl.float32)
             b_w = tl.where((b_e >= 0) & (b_e < E), b_w, 0.0)  # an unused slot adds nothing, whatever its weight
             b_gg, b_uu = _slot_pre(
@@ -328,6 +336,24 @@ def mixlora_ffn_fwd_kernel(
     if DOWN_LORA:
         p_zd = zd_ptr + i_s.to(tl.int64) * T * N + o_t[:, None] * N + o_c[None, :]
         tl.store(p_zd, b_zd, mask=m_t[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _slot_act_grads(b_gg, b_uu, b_D, b_w, ACT: tl.constexpr, GATED: tl.constexpr):
+    """From a slot's pre-activation gate and up rows and D_j (dh_j = w_j D_j): h_j and the gradients of the
+    pre-activation rows, dgg and duu. All [BT, BI] fp32; b_w [BT]."""
+    b_dhj = b_w[:, None] * b_D
+    if GATED:
+        b_a, b_da = _act_grad(b_gg, ACT)
+        b_h = b_a * b_uu
+        b_dgg = b_dhj * b_uu * b_da
+        b_duu = b_dhj * b_a
+    else:
+        b_a, b_da = _act_grad(b_uu, ACT)
+        b_h = b_a
+        b_dgg = b_dhj  # unused: an ungated FFN has no G
+        b_duu = b_dhj * b_da
+    return b_h, b_dgg, b_duu
 
 
 @triton.jit
@@ -387,17 +413,7 @@ def _slot_grads(
             p_a = ad_ptr + e_n.to(tl.int64)[:, None] * stride_ade + (o_n % R).to(tl.int64)[:, None] * stride_adr
             b_a = tl.load(p_a + o_i[None, :] * stride_adi, mask=m_n[:, None] & m_i[None, :], other=0.0)  # [BN, BI]
             b_D = tl.dot(b_q.to(DOT_DT), b_a.to(DOT_DT), acc=b_D, input_precision=PREC)
-    b_dhj = b_w[:, None] * b_D
-    if GATED:
-        b_a, b_da = _act_grad(b_gg, ACT)
-        b_h = b_a * b_uu
-        b_dgg = b_dhj * b_uu * b_da
-        b_duu = b_dhj * b_a
-    else:
-        b_a, b_da = _act_grad(b_uu, ACT)
-        b_h = b_a
-        b_dgg = b_dhj  # unused: an ungated FFN has no G
-        b_duu = b_dhj * b_da
+    b_h, b_dgg, b_duu = _slot_act_grads(b_gg, b_uu, b_D, b_w, ACT, GATED)
     return b_h, b_D, b_dgg, b_duu
 
 
@@ -501,6 +517,9 @@ def mixlora_ffn_bwd_kernel_rows(
         b_dus = tl.zeros([BT, BI], dtype=tl.float32)
         for j in range(0, K):
             b_e = tl.load(indices_ptr + o_t * stride_it + j * stride_ik, mask=m_t, other=-1)  # [BT]
+            # int32 for the [BT, N] compares against the column's expert (int64 there cost registers: sm_90
+            # compile_check); an out-of-range id becomes -1 first, so that it cannot wrap onto an expert
+            b_e = tl.where((b_e >= 0) & (b_e < E), b_e, -1).to(tl.int32)
             b_valid = (b_e >= 0) & (b_e < E)
             b_w = tl.load(weights_ptr + o_t * stride_wt + j * stride_wk, mask=m_t, other=0.0).to(tl.float32)
             b_w = tl.where(b_valid, b_w, 0.0)
@@ -619,6 +638,9 @@ def mixlora_ffn_bwd_kernel_cols(
         b_dh = b_dh.to(tl.float32)
         for j in range(0, K):
             b_e = tl.load(indices_ptr + o_t * stride_it + j * stride_ik, mask=m_t, other=-1)  # [BT]
+            # int32 for the [BT, N] compares against the column's expert (int64 there cost registers: sm_90
+            # compile_check); an out-of-range id becomes -1 first, so that it cannot wrap onto an expert
+            b_e = tl.where((b_e >= 0) & (b_e < E), b_e, -1).to(tl.int32)
             b_w = tl.load(weights_ptr + o_t * stride_wt + j * stride_wk, mask=m_t, other=0.0).to(tl.float32)
             b_w = tl.where((b_e >= 0) & (b_e < E), b_w, 0.0)
             b_h, _, b_dgg, b_duu = _slot_grads(
@@ -892,12 +914,14 @@ def mixlora_ffn_fwd(
     dB: Tensor | None,
     scaling: float,
     act: str,
+    regime: str = "dense",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> hbar [T, I] in up's dtype, y_lora [T, H] fp32 ([T, 0] without a down LoRA), and what the backward
     keeps: ua [T, P*E*r] fp32 (x's rank-space rows for the gate and up LoRA), zd [T, E*r] fp32 ([T, 0])."""
     A, shared_a = stack_gate_up_a(gA, uA)
     ua = shrink_x(x, A) if A is not None else x.new_empty(x.shape[0], 0, dtype=torch.float32)
-    hbar, y_lora, zd = mixlora_ffn_core_fwd(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a)
+    core_fwd = _core(regime)[0]
+    hbar, y_lora, zd = core_fwd(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a)
     return hbar, y_lora, ua, zd
 
 
@@ -1018,11 +1042,12 @@ def mixlora_ffn_bwd(
     zd: Tensor,
     scaling: float,
     act: str,
+    regime: str = "dense",
 ) -> tuple[Tensor | None, ...]:
     """-> the gradients of (x, gate, up, weights, gA, gB, uA, uB, dA, dB); None for an absent input. When gA
     is uA (one shared A), its whole gradient is returned as gA's and uA's is None (autograd adds them)."""
     A, shared_a = stack_gate_up_a(gA, uA)
-    grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA, grad_dB = mixlora_ffn_core_bwd(
+    grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA, grad_dB = _core(regime)[1](
         grad_hbar, grad_y_lora, ua, gate, up, weights, indices, gB, uB, dA, dB, zd, scaling, act, shared_a
     )
     if A is None:
@@ -1035,21 +1060,36 @@ def mixlora_ffn_bwd(
     return grad_x, grad_gate, grad_up, grad_w, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB
 
 
+def _core(regime: str) -> tuple:
+    """(core_fwd, core_bwd) of a regime: "dense" (this module) or "sorted" (kernels/mixlora_ffn_sorted.py,
+    imported here rather than at the top because it builds on this module's helpers)."""
+    if regime == "dense":
+        return mixlora_ffn_core_fwd, mixlora_ffn_core_bwd
+    if regime == "sorted":
+        from moelora.kernels import mixlora_ffn_sorted
+
+        return mixlora_ffn_sorted.mixlora_ffn_sorted_core_fwd, mixlora_ffn_sorted.mixlora_ffn_sorted_core_bwd
+    raise ValueError(f"mixlora_ffn: regime must be 'dense' or 'sorted', got {regime!r}")
+
+
 class MixLoraFfnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act):
-        hbar, y_lora, ua, zd = mixlora_ffn_fwd(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act)
+    def forward(ctx, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act, regime):
+        hbar, y_lora, ua, zd = mixlora_ffn_fwd(
+            x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act, regime
+        )
         ctx.save_for_backward(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd)
-        ctx.scaling, ctx.act = scaling, act
+        ctx.scaling, ctx.act, ctx.regime = scaling, act, regime
         return hbar, y_lora
 
     @staticmethod
     def backward(ctx, grad_hbar, grad_y_lora):
         x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd = ctx.saved_tensors
         grads = mixlora_ffn_bwd(
-            grad_hbar, grad_y_lora, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd, ctx.scaling, ctx.act
-        )
-        return (*grads[:4], None, *grads[4:], None, None)
+            grad_hbar, grad_y_lora, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd,
+            ctx.scaling, ctx.act, ctx.regime,
+        )  # fmt: skip
+        return (*grads[:4], None, *grads[4:], None, None, None)
 
 
 def check_inputs(
@@ -1141,6 +1181,7 @@ def mixlora_ffn(
     down_lora: tuple[Tensor, Tensor] | None,
     scaling: float,
     act: str = "silu",
+    regime: str = "dense",
 ) -> tuple[Tensor, Tensor]:
     """The fused part of a MixLoRA FFN: hbar = sum_j w_j h_j and the down-LoRA delta, from the base G and U.
 
@@ -1154,6 +1195,8 @@ def mixlora_ffn(
         down_lora: (A [E, r, I], B [E, H_out, r]) or None. At least one of the three LoRAs is required.
         scaling: s (lora_alpha / r).
         act: "silu", "gelu" (erf), "gelu_tanh" or "relu".
+        regime: "dense" (every slot's rank work masked over all E*r columns, no sort) or "sorted" (tokens sorted
+            by their combination of experts: k*r rank columns per token; kernels/mixlora_ffn_sorted.py).
     Returns:
         hbar [T, I] in up's dtype: run the frozen down projection on it once;
         y_lora [T, H_out] fp32 (sum_j w_j s Bd_e Ad_e h_j), or [T, 0] without a down LoRA.
@@ -1162,13 +1205,14 @@ def mixlora_ffn(
     Differentiable in x, gate, up, weights and every A, B; the backward recomputes h.
     """
     loras = {"gate": gate_lora, "up": up_lora, "down": down_lora}
+    _core(regime)
     check_inputs(x, gate, up, weights, indices, loras, act)
     T = up.shape[0]
     H_out = down_lora[1].shape[1] if down_lora is not None else 0
     if T == 0:
         return up.new_zeros(0, up.shape[1]), up.new_zeros(0, H_out, dtype=torch.float32)
     flat = [t for lo in loras.values() for t in (lo[:2] if lo is not None else (None, None))]
-    args = (x, gate, up, weights, indices, *flat, float(scaling), act)
+    args = (x, gate, up, weights, indices, *flat, float(scaling), act, regime)
     inputs = [x, gate, up, weights, *flat]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return MixLoraFfnFunction.apply(*args)

@@ -92,6 +92,9 @@ def moe_lora_fwd_kernel_shrink(
     b_gate = tl.zeros([BT, BN], dtype=tl.float32)
     for j in tl.static_range(K):
         b_e = tl.load(indices_ptr + o_t * stride_it + j * stride_ik, mask=m_t, other=-1)  # [BT]
+        # int32 for the [BT, N] compares against the column's expert (int64 there cost registers: sm_90
+        # compile_check); an out-of-range id becomes -1 first, so that it cannot wrap onto an expert
+        b_e = tl.where((b_e >= 0) & (b_e < N // R), b_e, -1).to(tl.int32)
         b_wj = tl.load(weights_ptr + o_t * stride_gwt + j * stride_gwk, mask=m_t, other=0.0).to(tl.float32)  # [BT]
         b_gate += tl.where(b_e[:, None] == e_n[None, :], b_wj[:, None], 0.0)
 

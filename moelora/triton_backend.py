@@ -18,8 +18,9 @@ two GEMMs. MiLoRA's `prompt_route` and `segmented_lora` are kernels too (fp64: t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton  # noqa: F401 - fail the import here, with triton's own message, when triton is missing
@@ -28,6 +29,7 @@ from torch import Tensor
 from moelora import reference
 from moelora.activations import activation_name
 from moelora.kernels import mixlora_ffn as _ffn_kernels
+from moelora.kernels import mixlora_ffn_sorted as _ffn_sorted_kernels
 from moelora.kernels import moe_lora as _moe_lora_kernels
 from moelora.kernels import moe_lora_sorted as _sorted_kernels
 from moelora.kernels import prompt_route as _prompt_route_kernels
@@ -229,6 +231,43 @@ def _(grad_weights, grad_probs, grad_ua, x, router_weight, A, weights, indices, 
     return x.new_empty(x.shape), router_weight.new_empty(router_weight.shape), A.new_empty(A.shape)
 
 
+FFN_REGIME_ENV = "MOELORA_FFN_REGIME"  # "dense" or "sorted" forces the fused FFN's kernels; unset or "auto": ffn_regime
+
+
+def ffn_regime(T: int, E: int, k: int) -> str:
+    """Which kernels run the fused FFN (forward and backward decide alike, from the shapes):
+    - "sorted" (kernels/mixlora_ffn_sorted.py): tokens sorted by their combination of experts, K = r per slot;
+    - "dense" (kernels/mixlora_ffn.py): every slot's expand masked over all E*r rank columns, no sort.
+    By default sorted when E > 1 and the sort's padding stays within T rows (at E = 8, k = 2: T >= 675), dense
+    otherwise: at decode sizes the launch is latency-bound and the padding would dominate. The choice rests
+    on a FLOP count, not on a GPU timing yet (bench.gpu_check times both): at H = 4096, I = 11008, E = 8,
+    k = 2, r = 16 a MixLoRA FFN's rank work is ~88 MFLOP per token fwd + bwd dense-masked (16% of the frozen
+    FFN's ~540), ~21 sorted (4%)."""
+    forced = os.environ.get(FFN_REGIME_ENV, "auto")
+    if forced not in ("auto", "dense", "sorted"):
+        raise ValueError(f"{FFN_REGIME_ENV} must be 'auto', 'dense' or 'sorted', got {forced!r}")
+    if forced != "auto":
+        return forced
+    return "sorted" if E > 1 and _ffn_sorted_kernels.regime_fits(T, E, k) else "dense"
+
+
+class _FfnCore(NamedTuple):
+    """A regime's mixlora_ffn_core_fwd and _bwd (same arguments, same results in both regimes)."""
+
+    fwd: Callable[..., Any]
+    bwd: Callable[..., Any]
+
+
+def _ffn_core(up: Tensor, weights: Tensor, gB: Tensor | None, uB: Tensor | None, dA: Tensor | None) -> _FfnCore:
+    """The fused FFN's kernels for this call, by ffn_regime."""
+    E = next(w.shape[0] for w in (gB, uB, dA) if w is not None)
+    sorted_ = ffn_regime(up.shape[0], E, weights.shape[1]) == "sorted"
+    return _FfnCore(
+        _ffn_sorted_kernels.mixlora_ffn_sorted_core_fwd if sorted_ else _ffn_kernels.mixlora_ffn_core_fwd,
+        _ffn_sorted_kernels.mixlora_ffn_sorted_core_bwd if sorted_ else _ffn_kernels.mixlora_ffn_core_bwd,
+    )
+
+
 @torch.library.custom_op("moelora_triton::mixlora_ffn", mutates_args=())
 def _mixlora_ffn_op(
     ua: Tensor,
@@ -246,7 +285,8 @@ def _mixlora_ffn_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """From ua (rank_shrink or route_shrink) -> hbar [T, I] (up's dtype), y_lora [T, H] fp32, and the
     backward's zd [T, E*r] fp32."""
-    return _ffn_kernels.mixlora_ffn_core_fwd(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a)
+    core = _ffn_core(up, weights, gB, uB, dA)
+    return core.fwd(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a)
 
 
 @_mixlora_ffn_op.register_fake
@@ -277,7 +317,7 @@ def _mixlora_ffn_backward_op(
     shared_a: bool,
 ) -> list[Tensor]:
     """-> grads of (ua, gate, up, weights, gB, uB, dA, dB); an absent input's is a 1-d empty tensor."""
-    grads = _ffn_kernels.mixlora_ffn_core_bwd(
+    grads = _ffn_core(up, weights, gB, uB, dA).bwd(
         grad_hbar, grad_y_lora, ua, gate, up, weights, indices, gB, uB, dA, dB, zd, scaling, act, shared_a
     )
     return [_none(g, up) for g in grads]

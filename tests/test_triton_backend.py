@@ -19,6 +19,7 @@ if __name__ == "__main__":  # the worker, before triton is imported; the pytest 
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,56 @@ def _compare(got: dict, want: dict, tol: float = TOL) -> list[str]:
     return failures
 
 
-def check_model(family: str, overrides: dict) -> list[str]:
+@contextmanager
+def _ffn_regime(regime: str | None):
+    """Force the triton backend's fused-FFN regime (None: leave the backend's choice by shape)."""
+    from moelora.triton_backend import FFN_REGIME_ENV
+
+    old = os.environ.get(FFN_REGIME_ENV)
+    if regime is not None:
+        os.environ[FFN_REGIME_ENV] = regime
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(FFN_REGIME_ENV, None)
+        else:
+            os.environ[FFN_REGIME_ENV] = old
+
+
+def check_model(family: str, overrides: dict, regime: str | None = None) -> list[str]:
+    """A tiny MixLoRA model, training forward + backward, triton against reference; regime forces the fused
+    FFN's kernels (a spy counts the sorted ones: once per layer forward and backward, or never)."""
+    from moelora.kernels import mixlora_ffn_sorted
+
+    sorted_fwd, sorted_bwd, sorted_calls = (
+        mixlora_ffn_sorted.mixlora_ffn_sorted_core_fwd,
+        mixlora_ffn_sorted.mixlora_ffn_sorted_core_bwd,
+        [],
+    )
+
+    def spy_fwd(*args):
+        sorted_calls.append("fwd")
+        return sorted_fwd(*args)
+
+    def spy_bwd(*args):
+        sorted_calls.append("bwd")
+        return sorted_bwd(*args)
+
+    mixlora_ffn_sorted.mixlora_ffn_sorted_core_fwd, mixlora_ffn_sorted.mixlora_ffn_sorted_core_bwd = spy_fwd, spy_bwd
+    try:
+        with _ffn_regime(regime):
+            failures = _check_model(family, overrides)
+    finally:
+        mixlora_ffn_sorted.mixlora_ffn_sorted_core_fwd = sorted_fwd
+        mixlora_ffn_sorted.mixlora_ffn_sorted_core_bwd = sorted_bwd
+    layers = 2 * tiny_model(family).config.num_hidden_layers if regime == "sorted" else 0
+    if len(sorted_calls) != layers:
+        failures.append(f"the sorted FFN kernels ran {len(sorted_calls)} times, expected {layers}")
+    return failures
+
+
+def _check_model(family: str, overrides: dict) -> list[str]:
     pm = get_moelora_model(tiny_model(family), MixLoraConfig(lora_dropout=0.0, **overrides))
     randomize_adapters(pm)
     pm.train()
@@ -263,6 +313,8 @@ def check_compile() -> dict[str, list[str]]:
             (ua[:, 16:], None, d["up"], w, idx, None, uB, None, None, 2.0, "relu", False),
         ),
         "ffn-bwd": (ops.mixlora_ffn_backward.default, (*grads_out, *ffn_args[:-3], zd, 2.0, "silu", False)),
+        "ffn-sorted": (ops.mixlora_ffn.default, ffn_args),  # run with MOELORA_FFN_REGIME=sorted below
+        "ffn-sorted-bwd": (ops.mixlora_ffn_backward.default, (*grads_out, *ffn_args[:-3], zd, 2.0, "silu", False)),
     }
     hidden, num = torch.randn(3, 5, 12, generator=g), torch.tensor(reference.RATIONAL_GELU_NUMERATOR)
     den, pool_w = torch.tensor(reference.RATIONAL_GELU_DENOMINATOR), torch.randn(12, generator=g)
@@ -283,7 +335,8 @@ def check_compile() -> dict[str, list[str]]:
     out = {}
     for name, (op, args) in cases.items():
         try:
-            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+            with _ffn_regime("sorted" if "sorted" in name and name.startswith("ffn") else None):
+                torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
             out[f"opcheck-{name}"] = []
         except Exception as exc:  # opcheck raises OpCheckError with the reason
             out[f"opcheck-{name}"] = [f"{type(exc).__name__}: {str(exc)[:500]}"]
@@ -360,6 +413,8 @@ MODELS = {
     "model-llama-topk": ("llama", {}),
     "model-phi3": ("phi3", {}),
     "model-phi": ("phi", {}),
+    "model-llama-sorted-ffn": ("llama", {}, "sorted"),  # the combination-sorted FFN kernels, forced
+    "model-phi3-sorted-ffn": ("phi3", {}, "sorted"),
 }
 
 
@@ -397,7 +452,7 @@ WORKER_CASES = [
             *("route", "route-top-p", "route-bwd", "moe_lora", "moe_lora-bwd", "rank_shrink", "rank_shrink-bwd"),
             *("moe_lora_sorted", "moe_lora_sorted-bwd"),
             *("route_shrink", "route_shrink-top-p", "route_shrink-bwd"),
-            *("ffn", "ffn-shared-a", "ffn-ungated", "ffn-bwd"),
+            *("ffn", "ffn-shared-a", "ffn-ungated", "ffn-bwd", "ffn-sorted", "ffn-sorted-bwd"),
             *("prompt_route", "prompt_route-bwd", "segmented_lora", "segmented_lora-bwd"),
         )
     ),
@@ -452,13 +507,15 @@ def test_gpu_check_dry_run(tmp_path):
     (report_path,) = tmp_path.glob("gpu-check-cpu-interpreter-*.json")
     report = json.loads(report_path.read_text())
     assert report["dry_run"] and report["parity"] and all(r["ok"] for r in report["parity"])
-    ops = {"route", "moe_lora", "moe_lora_sorted", "mixlora_ffn", "routed_mixlora_ffn", "prompt_route"}
-    assert {r["op"] for r in report["parity"]} == ops | {"segmented_lora"}
+    ffn_ops = {f"{op} {regime}" for op in ("mixlora_ffn", "routed_mixlora_ffn") for regime in ("dense", "sorted")}
+    ops = {"route", "moe_lora", "moe_lora_sorted", "prompt_route", "segmented_lora"} | ffn_ops
+    assert {r["op"] for r in report["parity"]} == ops
     assert all(row["route_shrink_GBps"] > 0 for row in report["bandwidth"])
     assert [row["E"] for row in report["regimes"]] == [4, 16]
     assert all(ms > 0 for row in report["regimes"] for ms in row["ms"].values())
     assert all(r["forward_bitwise"] and r["backward_bitwise"] for r in report["races"])
     assert all(ms > 0 for row in report["ffn"] for ms in row["ms"].values())
+    assert {"triton-dense fwd+bwd", "triton-sorted fwd+bwd"} <= set(report["ffn"][0]["ms"])
     assert report_path.with_suffix(".md").read_text().startswith("# gpu_check on cpu-interpreter")
 
 

@@ -1,4 +1,5 @@
-"""Triton mixlora_ffn under the Triton CPU interpreter against moelora.reference.mixlora_ffn.
+"""Triton mixlora_ffn under the Triton CPU interpreter against moelora.reference.mixlora_ffn, in both regimes:
+dense-masked (kernels/mixlora_ffn.py) and combination-sorted (kernels/mixlora_ffn_sorted.py).
 
 y = Wd hbar + y_lora from the kernel's (hbar, y_lora), compared with the reference's y; then the gradients
 of x, gate, up, the routing weights and every present A and B. fp32 and fp16 activations (bf16 math is
@@ -115,8 +116,9 @@ def _inputs(T, H, I, E, k, r, kind, gated, adapted, dtype, g, strided=False, sha
     return x, gate, up, weights, indices, loras, Wd, upstream
 
 
-def _run(fn, x, gate, up, weights, indices, loras, Wd, upstream, act):
-    """y and the gradients of (x, gate, up, weights, each A and B): fn is the kernel or the reference."""
+def _run(fn, x, gate, up, weights, indices, loras, Wd, upstream, act, regime="dense"):
+    """y and the gradients of (x, gate, up, weights, each A and B): fn is the kernel (in `regime`) or the
+    reference."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, gate, up, weights)]
     lo = {p: tuple(t.detach().clone().requires_grad_() for t in ab) for p, ab in loras.items()}
     if "gate" in loras and "up" in loras and loras["up"][0] is loras["gate"][0]:
@@ -124,7 +126,15 @@ def _run(fn, x, gate, up, weights, indices, loras, Wd, upstream, act):
     x, gate, up, weights = leaves
     if fn is mixlora_ffn:
         hbar, y_lora = mixlora_ffn(
-            x, gate, up, weights, indices, **{f"{p}_lora": lo.get(p) for p in ALL}, scaling=SCALING, act=act
+            x,
+            gate,
+            up,
+            weights,
+            indices,
+            **{f"{p}_lora": lo.get(p) for p in ALL},
+            scaling=SCALING,
+            act=act,
+            regime=regime,
         )
         y = F.linear(hbar, Wd).float()
         y = (y + y_lora if "down" in lo else y).to(up.dtype)
@@ -151,7 +161,9 @@ def _run(fn, x, gate, up, weights, indices, loras, Wd, upstream, act):
     }
 
 
-def check(T, H, I, E, k, r, kind, act, adapted, gated, dtype_name, strided=False, shared_a=False) -> list[str]:
+def check(
+    T, H, I, E, k, r, kind, act, adapted, gated, dtype_name, strided=False, shared_a=False, regime="dense"
+) -> list[str]:
     """Kernel vs reference for one case; returns the failures (empty = pass). Runs in the worker."""
     dtype = DTYPES[dtype_name]
     g = torch.Generator().manual_seed(T * 1000 + E * 10 + r + k + I)
@@ -167,7 +179,7 @@ def check(T, H, I, E, k, r, kind, act, adapted, gated, dtype_name, strided=False
     want = _run(reference, *map(f64, (x, gate, up, weights)), indices, loras64, Wd.double(), upstream.double(), act)
     torch_lp = _run(reference, *args, act)
     with nan_empty():
-        got = _run(mixlora_ffn, *args, act)
+        got = _run(mixlora_ffn, *args, act, regime)
 
     eps = torch.finfo(dtype).eps
     failures = []
@@ -182,7 +194,7 @@ def check(T, H, I, E, k, r, kind, act, adapted, gated, dtype_name, strided=False
     return failures
 
 
-def check_no_grad_int32() -> list[str]:
+def check_no_grad_int32(regime: str) -> list[str]:
     """Inference path (no autograd) with int32 indices, a bf16-free fp32 run: y against the reference."""
     g = torch.Generator().manual_seed(0)
     x, gate, up, weights, indices, loras, Wd, _ = _inputs(
@@ -190,7 +202,15 @@ def check_no_grad_int32() -> list[str]:
     )
     with torch.no_grad(), nan_empty():
         hbar, y_lora = mixlora_ffn(
-            x, gate, up, weights, indices.int(), **{f"{p}_lora": loras[p] for p in ALL}, scaling=SCALING, act="silu"
+            x,
+            gate,
+            up,
+            weights,
+            indices.int(),
+            **{f"{p}_lora": loras[p] for p in ALL},
+            scaling=SCALING,
+            act="silu",
+            regime=regime,
         )
     got = F.linear(hbar, Wd) + y_lora
     want = reference.mixlora_ffn(
@@ -208,21 +228,47 @@ def check_no_grad_int32() -> list[str]:
     return [] if err < 1e-5 else [f"relative error {err:.3g}"]
 
 
-def check_deterministic() -> list[str]:
+def check_deterministic(regime: str) -> list[str]:
     """Two runs, forward and backward, agree bitwise: no atomics, fixed-order sums over slices."""
     g = torch.Generator().manual_seed(1)
     args = _inputs(40, 20, 72, 8, 2, 16, "topk", True, ALL, torch.float32, g)
-    runs = [_run(mixlora_ffn, *args, "silu") for _ in range(2)]
+    runs = [_run(mixlora_ffn, *args, "silu", regime) for _ in range(2)]
     return [name for name in runs[0] if not torch.equal(runs[0][name], runs[1][name])]
 
 
+def check_duplicate_experts(regime: str) -> list[str]:
+    """A token naming one expert in two slots (route never does; a caller may): both slots' work adds up."""
+    g = torch.Generator().manual_seed(2)
+    x, gate, up, weights, indices, loras, Wd, upstream = _inputs(
+        40, 20, 40, 4, 3, 8, "topk", True, ALL, torch.float32, g
+    )
+    indices[::3, 2] = indices[::3, 0]
+    want = _run(reference, x, gate, up, weights, indices, loras, Wd, upstream, "silu")
+    got = _run(mixlora_ffn, x, gate, up, weights, indices, loras, Wd, upstream, "silu", regime)
+    return [name for name in want if not torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-4)]
+
+
+REGIMES = ("dense", "sorted")
+
+
 def worker() -> dict[str, list[str]]:
-    results = {f"{name}-{d}": check(*case[:-1], d) for name, case in NAMED_CASES.items() for d in case[-1]}
-    results["strided-phi3-layout"] = check(33, 20, 40, 4, 2, 8, "topk", "silu", ALL, True, "fp32", strided=True)
-    for d in DTYPES:
-        results[f"shared-A-phi3-{d}"] = check(33, 20, 40, 4, 2, 8, "topk", "silu", ALL, True, d, shared_a=True)
-    results["no-grad-int32"] = check_no_grad_int32()
-    results["deterministic"] = check_deterministic()
+    results = {
+        f"{name}-{d}-{regime}": check(*case[:-1], d, regime=regime)
+        for name, case in NAMED_CASES.items()
+        for d in case[-1]
+        for regime in REGIMES
+    }
+    for regime in REGIMES:
+        results[f"strided-phi3-layout-{regime}"] = check(
+            33, 20, 40, 4, 2, 8, "topk", "silu", ALL, True, "fp32", strided=True, regime=regime
+        )
+        for d in DTYPES:
+            results[f"shared-A-phi3-{d}-{regime}"] = check(
+                33, 20, 40, 4, 2, 8, "topk", "silu", ALL, True, d, shared_a=True, regime=regime
+            )
+        results[f"no-grad-int32-{regime}"] = check_no_grad_int32(regime)
+        results[f"deterministic-{regime}"] = check_deterministic(regime)
+        results[f"duplicate-experts-{regime}"] = check_duplicate_experts(regime)
     return results
 
 
@@ -238,14 +284,28 @@ def worker_results() -> dict[str, list[str]]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case_id", [f"{name}-{d}" for name, case in NAMED_CASES.items() for d in case[-1]])
+@pytest.mark.parametrize(
+    "case_id", [f"{name}-{d}-{r}" for name, case in NAMED_CASES.items() for d in case[-1] for r in REGIMES]
+)
 def test_matches_reference(worker_results, case_id):
     failures = worker_results[case_id]
     assert not failures, "; ".join(failures)
 
 
 @pytest.mark.parametrize(
-    "case_id", ["strided-phi3-layout", "shared-A-phi3-fp32", "shared-A-phi3-fp16", "no-grad-int32", "deterministic"]
+    "case_id",
+    [
+        f"{name}-{regime}"
+        for regime in REGIMES
+        for name in (
+            "strided-phi3-layout",
+            "shared-A-phi3-fp32",
+            "shared-A-phi3-fp16",
+            "no-grad-int32",
+            "deterministic",
+            "duplicate-experts",
+        )
+    ],
 )
 def test_layouts_inference_and_determinism(worker_results, case_id):
     failures = worker_results[case_id]
@@ -283,6 +343,7 @@ BAD = [
     ("device", dict(up=torch.randn(5, 20, device="meta")), ValueError, "is on cpu but up is on meta"),
     ("index-too-big", dict(indices=torch.full((5, 2), 4)), ValueError, "indices must lie in"),
     ("act", dict(act="tanh"), ValueError, "act must be one of"),
+    ("regime", dict(regime="fast"), ValueError, "regime must be 'dense' or 'sorted'"),
     ("cpu-tensors", dict(), ValueError, "need CUDA tensors"),  # this process does not interpret
 ]
 
@@ -303,6 +364,7 @@ def test_bad_inputs(change, error, match, monkeypatch):
             down_lora=args["down_lora"],
             scaling=SCALING,
             act=args["act"],
+            **({"regime": args["regime"]} if "regime" in args else {}),
         )
 
 
