@@ -481,6 +481,8 @@ def test_missing_triton_gives_a_clear_reason(monkeypatch):
     monkeypatch.setattr(backend, "_triton_tried", False)
     monkeypatch.setattr(backend, "_why_missing", dict(backend._why_missing))
     monkeypatch.setitem(sys.modules, "moelora.triton_backend", None)  # as if `import triton` failed
+    # and forget an earlier import in this process: `from moelora import triton_backend` would find it there
+    monkeypatch.delattr(moelora, "triton_backend", raising=False)
     with moelora.set_backend("triton"), pytest.raises(RuntimeError, match="triton is not importable"):
         backend.resolve(torch.device("cpu"))
 
