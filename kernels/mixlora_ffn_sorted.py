@@ -168,7 +168,7 @@ def _slot_expand(
         a_ptr + b_tok[:, None] * stride_at + (e * R + o_r)[None, :], mask=m_t[:, None] & m_r[None, :], other=0.0
     )
     b_w = tl.load(
-        w_ptr + (e * R + o_r)[:, None] * stride_wn + o_i[None, :] * stride_wi,
+        w_ptr + (e * R + o_r).to(tl.int64)[:, None] * stride_wn + o_i[None, :] * stride_wi,
         mask=m_r[:, None] & m_i[None, :],
         other=0.0,
     )  # [RB, BI]
@@ -182,7 +182,7 @@ def _slot_columns(w_ptr, stride_wn, stride_wi, col, e, o_i, m_i, o_c, E, R, RB: 
     [BT, KR] accumulator."""
     c_r = o_c % RB
     m_c = (o_c // RB == col) & (c_r < R) & (tl.zeros_like(o_c) + e < E)
-    p = w_ptr + (e * R + c_r)[None, :] * stride_wn + o_i[:, None] * stride_wi
+    p = w_ptr + (e * R + c_r).to(tl.int64)[None, :] * stride_wn + o_i[:, None] * stride_wi
     return tl.load(p, mask=m_i[:, None] & m_c[None, :], other=0.0).to(DOT_DT)
 
 
@@ -496,7 +496,7 @@ def ffn_sorted_bwd_kernel_wgrad(
     m_i = o_i < I
     o_r = tl.arange(0, RB)
     m_r = o_r < R
-    rows = e * R + o_r  # [RB] this expert's rows of every [N, *] tensor
+    rows = (e * R + o_r).to(tl.int64)  # [RB] this expert's rows of every [N, *] tensor
     m_ri = m_r[:, None] & m_i[None, :]
     # the expert's weight rows on these columns: invariant over its pairs, loaded once
     if GATE_LORA:
@@ -668,7 +668,9 @@ def sorted_ffn_weight_grads(
     N = E * R
     K = weights.shape[1]
     present = {"bg": (ag, bg), "bu": (au, bu), "ad": (q, ad)}
-    outs = {n: torch.zeros(N, I, dtype=torch.float32, device=up.device) if w is not None else None
+    # every row of every present output is stored (an expert without pairs stores zeros): no memset
+    new = torch.zeros if T == 0 else torch.empty
+    outs = {n: new(N, I, dtype=torch.float32, device=up.device) if w is not None else None
             for n, (_, w) in present.items()}  # fmt: skip
     if T == 0 or all(o is None for o in outs.values()):
         return outs["bg"], outs["bu"], outs["ad"]
