@@ -65,6 +65,19 @@ PARITY_SHAPES = [
 ]
 DRY_PARITY_SHAPES = [(7, 20, 40, 4, 2, 8), (9, 20, 40, 16, 3, 32)]  # the second: E*r = 512, moe_lora sorted
 DRY_TIMING = dict(H=24, I=40, E=4, k=2, r=8)
+CROSSOVER_T = (256, 1024, 2048)  # between GOAL_T's two: where the fused FFN's sorted regime starts to pay
+SECTIONS = ("ffn", "crossover", "bandwidth", "regimes", "parity", "races")
+_START = time.perf_counter()
+
+
+def _log(message: str) -> None:
+    """Progress on stderr with the seconds since start: a GPU session is short, and a log cut off by its
+    time limit should still say how far it got."""
+    print(f"[gpu_check {time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
 
 
 def _tb():
@@ -316,13 +329,19 @@ def parity(shapes, dtypes: list[str], device: torch.device) -> list[dict]:
             dtype = DTYPES[dname]
             d = _op_inputs(shape, dtype, device)
             for op, fn in OPS.items():
-                want = fn(reference, d, lambda t: t.double() if t.is_floating_point() else t)
-                lp = fn(reference, d, lambda t: t)
-                got = fn(_tb(), d, lambda t: t)
+                try:
+                    want = fn(reference, d, lambda t: t.double() if t.is_floating_point() else t)
+                    lp = fn(reference, d, lambda t: t)
+                    got = fn(_tb(), d, lambda t: t)
+                except Exception as e:  # one broken op (a compile error, say) must not lose the others' rows
+                    rows.append(dict(op=op, shape=shape, dtype=dname, ok=False, errors={}, error=_describe(e)))
+                    _log(f"parity {op} {shape} {dname}: ERROR {_describe(e)}")
+                    continue
                 errs = _errors(got, lp, want, dtype)
                 if "indices" in errs:  # near-ties may pick another expert at 16-bit: not bounded
                     errs.pop("indices")
                 rows.append(dict(op=op, shape=shape, dtype=dname, ok=all(e["ok"] for e in errs.values()), errors=errs))
+            _log(f"parity {shape} {dname}: {sum(r['ok'] for r in rows)}/{len(rows)} ok so far")
     return rows
 
 
@@ -333,11 +352,25 @@ def races(shapes, dtypes: list[str], device: torch.device, repeats: int) -> list
         for dname in dtypes:
             d = _op_inputs(shape, DTYPES[dname], device, seed=1)
             for op, fn in OPS.items():
-                first = fn(_tb(), d, lambda t: t)
-                bad = set()
-                for _ in range(repeats - 1):
-                    again = fn(_tb(), d, lambda t: t)
-                    bad |= {n for n in first if not torch.equal(first[n], again[n])}
+                try:
+                    first = fn(_tb(), d, lambda t: t)
+                    bad = set()
+                    for _ in range(repeats - 1):
+                        again = fn(_tb(), d, lambda t: t)
+                        bad |= {n for n in first if not torch.equal(first[n], again[n])}
+                except Exception as e:
+                    rows.append(
+                        dict(
+                            op=op,
+                            shape=shape,
+                            dtype=dname,
+                            forward_bitwise=False,
+                            backward_bitwise=False,
+                            differing=[],
+                            error=_describe(e),
+                        )
+                    )
+                    continue
                 fwd = {"y", "weights", "indices", "probs", "gates"}
                 rows.append(
                     dict(
@@ -395,50 +428,106 @@ def _bench(step: Callable[[], object], device: torch.device, dry: bool) -> float
     return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
 
 
-def ffn_timings(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
-    providers = {
-        "triton": _triton_ffn,
-        "triton-apart": lambda inp: _triton_ffn(inp, fused_router=False),
-        "triton-dense": _triton_ffn,
+def _ffn_providers() -> dict[str, Callable[[FfnInputs], Callable[[], Tensor]]]:
+    """In the order they are timed: the two regimes and the goal's baselines first, so that a session cut
+    short still has the numbers the issue's goals name."""
+    return {
         "triton-sorted": _triton_ffn,
+        "triton-dense": _triton_ffn,
         "lora": PROVIDERS["lora"],
-        "loop": PROVIDERS["loop"],
         "base": PROVIDERS["base"],
+        "triton": _triton_ffn,
+        "loop": PROVIDERS["loop"],
+        "triton-apart": lambda inp: _triton_ffn(inp, fused_router=False),
     }
-    rows = []
+
+
+def _time_ffn(name: str, inp: FfnInputs, modes, device: torch.device, dry: bool) -> dict[str, float | str]:
+    """Median ms of one provider per mode ("fwd", "fwd+bwd"); an error's text instead where it fails."""
+    factory = _ffn_providers()[name]
+    regime = name.removeprefix("triton-") if name in ("triton-dense", "triton-sorted") else None
+    out: dict[str, float | str] = {}
+    try:
+        fn = factory(inp)
+        targets = [t for _, t in grad_targets("fused" if name.startswith("triton") else name, inp)]
+    except Exception as e:
+        return {f"{name} {mode}": _describe(e) for mode in modes}
+    for mode in modes:
+        if mode == "fwd":
+
+            def step(fn=fn):
+                with torch.no_grad():
+                    return fn()
+        else:
+
+            def step(fn=fn, targets=targets, grad_out=inp.grad_out):
+                return torch.autograd.grad(fn(), targets, grad_out)
+
+        try:
+            with _ffn_regime(regime):
+                out[f"{name} {mode}"] = _bench(step, device, dry)
+        except Exception as e:
+            out[f"{name} {mode}"] = _describe(e)
+        _log(f"ffn T={inp.x.shape[0]} {name} {mode}: {out[f'{name} {mode}']}")
+    return out
+
+
+def _ratio(ms: dict, num: str, den: str) -> float | None:
+    a, b = ms.get(num), ms.get(den)
+    return a / b if isinstance(a, float) and isinstance(b, float) else None
+
+
+def ffn_timings(
+    Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: bool, rows: list, checkpoint: Callable[[], object]
+) -> list[dict]:
+    """Appends to `rows` and calls `checkpoint` after every provider (a cut-off session keeps what it measured)."""
     for T in Ts:
-        shape = Shape(T=T, **dims)
-        inp = make_inputs(shape, dtype, device)
-        row: dict[str, Any] = dict(T=T, **dims, ms={})
-        for name, factory in providers.items():
-            fn = factory(inp)
-            targets = [t for _, t in grad_targets("fused" if name.startswith("triton") else name, inp)]
-            regime = name.removeprefix("triton-") if name in ("triton-dense", "triton-sorted") else None
-            for mode in ("fwd", "fwd+bwd"):
-                if mode == "fwd":
-
-                    def step(fn=fn):
-                        with torch.no_grad():
-                            return fn()
-                else:
-
-                    def step(fn=fn, targets=targets, grad_out=inp.grad_out):
-                        return torch.autograd.grad(fn(), targets, grad_out)
-
-                with _ffn_regime(regime):
-                    row["ms"][f"{name} {mode}"] = _bench(step, device, dry)
-            del fn
-        ms = row["ms"]
-        row["ratios"] = {}
-        for m in ("fwd", "fwd+bwd"):
-            row["ratios"][f"triton / lora {m}"] = ms[f"triton {m}"] / ms[f"lora {m}"]
-            row["ratios"][f"loop / triton {m}"] = ms[f"loop {m}"] / ms[f"triton {m}"]
-            row["ratios"][f"triton-apart / triton {m}"] = ms[f"triton-apart {m}"] / ms[f"triton {m}"]
-            row["ratios"][f"triton-dense / triton-sorted {m}"] = ms[f"triton-dense {m}"] / ms[f"triton-sorted {m}"]
+        inp = make_inputs(Shape(T=T, **dims), dtype, device)
+        row: dict[str, Any] = dict(T=T, **dims, ms={}, ratios={})
         rows.append(row)
+        for name in _ffn_providers():
+            row["ms"].update(_time_ffn(name, inp, ("fwd", "fwd+bwd"), device, dry))
+            ms = row["ms"]
+            for m in ("fwd", "fwd+bwd"):
+                for label, num, den in (
+                    ("triton / lora", "triton", "lora"),
+                    ("loop / triton", "loop", "triton"),
+                    ("triton-apart / triton", "triton-apart", "triton"),
+                    ("triton-dense / triton-sorted", "triton-dense", "triton-sorted"),
+                    ("triton-sorted / lora", "triton-sorted", "lora"),
+                    ("triton-dense / lora", "triton-dense", "lora"),
+                ):
+                    ratio = _ratio(ms, f"{num} {m}", f"{den} {m}")
+                    if ratio is not None:
+                        row["ratios"][f"{label} {m}"] = ratio
+            checkpoint()
         del inp
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def crossover(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
+    """The fused FFN's two regimes, forced, fwd+bwd, at token counts between the goal's two: where
+    moelora.triton_backend.ffn_regime should switch from dense-masked to sorted."""
+    rows = []
+    for T in Ts:
+        inp = make_inputs(Shape(T=T, **dims), dtype, device)
+        ms: dict[str, float | str] = {}
+        for name in ("triton-dense", "triton-sorted"):
+            ms.update(_time_ffn(name, inp, ("fwd", "fwd+bwd"), device, dry))
+        rows.append(
+            dict(
+                T=T,
+                **dims,
+                ms=ms,
+                picked=_tb().ffn_regime(T, dims["E"], dims["k"]),
+                dense_over_sorted={
+                    m: _ratio(ms, f"triton-dense {m}", f"triton-sorted {m}") for m in ("fwd", "fwd+bwd")
+                },
+            )
+        )
+        del inp
     return rows
 
 
@@ -517,55 +606,112 @@ def device_name(device: torch.device) -> str:
     return _slug(f"cpu-interpreter-{torch.get_num_threads()}t")
 
 
+def _ms(value: float | str | None) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "n/a" if value is None else "error"
+
+
 def markdown(report: dict) -> str:
+    """The report as markdown; sections the run skipped (--only) or did not reach are left out."""
     lines = [f"# gpu_check on {report['device']} ({report['date']})", ""]
     lines += [f"torch {report['versions']['torch']}, triton {report['versions']['triton']}"]
     if report["dry_run"]:
         lines += ["", "**Dry run** (CPU, Triton interpreter, tiny shapes): proves the script, measures nothing."]
-    bad = [r for r in report["parity"] if not r["ok"]]
-    lines += [
-        "",
-        f"## Parity: {len(report['parity']) - len(bad)}/{len(report['parity'])} op x shape x dtype cases pass",
-    ]
-    for r in bad:
-        worst = {n: e for n, e in r["errors"].items() if not e["ok"]}
-        lines.append(f"- FAIL {r['op']} {r['shape']} {r['dtype']}: {worst}")
-    racy = [r for r in report["races"] if not (r["forward_bitwise"] and r["backward_bitwise"])]
-    lines += [
-        "",
-        f"## Repeat runs: {len(report['races']) - len(racy)}/{len(report['races'])} bitwise equal (fwd + bwd)",
-    ]
-    for r in racy:
-        lines.append(f"- {r['op']} {r['shape']} {r['dtype']}: differing {r['differing']}")
-    lines += ["", f"## MixLoRA FFN timings ({report['timing_dtype']}, median ms)", ""]
-    for row in report["ffn"]:
-        dims = ", ".join(f"{n}={row[n]}" for n in ("T", "H", "I", "E", "k", "r"))
-        lines += [f"### {dims}", "", "| provider | fwd | fwd+bwd |", "|---|---|---|"]
-        for p in ("triton", "triton-apart", "triton-dense", "triton-sorted", "lora", "loop", "base"):
-            lines.append(f"| {p} | {row['ms'][f'{p} fwd']:.3f} | {row['ms'][f'{p} fwd+bwd']:.3f} |")
-        lines += [""] + [f"- {k}: {v:.2f}x" for k, v in row["ratios"].items()] + [""]
-    lines += ["Goals: triton / lora fwd+bwd <= 1.10 at T=8192; loop / triton >= 3 (fwd, fwd+bwd), >= 5 at T=32.", ""]
-    lines += [
-        "`triton` reads x once for the router and the gate/up shrink (route_shrink); `triton-apart` routes first.",
-        "`triton-dense` / `triton-sorted` force the fused FFN's regime (`triton` lets the backend pick by shape).",
-    ]
-    lines += ["", f"## moe_lora regimes ({report['timing_dtype']}, median ms)", ""]
-    lines += ["| T | H | I | E | k | r | dense fwd | sorted fwd | dense fwd+bwd | sorted fwd+bwd |"]
-    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
-    for row in report["regimes"]:
-        dims = " | ".join(str(row[n]) for n in ("T", "H", "I", "E", "k", "r"))
-        ms = " | ".join(f"{row['ms'][f'{p} {m}']:.3f}" for m in ("fwd", "fwd+bwd") for p in ("dense", "sorted"))
-        lines.append(f"| {dims} | {ms} |")
-    lines += ["", "The backend takes the sorted regime above E*r = 256 rank columns."]
-    lines += ["", "## One read of x: bandwidth (GB/s of x read, fraction of a copy's)", ""]
-    lines += ["| T | copy | route | shrink | route_shrink |", "|---|---|---|---|---|"]
-    for b in report["bandwidth"]:
-        cells = [
-            f"{b[f'{n}_GBps']:.0f} ({b[f'{n}_fraction_of_copy']:.2f})" for n in ("route", "shrink", "route_shrink")
+    if report.get("pinned_config"):
+        lines += ["", "Parity and repeat runs with MOELORA_TRITON_PIN_CONFIG=1 (one tile config per kernel)."]
+    if "parity" in report:
+        bad = [r for r in report["parity"] if not r["ok"]]
+        lines += [
+            "",
+            f"## Parity: {len(report['parity']) - len(bad)}/{len(report['parity'])} op x shape x dtype cases pass",
         ]
-        lines.append(f"| {b['T']} | {b['copy_GBps']:.0f} | " + " | ".join(cells) + " |")
-    lines += ["", "Goal: route_shrink at >= 0.75 of copy bandwidth for T >= 4096."]
+        for r in bad:
+            worst = {n: e for n, e in r["errors"].items() if not e["ok"]}
+            lines.append(f"- FAIL {r['op']} {r['shape']} {r['dtype']}: {r.get('error') or worst}")
+    if "races" in report:
+        racy = [r for r in report["races"] if not (r["forward_bitwise"] and r["backward_bitwise"])]
+        lines += [
+            "",
+            f"## Repeat runs: {len(report['races']) - len(racy)}/{len(report['races'])} bitwise equal (fwd + bwd)",
+        ]
+        for r in racy:
+            lines.append(
+                f"- {r['op']} {r['shape']} {r['dtype']}: {r.get('error') or 'differing ' + str(r['differing'])}"
+            )
+    if "ffn" in report:
+        lines += ["", f"## MixLoRA FFN timings ({report['timing_dtype']}, median ms)", ""]
+        for row in report["ffn"]:
+            dims = ", ".join(f"{n}={row[n]}" for n in ("T", "H", "I", "E", "k", "r"))
+            lines += [f"### {dims}", "", "| provider | fwd | fwd+bwd |", "|---|---|---|"]
+            for p in ("triton", "triton-apart", "triton-dense", "triton-sorted", "lora", "loop", "base"):
+                lines.append(f"| {p} | {_ms(row['ms'].get(f'{p} fwd'))} | {_ms(row['ms'].get(f'{p} fwd+bwd'))} |")
+            errors = {k: v for k, v in row["ms"].items() if isinstance(v, str)}
+            lines += [""] + [f"- {k}: {v:.2f}x" for k, v in row["ratios"].items()]
+            lines += [f"- error in {k}: {v}" for k, v in errors.items()] + [""]
+        lines += ["Goals: triton / lora fwd+bwd <= 1.10 at T=8192; loop / triton >= 3 (fwd, fwd+bwd), >= 5 at T=32."]
+        lines += [
+            "",
+            "`triton` reads x once for the router and the gate/up shrink (route_shrink); `triton-apart` routes first.",
+            "`triton-dense` / `triton-sorted` force the fused FFN's regime (`triton` lets the backend pick by shape).",
+        ]
+    if "crossover" in report:
+        lines += ["", f"## Fused FFN regimes by token count ({report['timing_dtype']}, median ms)", ""]
+        lines += ["| T | dense fwd | sorted fwd | dense fwd+bwd | sorted fwd+bwd | backend picks |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for row in report["crossover"]:
+            ms = " | ".join(
+                _ms(row["ms"].get(f"triton-{p} {m}")) for m in ("fwd", "fwd+bwd") for p in ("dense", "sorted")
+            )
+            lines.append(f"| {row['T']} | {ms} | {row['picked']} |")
+    if "regimes" in report:
+        lines += ["", f"## moe_lora regimes ({report['timing_dtype']}, median ms)", ""]
+        lines += ["| T | H | I | E | k | r | dense fwd | sorted fwd | dense fwd+bwd | sorted fwd+bwd |"]
+        lines += ["|---|---|---|---|---|---|---|---|---|---|"]
+        for row in report["regimes"]:
+            dims = " | ".join(str(row[n]) for n in ("T", "H", "I", "E", "k", "r"))
+            ms = " | ".join(_ms(row["ms"].get(f"{p} {m}")) for m in ("fwd", "fwd+bwd") for p in ("dense", "sorted"))
+            lines.append(f"| {dims} | {ms} |")
+        lines += ["", "The backend takes the sorted regime above E*r = 256 rank columns."]
+    if "bandwidth" in report:
+        lines += ["", "## One read of x: bandwidth (GB/s of x read, fraction of a copy's)", ""]
+        lines += ["| T | copy | route | shrink | route_shrink |", "|---|---|---|---|---|"]
+        for b in report["bandwidth"]:
+            cells = [
+                f"{b[f'{n}_GBps']:.0f} ({b[f'{n}_fraction_of_copy']:.2f})" for n in ("route", "shrink", "route_shrink")
+            ]
+            lines.append(f"| {b['T']} | {b['copy_GBps']:.0f} | " + " | ".join(cells) + " |")
+        lines += ["", "Goal: route_shrink at >= 0.75 of copy bandwidth for T >= 4096."]
     return "\n".join(lines) + "\n"
+
+
+def _write(report: dict, out: Path, tag: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"gpu-check-{report['device']}-{report['date']}{tag}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    return stem
+
+
+def _passed(report: dict) -> bool:
+    return all(r["ok"] for r in report.get("parity", [])) and all(
+        r["forward_bitwise"] and r["backward_bitwise"] for r in report.get("races", [])
+    )
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """One report from several runs' JSON (a GPU session runs the timings alone, then parity per dtype in
+    parallel processes): lists concatenated, the first run's header kept."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    merged = dict(reports[0])
+    for r in reports[1:]:
+        for key, value in r.items():
+            if key in SECTIONS:
+                merged[key] = merged.get(key, []) + value
+            elif key == "pinned_config":
+                merged[key] = merged.get(key) or value
+    stem = _write(merged, out, "")
+    print(markdown(merged))
+    _log(f"merged {len(paths)} reports into {stem}.json/.md")
+    return 0 if _passed(merged) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -573,7 +719,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes, wall clock")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where the files go")
     ap.add_argument("--repeats", type=int, default=10, help="runs per op for the bitwise race check")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections, of {','.join(SECTIONS)}")
+    ap.add_argument("--dtypes", default=None, help="parity/race dtypes (default bf16,fp16,fp32; fp32,fp16 dry)")
+    ap.add_argument("--tag", default="", help="appended to the output files' names (parallel runs, then --merge)")
+    ap.add_argument("--merge", type=Path, nargs="+", help="merge these runs' JSON reports into one (in --out)")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        ap.error(f"--only: unknown sections {unknown}; expected some of {list(SECTIONS)}")
     dry = args.dry_run
     if dry:
         device = torch.device("cpu")
@@ -585,33 +741,43 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import triton
 
-    dtypes = ["fp32", "fp16"] if dry else ["bf16", "fp16", "fp32"]
+    dtypes = (args.dtypes or ("fp32,fp16" if dry else "bf16,fp16,fp32")).split(",")
+    bad_dtypes = sorted(set(dtypes) - set(DTYPES))
+    if bad_dtypes:
+        ap.error(f"--dtypes: unknown {bad_dtypes}; expected some of {list(DTYPES)}")
     shapes = DRY_PARITY_SHAPES if dry else PARITY_SHAPES
     timing_dtype = torch.float32 if dry else torch.bfloat16
     dims = DRY_TIMING if dry else GOAL
-    Ts = (7, 3) if dry else GOAL_T
-    report = dict(
+    report: dict[str, Any] = dict(
         device=device_name(device),
         date=datetime.date.today().isoformat(),
         dry_run=dry,
         versions=dict(torch=torch.__version__, triton=triton.__version__),
-        parity=parity(shapes, dtypes, device),
-        races=races(shapes[:1] if dry else shapes[1:3], dtypes, device, 2 if dry else args.repeats),
+        pinned_config=os.environ.get("MOELORA_TRITON_PIN_CONFIG") == "1",
         timing_dtype=str(timing_dtype).removeprefix("torch."),
-        ffn=ffn_timings(Ts, dims, timing_dtype, device, dry),
-        bandwidth=bandwidth((5,) if dry else BANDWIDTH_T, dims, timing_dtype, device, dry),
-        regimes=regime_timings(7 if dry else 8192, dims, (4, 16) if dry else REGIME_E, timing_dtype, device, dry),
     )
-    text = markdown(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"gpu-check-{report['device']}-{report['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    print(text)
-    ok = all(r["ok"] for r in report["parity"]) and all(
-        r["forward_bitwise"] and r["backward_bitwise"] for r in report["races"]
-    )
-    return 0 if ok else 1
+    runs: dict[str, Callable[[], list]] = {
+        "parity": lambda: parity(shapes, dtypes, device),
+        "races": lambda: races(shapes[:1] if dry else shapes[1:3], dtypes, device, 2 if dry else args.repeats),
+        "ffn": lambda: ffn_timings(
+            (7, 3) if dry else GOAL_T, dims, timing_dtype, device, dry, report["ffn"], lambda: _write(report, out, tag)
+        ),
+        "crossover": lambda: crossover((5,) if dry else CROSSOVER_T, dims, timing_dtype, device, dry),
+        "bandwidth": lambda: bandwidth((5,) if dry else BANDWIDTH_T, dims, timing_dtype, device, dry),
+        "regimes": lambda: regime_timings(
+            7 if dry else 8192, dims, (4, 16) if dry else REGIME_E, timing_dtype, device, dry
+        ),
+    }
+    out, tag = args.out, f"-{args.tag}" if args.tag else ""
+    for section in (s for s in SECTIONS if s in sections):
+        _log(f"{section} ...")
+        report[section] = []
+        try:
+            report[section] = runs[section]()
+        finally:  # written after every section, also when one fails: a cut-off GPU session keeps the rest
+            _write(report, out, tag)
+    print(markdown(report))
+    return 0 if _passed(report) else 1
 
 
 if __name__ == "__main__":

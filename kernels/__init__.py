@@ -24,3 +24,23 @@ torch.library ops (namespace moelora_triton) behind `MOELORA_BACKEND=triton` (an
 Not yet: any run on a GPU (bench/gpu_check.py is the one-call check for that). The kernel files never
 import transformers.
 """
+
+import sys as _sys
+
+if __name__ != "moelora.kernels":
+    # Imported as top-level `kernels`: the repository root is on sys.path (`python -m bench`, pytest or a script
+    # run from a checkout), and this folder shadows the Hugging Face `kernels` package, which transformers
+    # (>= 5.25 depends on it) imports as soon as it finds one. This folder is only ever meant as
+    # moelora.kernels, so hand the name to the next `kernels` on sys.path where there is one. Where there is
+    # none, stay: transformers then imports this folder to read a version, finds none and moves on.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _path = [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root]
+    _spec = _machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is not None and _spec.loader is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # the import system returns what sys.modules holds after this runs
+        _spec.loader.exec_module(_module)
