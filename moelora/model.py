@@ -245,7 +245,8 @@ def _before_model(model: nn.Module, args: tuple, kwargs: dict) -> None:
     if state.generating:
         state.decode, state.routed = state.routed, True
     else:
-        past = kwargs.get("past_key_values")
+        # transformers >= 5.25 calls it `cache` (`past_key_values` deprecated until 5.40): either marks a decode
+        past = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         state.decode = past_len > 0
     if state.plan is not None:

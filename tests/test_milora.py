@@ -3,6 +3,7 @@ batches against separate runs, files, training and bad input."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import oracle
@@ -11,6 +12,7 @@ import torch
 from conftest import VOCAB, randomize_adapters, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import LlamaForCausalLM
 
 from moelora import LoraConfig, MiLoraConfig, MixLoraConfig, MoeLoraModel, get_moelora_model, reference
 from moelora.layers import MiLoraRouter
@@ -466,19 +468,36 @@ def test_empty_prompts_raise():
         model(ids, attention_mask=mask)
 
 
-def test_decoding_without_a_prefill_raises():
+# transformers 5.25 renamed the cache argument of the models' forward to `cache` (past_key_values still works,
+# deprecated until 5.40); a decode step must be recognised under either name.
+CACHE_KWARGS = [
+    pytest.param("past_key_values", id="past_key_values"),
+    pytest.param(
+        "cache",
+        id="cache",
+        marks=pytest.mark.skipif(
+            "cache" not in inspect.signature(LlamaForCausalLM.forward).parameters,
+            reason="this transformers names the argument past_key_values only",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("cache_kwarg", CACHE_KWARGS)
+def test_decoding_without_a_prefill_raises(cache_kwarg):
     model = _milora()
     ids = _ids(2, 4)
     out = model(ids, use_cache=True)
     model.clear_routing_cache()
     with pytest.raises(RuntimeError, match="no routing for this batch yet"):
-        model(ids[:, -1:], past_key_values=out.past_key_values)
+        model(ids[:, -1:], **{cache_kwarg: out.past_key_values})
     out = model(ids, use_cache=True)
     with pytest.raises(RuntimeError, match="computed for 2 prompts but this call has 1"):
-        model(ids[:1, -1:], past_key_values=out.past_key_values)
+        model(ids[:1, -1:], **{cache_kwarg: out.past_key_values})
 
 
-def test_router_is_not_called_while_decoding_step_by_step():
+@pytest.mark.parametrize("cache_kwarg", CACHE_KWARGS)
+def test_router_is_not_called_while_decoding_step_by_step(cache_kwarg):
     model = _milora()
     ids = _ids(2, 4)
     out = model(ids, use_cache=True)
@@ -487,7 +506,7 @@ def test_router_is_not_called_while_decoding_step_by_step():
     for _ in range(3):
         nxt = out.logits[:, -1:].argmax(-1)
         seq = torch.cat([seq, nxt], 1)
-        out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = model(nxt, use_cache=True, **{cache_kwarg: out.past_key_values})
     assert _router_calls(model) == [1, 1]
     assert isinstance(next(model.milora_routers()), MiLoraRouter)
 
