@@ -209,6 +209,22 @@ def _signature(fn: JITFunction, bound: dict[str, Any], arch: int) -> tuple[dict,
     return signature, constexprs, attrs
 
 
+# An FMA-lowered tl.dot unrolls M*N*K/threads fused multiply-adds (>= 256 for the smallest tile here, a
+# [32, 16] x [16, 64] router dot at 4 warps); elementwise code has a few dozen.
+FMA_DOT_MIN = 256
+
+
+def _dot_engine(ptx: str) -> dict[str, Any]:
+    """Which units the kernel's dots run on, from its PTX: wgmma (Hopper warpgroup MMA), mma.sync (tensor-core
+    MMA of Ampere's kind), or FMA loops (an "ieee" fp32 dot on the CUDA cores: 67 TFLOP/s against 990 for
+    bf16 tensor cores, by an H100's datasheet)."""
+    wgmma = len(re.findall(r"\bwgmma\.mma_async", ptx))
+    mma = len(re.findall(r"\bmma\.sync", ptx))
+    fma = len(re.findall(r"\bfma\.rn\.f32", ptx))
+    engine = "wgmma" if wgmma else "mma" if mma else "FMA" if fma >= FMA_DOT_MIN else "-"
+    return dict(dot=engine, wgmma=wgmma, mma=mma, fma=fma)
+
+
 def _resources(cubin: bytes) -> dict[str, int]:
     """REG, LOCAL (spill), SHARED and STACK of the cubin's one function, from cuobjdump -res-usage."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -260,6 +276,7 @@ def compile_job(job: Job, arch: int) -> dict[str, Any]:
         src = ASTSource(fn=job.fn, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=job.options)
         row |= _resources(compiled.asm["cubin"]) | dict(shared=compiled.metadata.shared, ok=True)
+        row |= _dot_engine(compiled.asm["ptx"])
         limit = SHARED_LIMIT.get(arch)
         if limit is not None and row["shared"] > limit:
             row |= dict(ok=False, error=f"shared memory {row['shared']} B > the target's {limit} B")
@@ -305,16 +322,18 @@ def markdown(rows: list[dict[str, Any]], arch: int, all_configs: bool) -> str:
         + ("every autotune config" if all_configs else "the pinned config of each autotuned kernel"),
         "",
         f"{len(rows) - len(bad)}/{len(rows)} compiles pass; {len(spills)} use a stack frame (spilled registers).",
+        "`dots on`: wgmma (Hopper warpgroup MMA), mma (mma.sync tensor cores), FMA (an fp32 dot unrolled on the",
+        "CUDA cores), - (no dot), read from the PTX.",
         "",
-        "| kernel | variant | tile | warps, stages | regs | stack B | shared B | ok |",
-        "|---|---|---|---|---:|---:|---:|---|",
+        "| kernel | variant | tile | warps, stages | regs | stack B | shared B | dots on | ok |",
+        "|---|---|---|---|---:|---:|---:|---|---|",
     ]
     for r in rows:
         opts = f"{r['options'].get('num_warps', '-')}, {r['options'].get('num_stages', '-')}"
         tile = " ".join(f"{k}={v}" for k, v in r["constexprs"].items() if re.fullmatch(r"B[A-Z]{1,2}|NC", k))
         lines.append(
             f"| {r['kernel']} | {r['variant']} | {tile} | {opts} | {r.get('reg', '-')} | {r.get('stack', '-')} "
-            f"| {r.get('shared', '-')} | {'yes' if r['ok'] else 'NO: ' + r['error'][:120]} |"
+            f"| {r.get('shared', '-')} | {r.get('dot', '-')} | {'yes' if r['ok'] else 'NO: ' + r['error'][:120]} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -34,7 +34,9 @@ count is chosen from the shapes alone (enough programs to fill the device at dec
 
 Dot precision: with 16-bit activations every `tl.dot` takes 16-bit operands (LoRA weights and fp32
 rank-space values rounded to the activation dtype, fp32 accumulate: tensor cores); with fp32 activations,
-ieee fp32 dots. Under the interpreter, bf16 dots are computed in fp32 (the interpreter's bf16 math is
+ieee fp32 dots. The down LoRA's expand and its backward (moe_lora's helpers, on fp32 rank-space values and
+gradients) and the route_shrink backward keep fp32 operands: "tf32x3" for 16-bit activations
+(moe_lora.fp32_dot_precision). Under the interpreter, bf16 dots are computed in fp32 (the interpreter's bf16 math is
 broken). Elementwise math (activation, product, weighted sum, gradients) is fp32. The rank axis only
 reaches `tl.dot` through the flat E*r axis tiled by constexpr blocks >= 16, so r = 4 or 8 needs no padding.
 Expert ranks beyond one block of RANK_CHUNK columns (E*r > 128) are split over a third grid axis, each
@@ -52,7 +54,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from moelora.kernels.moe_lora import _a_strides, _b_strides, _expand, _shrink, _wgrad
+from moelora.kernels.moe_lora import _a_strides, _b_strides, _expand, _shrink, _wgrad, fp32_dot_precision
 from torch import Tensor
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -77,7 +79,8 @@ def _interpreting() -> bool:
 def _configs() -> list[triton.Config]:
     """Tile configs of the three fused kernels. One pinned config under the interpreter (a multi-config
     autotune crashes it) or with MOELORA_TRITON_PIN_CONFIG=1; small tiles there so that the tests cross
-    block boundaries. Not tuned on a GPU yet: the list is a starting point.
+    block boundaries. Autotuned on a GPU once, untuned beyond this list: dense-masked, the whole MixLoRA FFN
+    took 28.2 ms fwd+bwd at T=8192 on an H200 (the sorted regime 14.5), 3.28 ms at T=32.
 
     Register pressure, from `python -m bench.compile_check --all-configs` (sm_90, bf16, specialised as the
     launcher does): BT=16, BI=64 at 8 warps (last entry) spills nothing in the forward and the rows
@@ -752,8 +755,9 @@ def shrink_x_bwd(grad_ua: Tensor, x: Tensor, A: Tensor) -> tuple[Tensor, Tensor]
     """The backward of shrink_x: grad_x = grad_ua @ A_all [T, D] (x's dtype), grad_A = grad_ua^T @ x (A's dtype)."""
     R = A.shape[1]
     grad_ua = grad_ua.contiguous()
-    grad_x = _expand(grad_ua, A, _a_strides(A), R, x.shape[1], x.dtype)
-    grad_A = _wgrad(grad_ua, x, _new(A), _a_strides(A), R)
+    prec = fp32_dot_precision(x.dtype)
+    grad_x = _expand(grad_ua, A, _a_strides(A), R, x.shape[1], x.dtype, prec)
+    grad_A = _wgrad(grad_ua, x, _new(A), _a_strides(A), R, prec)
     return grad_x, grad_A
 
 
@@ -896,7 +900,7 @@ def mixlora_ffn_core_fwd(
     if dA is None:
         return hbar, up.new_empty(T, 0, dtype=torch.float32), zd
     # fp32, so that the caller adds it to Wd hbar before the one rounding to the model dtype, as the reference
-    y_lora = _expand(zd, dB, _b_strides(dB), R, dB.shape[1], torch.float32)
+    y_lora = _expand(zd, dB, _b_strides(dB), R, dB.shape[1], torch.float32, fp32_dot_precision(up.dtype))
     return hbar, y_lora, zd
 
 
@@ -951,7 +955,10 @@ def mixlora_ffn_core_bwd(
     dev = up.device
     has_down = dA is not None and grad_y_lora is not None
     # q = dy_lora @ Bd_all [T, N] fp32 (ua stands in, unread, without a down LoRA)
-    q = _shrink(grad_y_lora, dB, _b_strides(dB), R, weights, indices, scaling, raw=True)[0] if has_down else ua
+    prec = fp32_dot_precision(up.dtype)
+    q = ua
+    if has_down:
+        q = _shrink(grad_y_lora, dB, _b_strides(dB), R, weights, indices, scaling, raw=True, fp32_prec=prec)[0]
     ag, au = _rank_views(ua, gB is not None, uB is not None, shared_a, N)
     common = _common_args(gate, up, weights, indices, ag, au, gB, uB, dA if has_down else None, E, R, scaling, act)
     strides = dict(stride_dht=grad_hbar.stride(0), stride_dhi=grad_hbar.stride(1))
@@ -1016,7 +1023,7 @@ def mixlora_ffn_core_bwd(
     if dB is not None:
         grad_dB = _new(dB)
         if has_down:
-            _wgrad(zd, grad_y_lora, grad_dB, _b_strides(grad_dB), R)
+            _wgrad(zd, grad_y_lora, grad_dB, _b_strides(grad_dB), R, prec)
         else:
             grad_dB.zero_()
         if grad_dA is None:

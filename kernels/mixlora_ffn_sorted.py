@@ -55,7 +55,7 @@ from moelora.kernels.mixlora_ffn import (
     _slices,
     _slot_act_grads,
 )
-from moelora.kernels.moe_lora import _b_strides, _expand, _shrink, _wgrad
+from moelora.kernels.moe_lora import _b_strides, _expand, _shrink, _wgrad, fp32_dot_precision
 from moelora.kernels.moe_lora_sorted import ExpertSort, sort_by_expert
 from torch import Tensor
 
@@ -772,7 +772,7 @@ def mixlora_ffn_sorted_core_fwd(
     zd = zd_part.sum(0) if S > 1 else zd_part[0]
     if dA is None:
         return hbar, up.new_empty(T, 0, dtype=torch.float32), zd
-    y_lora = _expand(zd, dB, _b_strides(dB), R, dB.shape[1], torch.float32)
+    y_lora = _expand(zd, dB, _b_strides(dB), R, dB.shape[1], torch.float32, fp32_dot_precision(up.dtype))
     return hbar, y_lora, zd
 
 
@@ -801,7 +801,10 @@ def mixlora_ffn_sorted_core_bwd(
     K = weights.shape[1]
     dev = up.device
     has_down = dA is not None and grad_y_lora is not None
-    q = _shrink(grad_y_lora, dB, _b_strides(dB), R, weights, indices, scaling, raw=True)[0] if has_down else ua
+    prec = fp32_dot_precision(up.dtype)
+    q = ua
+    if has_down:
+        q = _shrink(grad_y_lora, dB, _b_strides(dB), R, weights, indices, scaling, raw=True, fp32_prec=prec)[0]
     ag, au = _rank_views(ua, gB is not None, uB is not None, shared_a, N)
     bg, bu, ad = _rows(gB, N, True), _rows(uB, N, True), _rows(dA, N, False) if has_down else None
     sort = combo_sort(indices, weights, E, BLOCK_T)
@@ -849,7 +852,7 @@ def mixlora_ffn_sorted_core_bwd(
     if dB is not None:
         grad_dB = torch.empty(dB.shape, dtype=dB.dtype, device=dev)
         if has_down:
-            _wgrad(zd, grad_y_lora, grad_dB, _b_strides(grad_dB), R)
+            _wgrad(zd, grad_y_lora, grad_dB, _b_strides(grad_dB), R, prec)
         else:
             grad_dB.zero_()
         if grad_dA is None:

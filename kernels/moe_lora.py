@@ -65,6 +65,7 @@ def moe_lora_fwd_kernel_shrink(
     BD: tl.constexpr,
     STORE_RAW: tl.constexpr,
     FP32: tl.constexpr,
+    FP32_PREC: tl.constexpr,
 ):
     i_t, i_n = tl.program_id(0), tl.program_id(1)
     o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
@@ -83,7 +84,7 @@ def moe_lora_fwd_kernel_shrink(
         )  # [BT, BD]
         b_w = tl.load(p_w[None, :] + o_d[:, None] * stride_wd, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
         if FP32:
-            b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc=b_acc, input_precision="ieee")
+            b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
         else:
             b_acc = tl.dot(b_x, b_w.to(b_x.dtype), acc=b_acc)
 
@@ -124,6 +125,7 @@ def moe_lora_fwd_kernel_expand(
     BC: tl.constexpr,
     BN: tl.constexpr,
     FP32: tl.constexpr,
+    FP32_PREC: tl.constexpr,
 ):
     i_t, i_c = tl.program_id(0), tl.program_id(1)
     o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
@@ -139,7 +141,7 @@ def moe_lora_fwd_kernel_expand(
         p_w = w_ptr + (o_n // R).to(tl.int64) * stride_we + (o_n % R).to(tl.int64) * stride_wr  # [BN]
         b_w = tl.load(p_w[:, None] + o_c[None, :] * stride_wc, mask=m_n[:, None] & m_c[None, :], other=0.0)  # [BN, BC]
         if FP32:
-            b_acc = tl.dot(b_v, b_w.to(tl.float32), acc=b_acc, input_precision="ieee")
+            b_acc = tl.dot(b_v, b_w.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
         else:
             # 16-bit weights: v rounded to their dtype for the tensor-core dot, fp32 accumulate.
             b_acc = tl.dot(b_v.to(b_w.dtype), b_w, acc=b_acc)
@@ -167,6 +169,7 @@ def moe_lora_bwd_kernel_wgrad(
     BC: tl.constexpr,
     BT: tl.constexpr,
     FP32: tl.constexpr,
+    FP32_PREC: tl.constexpr,
 ):
     # g[n, c] = sum_t lhs[t, n] * rhs[t, c]: each program owns its output tile and loops over all tokens,
     # so no split-K and no atomics.
@@ -185,7 +188,7 @@ def moe_lora_bwd_kernel_wgrad(
             rhs_ptr + o_t[:, None] * stride_rt + o_c[None, :] * stride_rc, mask=m_t[:, None] & m_c[None, :], other=0.0
         )  # [BT, BC]
         if FP32:
-            b_acc = tl.dot(b_l, b_r.to(tl.float32), acc=b_acc, input_precision="ieee")  # [BN, BT] @ [BT, BC]
+            b_acc = tl.dot(b_l, b_r.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)  # [BN, BT] @ [BT, BC]
         else:
             b_acc = tl.dot(b_l.to(b_r.dtype), b_r, acc=b_acc)
 
@@ -194,9 +197,19 @@ def moe_lora_bwd_kernel_wgrad(
 
 
 def _use_fp32(*tensors: Tensor) -> bool:
-    """fp32 ieee dots unless every operand shares one 16-bit dtype (then tensor-core dots, fp32 accumulate)."""
+    """fp32 dots unless every operand shares one 16-bit dtype (then 16-bit tensor-core dots, fp32 accumulate)."""
     dtypes = {t.dtype for t in tensors}
     return len(dtypes) != 1 or torch.float32 in dtypes
+
+
+def fp32_dot_precision(activation_dtype: torch.dtype) -> str:
+    """input_precision of the dots that take fp32 operands (fp32 adapters, the default; fp32 rank-space values
+    and gradients), by the model's activation dtype: "ieee" for fp32 activations (fp32 parity with the
+    reference); "tf32x3" for 16-bit ones: three tensor-core passes over the operands' tf32 hi/lo halves,
+    close to fp32 (the 16-bit output's rounding dominates). "ieee" dots compile to FMA loops (1024
+    fma.rn.f32 per tile in their sm_90 PTX, no mma); these ran the down LoRA and the route_shrink backward of
+    the H200 run of 2026-12-04 (not yet timed apart)."""
+    return "ieee" if activation_dtype in (torch.float32, torch.float64) else "tf32x3"
 
 
 def _rank_block(n: int, cap: int) -> int:
@@ -212,8 +225,10 @@ def _shrink(
     indices: Tensor,
     scaling: float,
     raw: bool,
+    fp32_prec: str,
 ) -> tuple[Tensor | None, Tensor]:
-    """x [T, D] against w seen as [E, R, D] through w_strides -> (raw [T, E*R] fp32 or None, gated [T, E*R] fp32)."""
+    """x [T, D] against w seen as [E, R, D] through w_strides -> (raw [T, E*R] fp32 or None, gated [T, E*R] fp32).
+    fp32_prec: fp32_dot_precision of the model's activations, for the dots with fp32 operands."""
     T, D = x.shape
     N = w.shape[0] * R
     gated = torch.empty(T, N, dtype=torch.float32, device=x.device)
@@ -248,13 +263,17 @@ def _shrink(
         BD=SHRINK_BLOCK_D,
         STORE_RAW=raw,
         FP32=_use_fp32(x, w),
+        FP32_PREC=fp32_prec,
         num_warps=NUM_WARPS,
     )
     return (out_raw if raw else None), gated
 
 
-def _expand(v: Tensor, w: Tensor, w_strides: tuple[int, int, int], R: int, C: int, dtype: torch.dtype) -> Tensor:
-    """v [T, E*R] fp32 times w seen as [E*R, C] through w_strides (expert, rank, column) -> [T, C] in dtype."""
+def _expand(
+    v: Tensor, w: Tensor, w_strides: tuple[int, int, int], R: int, C: int, dtype: torch.dtype, fp32_prec: str
+) -> Tensor:
+    """v [T, E*R] fp32 times w seen as [E*R, C] through w_strides (expert, rank, column) -> [T, C] in dtype;
+    fp32_prec as in _shrink."""
     T, N = v.shape
     y = torch.empty(T, C, dtype=dtype, device=v.device)
     grid = (triton.cdiv(T, EXPAND_BLOCK_T), triton.cdiv(C, EXPAND_BLOCK_C))
@@ -276,13 +295,15 @@ def _expand(v: Tensor, w: Tensor, w_strides: tuple[int, int, int], R: int, C: in
         BC=EXPAND_BLOCK_C,
         BN=_rank_block(N, EXPAND_BLOCK_N),
         FP32=w.dtype == torch.float32,
+        FP32_PREC=fp32_prec,
         num_warps=NUM_WARPS,
     )
     return y
 
 
-def _wgrad(lhs: Tensor, rhs: Tensor, grad: Tensor, g_strides: tuple[int, int, int], R: int) -> Tensor:
-    """grad seen as [E*R, C] through g_strides <- lhs^T @ rhs; lhs [T, E*R] fp32, rhs [T, C]."""
+def _wgrad(lhs: Tensor, rhs: Tensor, grad: Tensor, g_strides: tuple[int, int, int], R: int, fp32_prec: str) -> Tensor:
+    """grad seen as [E*R, C] through g_strides <- lhs^T @ rhs; lhs [T, E*R] fp32, rhs [T, C]; fp32_prec as in
+    _shrink."""
     T, N = lhs.shape
     C = rhs.shape[1]
     BN = _rank_block(N, WGRAD_BLOCK_N)
@@ -305,6 +326,7 @@ def _wgrad(lhs: Tensor, rhs: Tensor, grad: Tensor, g_strides: tuple[int, int, in
         BC=WGRAD_BLOCK_C,
         BT=WGRAD_BLOCK_T,
         FP32=rhs.dtype == torch.float32,
+        FP32_PREC=fp32_prec,
         num_warps=NUM_WARPS,
     )
     return grad
@@ -322,8 +344,9 @@ def moe_lora_fwd(
     x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float, save_u: bool
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """-> y [T, out] in x's dtype, u [T, E*r] fp32 (None unless save_u), v [T, E*r] fp32."""
-    u, v = _shrink(x, A, _a_strides(A), A.shape[1], weights, indices, scaling, raw=save_u)
-    y = _expand(v, B, _b_strides(B), A.shape[1], B.shape[1], x.dtype)
+    prec = fp32_dot_precision(x.dtype)
+    u, v = _shrink(x, A, _a_strides(A), A.shape[1], weights, indices, scaling, raw=save_u, fp32_prec=prec)
+    y = _expand(v, B, _b_strides(B), A.shape[1], B.shape[1], x.dtype, prec)
     return y, u, v
 
 
@@ -346,11 +369,12 @@ def moe_lora_bwd(
     """
     E, r, _ = A.shape
     T = weights.shape[0]
-    dv, du = _shrink(dy, B, _b_strides(B), r, weights, indices, scaling, raw=True)
-    grad_x = _expand(du, A, _a_strides(A), r, x.shape[1], x.dtype)
-    grad_A = _wgrad(du, x, torch.empty_like(A), _a_strides(A), r)
+    prec = fp32_dot_precision(x.dtype)
+    dv, du = _shrink(dy, B, _b_strides(B), r, weights, indices, scaling, raw=True, fp32_prec=prec)
+    grad_x = _expand(du, A, _a_strides(A), r, x.shape[1], x.dtype, prec)
+    grad_A = _wgrad(du, x, torch.empty_like(A), _a_strides(A), r, prec)
     grad_B = torch.empty_like(B)
-    _wgrad(v, dy, grad_B, _b_strides(grad_B), r)
+    _wgrad(v, dy, grad_B, _b_strides(grad_B), r, prec)
     per_expert = (dv * u).view(T, E, r).sum(dim=-1)  # [T, E]: <dy, B_e A_e x> per expert
     valid = (indices >= 0) & (indices < E)
     picked = per_expert.gather(1, torch.where(valid, indices, 0).long())  # [T, k]

@@ -31,9 +31,10 @@ so nothing is memset. No atomics anywhere (forward or backward): each output ele
 program, and the sums over slots run in PyTorch in a fixed order, so results are bitwise deterministic.
 
 Rank axis: a constexpr block >= 16 (tl.dot needs K >= 16 for 16-bit inputs on the GPU), masked, so r = 4
-or 8 needs no padding in memory. Expert weights are addressed in place through strides. fp32 ieee dots,
-or 16-bit dots with fp32 accumulation when x (dy), A and B share one 16-bit dtype. CUDA tensors; CPU
-tensors under TRITON_INTERPRET=1 (tested there in fp32 and fp16; never run on a GPU yet).
+or 8 needs no padding in memory. Expert weights are addressed in place through strides. 16-bit dots with
+fp32 accumulation when x (dy), A and B share one 16-bit dtype; otherwise fp32 operands, "ieee" for fp32
+activations and "tf32x3" for 16-bit ones (moe_lora.fp32_dot_precision). CUDA tensors; CPU tensors under
+TRITON_INTERPRET=1 (tested there in fp32 and fp16); bf16 / fp16 parity passed on an H200 (2026-12-04).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from moelora.kernels.moe_lora import _use_fp32, check_inputs
+from moelora.kernels.moe_lora import _use_fp32, check_inputs, fp32_dot_precision
 from torch import Tensor
 
 # One pinned config per kernel: multi-config autotune crashes the Triton interpreter. BLOCK_M = 32 sorted
@@ -131,6 +132,7 @@ def moe_lora_sorted_kernel_fused(
     BG: tl.constexpr,
     STORE_RAW: tl.constexpr,
     FP32: tl.constexpr,
+    FP32_PREC: tl.constexpr,
 ):
     g, start, end = _pair_block(offsets_ptr, NP, E, BM, BG)
     if g > E:
@@ -165,7 +167,7 @@ def moe_lora_sorted_kernel_fused(
         p_w1 = w1_ptr + e * stride_w1e + o_d[:, None] * stride_w1d + o_r[None, :] * stride_w1r
         b_w1 = tl.load(p_w1, mask=m_d[:, None] & m_r[None, :], other=0.0)  # [BD, BR]
         if FP32:
-            b_acc = tl.dot(b_x.to(tl.float32), b_w1.to(tl.float32), acc=b_acc, input_precision="ieee")
+            b_acc = tl.dot(b_x.to(tl.float32), b_w1.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
         else:
             b_acc = tl.dot(b_x, b_w1.to(b_x.dtype), acc=b_acc)
 
@@ -181,7 +183,7 @@ def moe_lora_sorted_kernel_fused(
         b_w2 = tl.load(p_w2, mask=m_r[:, None] & m_c[None, :], other=0.0)  # [BR, BC]
         b_out = tl.zeros([BM, BC], dtype=tl.float32)
         if FP32:
-            b_out = tl.dot(b_v, b_w2.to(tl.float32), acc=b_out, input_precision="ieee")
+            b_out = tl.dot(b_v, b_w2.to(tl.float32), acc=b_out, input_precision=FP32_PREC)
         else:
             # 16-bit weights: v rounded to their dtype for the tensor-core dot, fp32 accumulate.
             b_out = tl.dot(b_v.to(b_w2.dtype), b_w2, acc=b_out)
@@ -212,6 +214,7 @@ def moe_lora_sorted_kernel_wgrad(
     BC: tl.constexpr,
     BR: tl.constexpr,
     FP32: tl.constexpr,
+    FP32_PREC: tl.constexpr,
 ):
     # grad[e][r, c] = sum over e's pairs p of lhs_scale * w_p * lhs[p, r] * rhs[tok(p), c]: each program owns
     # its tile and loops over the expert's contiguous sorted pairs, so no split-K and no atomics.
@@ -236,7 +239,7 @@ def moe_lora_sorted_kernel_wgrad(
             rhs_ptr + b_tok[:, None] * stride_rt + o_c[None, :] * stride_rc, mask=m_m[:, None] & m_c[None, :], other=0.0
         )  # [BM, BC]
         if FP32:
-            b_acc = tl.dot(b_l, b_rhs.to(tl.float32), acc=b_acc, input_precision="ieee")
+            b_acc = tl.dot(b_l, b_rhs.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
         else:
             b_acc = tl.dot(b_l.to(b_rhs.dtype), b_rhs, acc=b_acc)
 
@@ -304,6 +307,7 @@ def _fused(
         BG=triton.next_power_of_2(E + 1),
         STORE_RAW=raw is not None,
         FP32=fp32,
+        FP32_PREC=fp32_dot_precision(x.dtype),  # x: the activations (or dy)
         num_warps=NUM_WARPS,
     )
 
@@ -345,6 +349,7 @@ def _wgrad(
         BC=BLOCK_C,
         BR=_rank_block(R),
         FP32=fp32,
+        FP32_PREC=fp32_dot_precision(rhs.dtype),  # rhs: the activations (or dy)
         num_warps=NUM_WARPS,
     )
     return grad

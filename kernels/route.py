@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 from moelora.kernels.mixlora_ffn import PIN_CONFIG_ENV, _dot_mode, shrink_x_bwd
+from moelora.kernels.moe_lora import fp32_dot_precision
 from torch import Tensor
 
 from moelora.reference import Routing, compute_dtype
@@ -41,7 +42,8 @@ def _route_shrink_configs() -> list[triton.Config]:
     sm_90, bf16, N = 256): BT=32/BH=64 at 4 warps spills 248 B per thread, BT=32 or 64 with BH=32 at 8 warps
     spill nothing (138 / 176 registers); those two lead the list, and BT=64/BH=32/8 warps is the pinned
     GPU config (MOELORA_TRITON_PIN_CONFIG=1). Under the interpreter (a multi-config autotune crashes it):
-    one small config. Not timed on a GPU yet."""
+    one small config. Timed once (H200, T=8192, bf16, before the router's dot moved to tf32x3): x read at
+    177 GB/s, 0.05 of a copy's bandwidth."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BT": BLOCK_T, "BH": BLOCK_H}, num_warps=NUM_WARPS)]
     if os.environ.get(PIN_CONFIG_ENV) == "1":
@@ -130,6 +132,7 @@ def route_fwd_kernel(
     K: tl.constexpr,
     TOP_P: tl.constexpr,
     DT: tl.constexpr,
+    ROUTER_PREC: tl.constexpr,
     BT: tl.constexpr,
     BH: tl.constexpr,
     BE: tl.constexpr,
@@ -150,7 +153,7 @@ def route_fwd_kernel(
         b_x = tl.load(p_x, mask=m_t[:, None] & m_h[None, :], other=0.0).to(DT)  # [BT, BH]
         p_w = wr_ptr + o_e.to(tl.int64)[:, None] * stride_we + o_h[None, :] * stride_wh
         b_w = tl.load(p_w, mask=m_e[:, None] & m_h[None, :], other=0.0).to(DT)  # [BE, BH]
-        b_l = tl.dot(b_x, tl.trans(b_w), acc=b_l, input_precision="ieee")  # [BT, BE]
+        b_l = tl.dot(b_x, tl.trans(b_w), acc=b_l, input_precision=ROUTER_PREC)  # [BT, BE]
 
     _select(b_l, o_t64, m_t, weights_ptr, indices_ptr, probs_ptr, top_p, E, K, TOP_P, DT, BT, BE, BK)
 
@@ -183,14 +186,17 @@ def route_shrink_fwd_kernel(
     TOP_P: tl.constexpr,
     PREC: tl.constexpr,
     DOT_DT: tl.constexpr,
+    ROUTER_PREC: tl.constexpr,
     BT: tl.constexpr,
     BH: tl.constexpr,
     BE: tl.constexpr,
     BK: tl.constexpr,
     BN: tl.constexpr,
 ):
-    # x @ [Wr | A_all]^T: each tile of x is loaded once and feeds both dots. The router's dot is fp32 ieee
-    # (the reference routes in fp32); the shrink's takes 16-bit operands for 16-bit x (tensor cores).
+    # x @ [Wr | A_all]^T: each tile of x is loaded once and feeds both dots. The router's dot has fp32 operands
+    # (the reference routes in fp32): tf32x3 tensor-core passes for 16-bit x, which tf32 holds exactly, so only
+    # the router weight's lo half rounds (ieee, on the FMA units, read x at 0.05 of an H200's copy bandwidth
+    # in this kernel and 0.06 in route_fwd_kernel); the shrink's dot takes 16-bit operands for 16-bit x.
     i_t = tl.program_id(0)
     o_t = i_t * BT + tl.arange(0, BT)  # [BT]
     m_t = o_t < T
@@ -211,7 +217,7 @@ def route_shrink_fwd_kernel(
         )  # [BT, BH]
         p_w = wr_ptr + o_e.to(tl.int64)[:, None] * stride_we + o_h[None, :] * stride_wh
         b_w = tl.load(p_w, mask=m_e[:, None] & m_h[None, :], other=0.0).to(tl.float32)  # [BE, BH]
-        b_l = tl.dot(b_x.to(tl.float32), tl.trans(b_w), acc=b_l, input_precision="ieee")  # [BT, BE]
+        b_l = tl.dot(b_x.to(tl.float32), tl.trans(b_w), acc=b_l, input_precision=ROUTER_PREC)  # [BT, BE]
         b_a = tl.load(p_a[None, :] + o_h[:, None] * stride_ah, mask=m_h[:, None] & m_n[None, :], other=0.0)  # [BH, BN]
         b_u = tl.dot(b_x.to(DOT_DT), b_a.to(DOT_DT), acc=b_u, input_precision=PREC)  # [BT, BN]
 
@@ -307,6 +313,7 @@ def route_fwd(x: Tensor, router_weight: Tensor, k: int, top_p: float | None) -> 
         K=k,
         TOP_P=top_p is not None,
         DT=_TL_DTYPES[dt],
+        ROUTER_PREC=fp32_dot_precision(x.dtype),
         BT=BLOCK_T,
         BH=BLOCK_H,
         BE=_pad(E),
@@ -397,6 +404,7 @@ def route_shrink_fwd(
         K=k,
         TOP_P=top_p is not None,
         PREC=prec,
+        ROUTER_PREC=fp32_dot_precision(x.dtype),
         DOT_DT=dot_dt,
         BE=_pad(E),
         BK=triton.next_power_of_2(k),

@@ -35,6 +35,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from moelora.kernels.moe_lora import fp32_dot_precision
 from torch import Tensor
 
 # One pinned config per kernel (a multi-config autotune crashes the interpreter). Rank blocks are >= 16 so
@@ -87,6 +88,7 @@ def segmented_lora_fwd_kernel_shrink(
     stride_wd,
     DOT: tl.constexpr,
     FP32: tl.constexpr,
+    FP32_PREC: tl.constexpr,
     BT: tl.constexpr,
     BR: tl.constexpr,
     BD: tl.constexpr,
@@ -107,7 +109,7 @@ def segmented_lora_fwd_kernel_shrink(
             b_x = tl.load(p_x, mask=m_tok[:, None] & m_d[None, :], other=0.0)  # [BT, BD]
             b_w = tl.load(p_w[None, :] + o_d[:, None] * stride_wd, mask=m_d[:, None] & m_r[None, :], other=0.0)
             if FP32:
-                b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc=b_acc, input_precision="ieee")
+                b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
             else:
                 b_acc = tl.dot(b_x, b_w.to(b_x.dtype), acc=b_acc)  # [BT, BR]
         m_out = m_tok[:, None] & m_r[None, :]
@@ -138,6 +140,7 @@ def segmented_lora_fwd_kernel_expand(
     stride_yt,
     stride_yc,
     FP32: tl.constexpr,
+    FP32_PREC: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
     BR: tl.constexpr,
@@ -166,7 +169,7 @@ def segmented_lora_fwd_kernel_expand(
                 b_u = tl.load(p_u, mask=m_tok[:, None] & m_r[None, :], other=0.0) * b_scale[:, None]  # [BT, BR]
                 b_w = tl.load(p_w + o_r.to(tl.int64)[:, None] * stride_wr, mask=m_r[:, None] & m_c[None, :], other=0.0)
                 if FP32:
-                    b_acc = tl.dot(b_u, b_w.to(tl.float32), acc=b_acc, input_precision="ieee")
+                    b_acc = tl.dot(b_u, b_w.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
                 else:
                     # 16-bit weights: the gated rank-space rows rounded to their dtype for the tensor-core dot.
                     b_acc = tl.dot(b_u.to(b_w.dtype), b_w, acc=b_acc)  # [BT, BC]
@@ -193,6 +196,7 @@ def segmented_lora_bwd_kernel_wgrad(
     stride_gr,
     stride_gc,
     FP32: tl.constexpr,
+    FP32_PREC: tl.constexpr,
     BT: tl.constexpr,
     BR: tl.constexpr,
     BC: tl.constexpr,
@@ -219,7 +223,7 @@ def segmented_lora_bwd_kernel_wgrad(
             p_rhs = rhs_ptr + o_t[:, None] * stride_rt + o_c[None, :] * stride_rc
             b_rhs = tl.load(p_rhs, mask=m_tok[:, None] & m_c[None, :], other=0.0)  # [BT, BC]
             if FP32:
-                b_acc = tl.dot(b_l, b_rhs.to(tl.float32), acc=b_acc, input_precision="ieee")
+                b_acc = tl.dot(b_l, b_rhs.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
             else:
                 b_acc = tl.dot(b_l.to(b_rhs.dtype), b_rhs, acc=b_acc)  # [BR, BC]
 
@@ -270,7 +274,8 @@ def segmented_lora_bwd_kernel_reduce(
 
 
 def _use_fp32(*tensors: Tensor) -> bool:
-    """fp32 ieee dots unless every operand shares one 16-bit dtype (then tensor-core dots, fp32 accumulate)."""
+    """fp32 dots (moe_lora.fp32_dot_precision) unless every operand shares one 16-bit dtype (then 16-bit
+    tensor-core dots, fp32 accumulate)."""
     dtypes = {t.dtype for t in tensors}
     return len(dtypes) != 1 or torch.float32 in dtypes
 
@@ -318,6 +323,7 @@ def _shrink(
         stride_wd=w_strides[2],
         DOT=ref is not None,
         FP32=_use_fp32(x, w),
+        FP32_PREC=fp32_dot_precision(x.dtype),  # x: the activations (or dy)
         BT=BLOCK_T,
         BR=BR,
         BD=BLOCK_D,
@@ -350,6 +356,7 @@ def _expand(u: Tensor, w: Tensor, w_strides: tuple[int, int, int], C: int, dtype
         stride_yt=y.stride(0),
         stride_yc=y.stride(1),
         FP32=w.dtype == torch.float32,
+        FP32_PREC=fp32_dot_precision(dtype),  # dtype: the activations'
         BT=BLOCK_T,
         BC=BLOCK_C,
         BR=_rank_block(R),
@@ -382,6 +389,7 @@ def _wgrad(lhs: Tensor, rhs: Tensor, grad: Tensor, g_strides: tuple[int, int, in
         stride_gr=g_strides[1],
         stride_gc=g_strides[2],
         FP32=rhs.dtype == torch.float32,
+        FP32_PREC=fp32_dot_precision(rhs.dtype),  # rhs: the activations (or dy)
         BT=WGRAD_BLOCK_T,
         BR=BR,
         BC=BLOCK_C,

@@ -51,6 +51,11 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     missing = _public_kernels() - {r["kernel"] for r in rows}
     assert not missing, f"kernels no op launched, so never compiled: {sorted(missing)}"
     assert {r["variant"] for r in rows} == {"bf16", "fp32"}
+    # 16-bit models run every dot on tensor cores; fp32 operands there (fp32 adapters, rank-space gradients)
+    # take tf32x3, never an ieee dot unrolled on the CUDA cores (which ran the first GPU run's down LoRA)
+    fma = sorted({r["kernel"] for r in rows if r["variant"] == "bf16" and r["dot"] == "FMA"})
+    assert not fma, f"16-bit launches with dots on FMA units: {fma}"
+    assert any(r["dot"] == "FMA" for r in rows if r["variant"] == "fp32")  # the detector sees ieee dots
 
 
 def test_launches_are_specialised_as_on_a_gpu(monkeypatch):
