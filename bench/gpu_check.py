@@ -1,4 +1,4 @@
-"""Everything issue 3 asks of a GPU, in one call: `python -m bench.gpu_check` (about 2-4 minutes on an H100).
+"""Everything issue 3 asks of a GPU, in one call: `python -m bench.gpu_check` (about 2-5 minutes on an H200).
 
 1. Parity of the Triton ops (route, moe_lora (dense-masked, and sorted at the last shape), moe_lora_sorted at
    every shape, mixlora_ffn and routed_mixlora_ffn (route_shrink + the FFN), each in the fused FFN's dense and
@@ -14,8 +14,13 @@
    frozen FFN with one dense LoRA on gate/up/down), `loop` (the per-expert loop of mixlora / MoE-PEFT) and
    `base` (the frozen FFN alone), with the ratios the issue's goals name;
    the bandwidth of the one-read-of-x kernels (route; the gate+up shrink; route_shrink) against a copy; and
-   moe_lora's two regimes at T=8192, E = 8..64, r=16 (where the dense-masked one stops paying).
+   moe_lora's two regimes at T=8192, E = 8..64, r=16 (where the dense-masked one stops paying); and the
+   fused FFN's two regimes at T = 256, 1024, 2048 (`crossover`: where ffn_regime should switch).
 Writes bench/results/gpu-check-<device>-<date>.json and .md (the device named) and prints the markdown.
+Sections: --only ffn,crossover,bandwidth,regimes,parity,races (all by default); --dtypes for parity and races;
+--tag names the files of a partial run, --merge joins runs into one report (bench/gpu_session.sh does this:
+timings alone on the GPU, parity per dtype in parallel processes). The JSON is rewritten after every section
+and, in the timings, after every provider; an op or provider that raises is recorded with its error.
 MiLoRA's decode-step goals (issue 4) are the milora bench suite's:
 `python -m bench --suite milora --preset llama2-7b --dtype bf16` (run it in the same GPU session).
 

@@ -234,21 +234,25 @@ def _(grad_weights, grad_probs, grad_ua, x, router_weight, A, weights, indices, 
 FFN_REGIME_ENV = "MOELORA_FFN_REGIME"  # "dense" or "sorted" forces the fused FFN's kernels; unset or "auto": ffn_regime
 
 
+# Below this token count the sorted regime lost to the dense-masked one on an H200 (bf16, H=4096, I=11008,
+# E=8, k=2, r=16, fwd+bwd): 6.85 against 4.28 ms at T=1024, while it won 5.31 against 7.76 ms at T=2048 and
+# 14.5 against 28.2 ms at T=8192 (bench/results/gpu-check-cuda-nvidia-h200-2026-12-04.md).
+FFN_SORTED_MIN_T = 2048
+
+
 def ffn_regime(T: int, E: int, k: int) -> str:
     """Which kernels run the fused FFN (forward and backward decide alike, from the shapes):
     - "sorted" (kernels/mixlora_ffn_sorted.py): tokens sorted by their combination of experts, K = r per slot;
     - "dense" (kernels/mixlora_ffn.py): every slot's expand masked over all E*r rank columns, no sort.
-    By default sorted when E > 1 and the sort's padding stays within T rows (at E = 8, k = 2: T >= 675), dense
-    otherwise: at decode sizes the launch is latency-bound and the padding would dominate. The choice rests
-    on a FLOP count, not on a GPU timing yet (bench.gpu_check times both): at H = 4096, I = 11008, E = 8,
-    k = 2, r = 16 a MixLoRA FFN's rank work is ~88 MFLOP per token fwd + bwd dense-masked (16% of the frozen
-    FFN's ~540), ~21 sorted (4%)."""
+    By default sorted when E > 1, T >= FFN_SORTED_MIN_T (the measured crossover at E = 8, k = 2) and the sort's
+    padding stays within T rows (regime_fits; at E = 64, k = 2: T >= 32175); dense otherwise. Only E = 8,
+    k = 2 was timed: other E and k take the same threshold untested."""
     forced = os.environ.get(FFN_REGIME_ENV, "auto")
     if forced not in ("auto", "dense", "sorted"):
         raise ValueError(f"{FFN_REGIME_ENV} must be 'auto', 'dense' or 'sorted', got {forced!r}")
     if forced != "auto":
         return forced
-    return "sorted" if E > 1 and _ffn_sorted_kernels.regime_fits(T, E, k) else "dense"
+    return "sorted" if E > 1 and T >= FFN_SORTED_MIN_T and _ffn_sorted_kernels.regime_fits(T, E, k) else "dense"
 
 
 class _FfnCore(NamedTuple):

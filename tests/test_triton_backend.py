@@ -521,5 +521,48 @@ def test_gpu_check_dry_run(tmp_path):
     assert report_path.with_suffix(".md").read_text().startswith("# gpu_check on cpu-interpreter")
 
 
+def _gpu_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", *args],
+        env=WORKER_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+
+
+def test_gpu_check_sections_then_merge(tmp_path):
+    """What bench/gpu_session.sh does on a GPU: sections in separate runs (--only, --tag), then one report
+    (--merge) holding every run's sections and nothing else."""
+    parts = tmp_path / "parts"
+    for section, tag in (("regimes", "a"), ("parity", "b")):
+        proc = _gpu_check("--dry-run", "--only", section, "--dtypes", "fp32", "--out", str(parts), "--tag", tag)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = sorted(parts.glob("gpu-check-*.json"))
+    assert [p.stem.rsplit("-", 1)[1] for p in paths] == ["a", "b"]
+    proc = _gpu_check("--merge", *map(str, paths), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (merged,) = tmp_path.glob("gpu-check-*.json")
+    report = json.loads(merged.read_text())
+    assert [row["E"] for row in report["regimes"]] == [4, 16]
+    assert {r["dtype"] for r in report["parity"]} == {"fp32"} and all(r["ok"] for r in report["parity"])
+    assert not {"ffn", "races", "bandwidth", "crossover"} & set(report)
+    text = merged.with_suffix(".md").read_text()
+    assert "## moe_lora regimes" in text and "## Parity" in text and "## MixLoRA FFN timings" not in text
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        pytest.param(("--only", "ffn,speed"), "--only: unknown sections ['speed']", id="unknown-section"),
+        pytest.param(("--dtypes", "fp8"), "--dtypes: unknown ['fp8']", id="unknown-dtype"),
+    ],
+)
+def test_gpu_check_rejects_bad_arguments(args, match):
+    proc = _gpu_check("--dry-run", *args)
+    assert proc.returncode == 2 and match in proc.stderr, proc.stderr[-2000:]
+
+
 if __name__ == "__main__":
     print(json.dumps(worker()))
