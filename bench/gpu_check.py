@@ -6,7 +6,9 @@
    against moelora.reference in bf16, fp16 and fp32,
    forward and every gradient, with the tests' rule: the kernel's error against an fp64 reference may be
    at most twice PyTorch's own error at that dtype plus 4 ulps (of the largest value).
-2. Races: the forward (and the backward) of each op repeated, bitwise equal every time.
+2. Races: the forward (and the backward) of each op repeated, bitwise equal every time. `configs`: every
+   autotune config of the autotuned kernels (route_shrink, the dense-masked FFN's three) forced in turn and
+   checked as in 1 (parity and the interpreter tests see only the pinned tile; the timings whichever wins).
 3. Timings (triton.testing.do_bench, medians, L2 flushed) of one MixLoRA FFN at the issue's goal shape
    (H=4096, I=11008, E=8, k=2, r=16; T=8192 and T=32; bf16), forward and forward+backward, for
    `triton` (routed_mixlora_ffn: route_shrink + the fused FFN, as MixLoraFFN runs it), `triton-apart` (route,
@@ -17,7 +19,7 @@
    moe_lora's two regimes at T=8192, E = 8..64, r=16 (where the dense-masked one stops paying); and the
    fused FFN's two regimes at T = 256, 1024, 2048 (`crossover`: where ffn_regime should switch).
 Writes bench/results/gpu-check-<device>-<date>.json and .md (the device named) and prints the markdown.
-Sections: --only ffn,crossover,bandwidth,regimes,parity,races (all by default); --dtypes for parity and races;
+Sections: --only ffn,crossover,bandwidth,regimes,parity,races,configs (all by default); --dtypes for parity and races;
 --tag names the files of a partial run, --merge joins runs into one report (bench/gpu_session.sh does this:
 timings alone on the GPU, parity per dtype in parallel processes). The JSON is rewritten after every section
 and, in the timings, after every provider; an op or provider that raises is recorded with its error.
@@ -71,7 +73,8 @@ PARITY_SHAPES = [
 DRY_PARITY_SHAPES = [(7, 20, 40, 4, 2, 8), (9, 20, 40, 16, 3, 32)]  # the second: E*r = 512, moe_lora sorted
 DRY_TIMING = dict(H=24, I=40, E=4, k=2, r=8)
 CROSSOVER_T = (256, 1024, 2048)  # between GOAL_T's two: where the fused FFN's sorted regime starts to pay
-SECTIONS = ("ffn", "crossover", "bandwidth", "regimes", "parity", "races")
+SECTIONS = ("ffn", "crossover", "bandwidth", "regimes", "parity", "races", "configs")
+CONFIGS_SHAPE = (1000, 512, 1376, 8, 2, 16)  # several blocks of every tile size on every axis
 _START = time.perf_counter()
 
 
@@ -390,6 +393,61 @@ def races(shapes, dtypes: list[str], device: torch.device, repeats: int) -> list
     return rows
 
 
+def _autotuned_kernels() -> dict[str, Any]:
+    """The kernels with an autotune list (triton Autotuner objects), by name."""
+    from moelora.kernels import mixlora_ffn as ffn_kernels
+    from moelora.kernels import route as route_kernels
+
+    return {
+        "route_shrink_fwd_kernel": route_kernels.route_shrink_fwd_kernel,
+        "mixlora_ffn_fwd_kernel": ffn_kernels.mixlora_ffn_fwd_kernel,
+        "mixlora_ffn_bwd_kernel_rows": ffn_kernels.mixlora_ffn_bwd_kernel_rows,
+        "mixlora_ffn_bwd_kernel_cols": ffn_kernels.mixlora_ffn_bwd_kernel_cols,
+    }
+
+
+@contextmanager
+def _forced_config(kernel: Any, config: Any) -> Iterator[None]:
+    """Run `kernel` (an Autotuner) with this one config: a one-config list is launched without tuning."""
+    saved = kernel.configs
+    kernel.configs = [config]
+    kernel.cache.clear()
+    try:
+        yield
+    finally:
+        kernel.configs = saved
+        kernel.cache.clear()
+
+
+def config_parity(shape, dtypes: list[str], device: torch.device) -> list[dict]:
+    """Every autotune config of every autotuned kernel, forced in turn, against the reference: the parity
+    section runs the pinned tiles (MOELORA_TRITON_PIN_CONFIG=1), the timings whichever tile the autotuner
+    picks, and the interpreter tests only the pinned one; this checks them all. The op is routed_mixlora_ffn
+    in the dense regime, which runs all four kernels (forward and backward). Run it without the pin."""
+    run = OPS["routed_mixlora_ffn dense"]
+    rows = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        d = _op_inputs(shape, dtype, device)
+        want = run(reference, d, lambda t: t.double() if t.is_floating_point() else t)
+        lp = run(reference, d, lambda t: t)
+        for name, kernel in _autotuned_kernels().items():
+            for config in list(kernel.configs):
+                row: dict[str, Any] = dict(kernel=name, config=str(config), shape=shape, dtype=dname)
+                try:
+                    with _forced_config(kernel, config):
+                        got = run(_tb(), d, lambda t: t)
+                except Exception as e:
+                    rows.append(row | dict(ok=False, errors={}, error=_describe(e)))
+                    _log(f"configs {name} {config} {dname}: ERROR {_describe(e)}")
+                    continue
+                errs = _errors(got, lp, want, dtype)
+                errs.pop("indices", None)  # near-ties may pick another expert at 16-bit: not bounded
+                rows.append(row | dict(ok=all(e["ok"] for e in errs.values()), errors=errs))
+            _log(f"configs {name} {dname}: {sum(r['ok'] for r in rows)}/{len(rows)} ok so far")
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- timings
 
 
@@ -642,6 +700,14 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"- {r['op']} {r['shape']} {r['dtype']}: {r.get('error') or 'differing ' + str(r['differing'])}"
             )
+    if "configs" in report:
+        bad = [r for r in report["configs"] if not r["ok"]]
+        n = len(report["configs"])
+        lines += ["", f"## Every autotune config (routed_mixlora_ffn, dense): {n - len(bad)}/{n} pass", ""]
+        lines += ["Each autotuned kernel's configs forced in turn, per dtype, against the reference (the rule above)."]
+        for r in bad:
+            worst = {k: e for k, e in r["errors"].items() if not e["ok"]}
+            lines.append(f"- FAIL {r['kernel']} {r['config']} {r['dtype']}: {r.get('error') or worst}")
     if "ffn" in report:
         lines += ["", f"## MixLoRA FFN timings ({report['timing_dtype']}, median ms)", ""]
         for row in report["ffn"]:
@@ -697,7 +763,7 @@ def _write(report: dict, out: Path, tag: str) -> Path:
 
 
 def _passed(report: dict) -> bool:
-    return all(r["ok"] for r in report.get("parity", [])) and all(
+    return all(r["ok"] for r in report.get("parity", []) + report.get("configs", [])) and all(
         r["forward_bitwise"] and r["backward_bitwise"] for r in report.get("races", [])
     )
 
@@ -768,6 +834,7 @@ def main(argv: list[str] | None = None) -> int:
             (7, 3) if dry else GOAL_T, dims, timing_dtype, device, dry, report["ffn"], lambda: _write(report, out, tag)
         ),
         "crossover": lambda: crossover((5,) if dry else CROSSOVER_T, dims, timing_dtype, device, dry),
+        "configs": lambda: config_parity(shapes[0] if dry else CONFIGS_SHAPE, dtypes, device),
         "bandwidth": lambda: bandwidth((5,) if dry else BANDWIDTH_T, dims, timing_dtype, device, dry),
         "regimes": lambda: regime_timings(
             7 if dry else 8192, dims, (4, 16) if dry else REGIME_E, timing_dtype, device, dry

@@ -4,8 +4,9 @@
 # 1. timings alone on the GPU (autotuned), bench.gpu_check's sections $TIMINGS (default: the goal shape's
 #    providers, the fused FFN's regimes by T, the one-read-of-x bandwidth, moe_lora's regimes);
 # 2. with PROFILE=1, bench.gpu_profile: the kernels of one fwd+bwd step, per case (where the time goes);
-# 3. $CHECKS (default "parity races") for each of $DTYPES (default "bf16 fp16 fp32"), in parallel processes
-#    with one pinned tile config per kernel: there the cost is compiling, which processes spread over CPUs;
+# 3. $CHECKS (default "parity races configs") for each of $DTYPES (default "bf16 fp16 fp32"), in parallel
+#    processes: parity and races with one pinned tile per kernel (there the cost is compiling, which the
+#    processes spread over the CPUs), configs (every autotune config forced in turn) without the pin;
 # 4. one merged gpu_check report (JSON + markdown) in OUT_DIR, the profile's and the whole log beside it.
 # Every step runs under `timeout`, and gpu_check writes its JSON after each section (the timings after each
 # provider), so a step cut short keeps what it measured. Needs no install: moelora.kernels is linked to
@@ -14,7 +15,7 @@ set -uo pipefail
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [BUDGET_SECONDS]}
 budget=${2:-520}
 timings=${TIMINGS-ffn,crossover,bandwidth,regimes}
-checks=${CHECKS-parity races}
+checks=${CHECKS-parity races configs}
 dtypes=${DTYPES-bf16 fp16 fp32}
 mkdir -p "$out"
 parts=$(mktemp -d)
@@ -43,7 +44,9 @@ left() { echo $((budget - (SECONDS - start))); }
     echo "== $checks for $dtypes (up to $limit s)"
     for dt in $dtypes; do
         for section in $checks; do
-            MOELORA_TRITON_PIN_CONFIG=1 timeout "$limit" python3 -m bench.gpu_check --only "$section" --dtypes "$dt" \
+            pin=1
+            [ "$section" = configs ] && pin=0
+            MOELORA_TRITON_PIN_CONFIG=$pin timeout "$limit" python3 -m bench.gpu_check --only "$section" --dtypes "$dt" \
                 --out "$parts" --tag "$section-$dt" >"$parts/$section-$dt.log" 2>&1 &
         done
     done

@@ -509,6 +509,13 @@ def test_gpu_check_dry_run(tmp_path):
     (report_path,) = tmp_path.glob("gpu-check-cpu-interpreter-*.json")
     report = json.loads(report_path.read_text())
     assert report["dry_run"] and report["parity"] and all(r["ok"] for r in report["parity"])
+    assert {r["kernel"] for r in report["configs"]} == {
+        "route_shrink_fwd_kernel",
+        "mixlora_ffn_fwd_kernel",
+        "mixlora_ffn_bwd_kernel_rows",
+        "mixlora_ffn_bwd_kernel_cols",
+    }
+    assert all(r["ok"] for r in report["configs"])
     ffn_ops = {f"{op} {regime}" for op in ("mixlora_ffn", "routed_mixlora_ffn") for regime in ("dense", "sorted")}
     ops = {"route", "moe_lora", "moe_lora_sorted", "prompt_route", "segmented_lora"} | ffn_ops
     assert {r["op"] for r in report["parity"]} == ops
@@ -562,6 +569,37 @@ def test_gpu_check_sections_then_merge(tmp_path):
 def test_gpu_check_rejects_bad_arguments(args, match):
     proc = _gpu_check("--dry-run", *args)
     assert proc.returncode == 2 and match in proc.stderr, proc.stderr[-2000:]
+
+
+FORCE_EACH_CONFIG = """
+from bench import gpu_check  # --dry-run in argv: it sets TRITON_INTERPRET before triton is imported
+import json, torch, triton
+kernel = gpu_check._autotuned_kernels()["mixlora_ffn_fwd_kernel"]
+kernel.configs = [kernel.configs[0], triton.Config({"BT": 16, "BI": 16}, num_warps=4)]
+seen, run = set(), kernel.fn.run
+def spy(*args, **kwargs):
+    seen.add((kwargs["BT"], kwargs["BI"]))
+    return run(*args, **kwargs)
+kernel.fn.run = spy
+rows = gpu_check.config_parity((7, 20, 40, 4, 2, 8), ["fp32"], torch.device("cpu"))
+print(json.dumps(dict(ok=[r["ok"] for r in rows if r["kernel"] == "mixlora_ffn_fwd_kernel"], seen=sorted(seen))))
+"""
+
+
+def test_gpu_check_forces_each_autotune_config():
+    """gpu_check's configs section runs every config of an autotuned kernel in turn against the reference (the
+    interpreter cannot autotune a list, so the GPU's other tiles are checked only there)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FORCE_EACH_CONFIG, "--dry-run"],
+        env={**WORKER_ENV, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"ok": [True, True], "seen": [[16, 16], [32, 32]]}
 
 
 if __name__ == "__main__":
