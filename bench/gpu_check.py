@@ -7,8 +7,9 @@
    forward and every gradient, with the tests' rule: the kernel's error against an fp64 reference may be
    at most twice PyTorch's own error at that dtype plus 4 ulps (of the largest value).
 2. Races: the forward (and the backward) of each op repeated, bitwise equal every time. `configs`: every
-   autotune config of the autotuned kernels (route_shrink, the dense-masked FFN's three) forced in turn and
-   checked as in 1 (parity and the interpreter tests see only the pinned tile; the timings whichever wins).
+   GPU tile of the autotuned kernels (route_shrink, the dense-masked FFN's three, moe_lora's shrink, expand
+   and wgrad) forced in turn and checked as in 1 (parity sees only the pinned tiles; the timings whichever
+   wins).
 3. Timings (triton.testing.do_bench, medians, L2 flushed) of one MixLoRA FFN at the issue's goal shape
    (H=4096, I=11008, E=8, k=2, r=16; T=8192 and T=32; bf16), forward and forward+backward, for
    `triton` (routed_mixlora_ffn: route_shrink + the fused FFN, as MixLoraFFN runs it), `triton-apart` (route,
@@ -393,17 +394,26 @@ def races(shapes, dtypes: list[str], device: torch.device, repeats: int) -> list
     return rows
 
 
-def _autotuned_kernels() -> dict[str, Any]:
-    """The kernels with an autotune list (triton Autotuner objects), by name."""
+def _autotuned_kernels() -> dict[str, tuple[Any, list, tuple[str, ...]]]:
+    """name -> (the kernel's Autotuner, its GPU tiles, the ops of OPS that launch it)."""
     from moelora.kernels import mixlora_ffn as ffn_kernels
+    from moelora.kernels import moe_lora as lora_kernels
     from moelora.kernels import route as route_kernels
 
-    return {
-        "route_shrink_fwd_kernel": route_kernels.route_shrink_fwd_kernel,
-        "mixlora_ffn_fwd_kernel": ffn_kernels.mixlora_ffn_fwd_kernel,
-        "mixlora_ffn_bwd_kernel_rows": ffn_kernels.mixlora_ffn_bwd_kernel_rows,
-        "mixlora_ffn_bwd_kernel_cols": ffn_kernels.mixlora_ffn_bwd_kernel_cols,
+    ffn_ops = ("routed_mixlora_ffn dense",)
+    lora_ops = ("moe_lora", "routed_mixlora_ffn dense")  # the FFN's down LoRA and route_shrink backward too
+    lora_tiles = {
+        "moe_lora_fwd_kernel_shrink": (lora_kernels.SHRINK_TILES, ("BT", "BD")),
+        "moe_lora_fwd_kernel_expand": (lora_kernels.EXPAND_TILES, ("BT", "BC")),
+        "moe_lora_bwd_kernel_wgrad": (lora_kernels.WGRAD_TILES, ("BC", "BT")),
     }
+    route_shrink = route_kernels.route_shrink_fwd_kernel
+    kernels = {"route_shrink_fwd_kernel": (route_shrink, route_kernels.route_shrink_gpu_configs(), ffn_ops)}
+    for name in ("mixlora_ffn_fwd_kernel", "mixlora_ffn_bwd_kernel_rows", "mixlora_ffn_bwd_kernel_cols"):
+        kernels[name] = (getattr(ffn_kernels, name), ffn_kernels.gpu_configs(), ffn_ops)
+    for name, (tiles, names) in lora_tiles.items():
+        kernels[name] = (getattr(lora_kernels, name), lora_kernels.gpu_configs(tiles, names), lora_ops)
+    return kernels
 
 
 @contextmanager
@@ -420,30 +430,42 @@ def _forced_config(kernel: Any, config: Any) -> Iterator[None]:
 
 
 def config_parity(shape, dtypes: list[str], device: torch.device) -> list[dict]:
-    """Every autotune config of every autotuned kernel, forced in turn, against the reference: the parity
-    section runs the pinned tiles (MOELORA_TRITON_PIN_CONFIG=1), the timings whichever tile the autotuner
-    picks, and the interpreter tests only the pinned one; this checks them all. The op is routed_mixlora_ffn
-    in the dense regime, which runs all four kernels (forward and backward). Run it without the pin."""
-    run = OPS["routed_mixlora_ffn dense"]
+    """Every GPU tile of every autotuned kernel, forced in turn, against the reference, through the ops that
+    launch the kernel: the parity section runs the pinned tiles (MOELORA_TRITON_PIN_CONFIG=1), the timings
+    whichever tile the autotuner picks; this checks them all. A tile over the device's shared memory or
+    registers is recorded as skipped (ok: the autotuner skips it too). Under the interpreter (tests) the same
+    GPU tiles run, one at a time, as numpy."""
+    from triton.runtime.errors import OutOfResources
+
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]
         d = _op_inputs(shape, dtype, device)
-        want = run(reference, d, lambda t: t.double() if t.is_floating_point() else t)
-        lp = run(reference, d, lambda t: t)
-        for name, kernel in _autotuned_kernels().items():
-            for config in list(kernel.configs):
-                row: dict[str, Any] = dict(kernel=name, config=str(config), shape=shape, dtype=dname)
-                try:
-                    with _forced_config(kernel, config):
-                        got = run(_tb(), d, lambda t: t)
-                except Exception as e:
-                    rows.append(row | dict(ok=False, errors={}, error=_describe(e)))
-                    _log(f"configs {name} {config} {dname}: ERROR {_describe(e)}")
-                    continue
-                errs = _errors(got, lp, want, dtype)
-                errs.pop("indices", None)  # near-ties may pick another expert at 16-bit: not bounded
-                rows.append(row | dict(ok=all(e["ok"] for e in errs.values()), errors=errs))
+        refs: dict[str, tuple] = {}
+        for name, (kernel, configs, ops) in _autotuned_kernels().items():
+            for op in ops:
+                run = OPS[op]
+                if op not in refs:
+                    refs[op] = (
+                        run(reference, d, lambda t: t.double() if t.is_floating_point() else t),
+                        run(reference, d, lambda t: t),
+                    )
+                want, lp = refs[op]
+                for config in configs:
+                    row: dict[str, Any] = dict(kernel=name, config=str(config), op=op, shape=shape, dtype=dname)
+                    try:
+                        with _forced_config(kernel, config):
+                            got = run(_tb(), d, lambda t: t)
+                    except OutOfResources as e:  # the autotuner skips such a tile too: not a wrong answer
+                        rows.append(row | dict(ok=True, errors={}, skipped=_describe(e)))
+                        continue
+                    except Exception as e:
+                        rows.append(row | dict(ok=False, errors={}, error=_describe(e)))
+                        _log(f"configs {name} {config} {op} {dname}: ERROR {_describe(e)}")
+                        continue
+                    errs = _errors(got, lp, want, dtype)
+                    errs.pop("indices", None)  # near-ties may pick another expert at 16-bit: not bounded
+                    rows.append(row | dict(ok=all(e["ok"] for e in errs.values()), errors=errs))
             _log(f"configs {name} {dname}: {sum(r['ok'] for r in rows)}/{len(rows)} ok so far")
     return rows
 
@@ -703,11 +725,13 @@ def markdown(report: dict) -> str:
     if "configs" in report:
         bad = [r for r in report["configs"] if not r["ok"]]
         n = len(report["configs"])
-        lines += ["", f"## Every autotune config (routed_mixlora_ffn, dense): {n - len(bad)}/{n} pass", ""]
-        lines += ["Each autotuned kernel's configs forced in turn, per dtype, against the reference (the rule above)."]
+        lines += ["", f"## Every autotune tile: {n - len(bad)}/{n} kernel x tile x op x dtype cases pass", ""]
+        lines += ["Each autotuned kernel's GPU tiles forced in turn, against the reference (the rule above)."]
         for r in bad:
             worst = {k: e for k, e in r["errors"].items() if not e["ok"]}
-            lines.append(f"- FAIL {r['kernel']} {r['config']} {r['dtype']}: {r.get('error') or worst}")
+            lines.append(f"- FAIL {r['kernel']} {r['config']} via {r['op']} {r['dtype']}: {r.get('error') or worst}")
+        for r in (r for r in report["configs"] if "skipped" in r):
+            lines.append(f"- skipped {r['kernel']} {r['config']} via {r['op']} {r['dtype']}: {r['skipped']}")
     if "ffn" in report:
         lines += ["", f"## MixLoRA FFN timings ({report['timing_dtype']}, median ms)", ""]
         for row in report["ffn"]:

@@ -54,11 +54,19 @@ import os
 import torch
 import triton
 import triton.language as tl
-from moelora.kernels.moe_lora import _a_strides, _b_strides, _expand, _shrink, _wgrad, fp32_dot_precision
+from moelora.kernels.moe_lora import (
+    PIN_CONFIG_ENV,
+    _a_strides,
+    _b_strides,
+    _expand,
+    _shrink,
+    _wgrad,
+    fp32_dot_precision,
+    t_bucket,
+)
 from torch import Tensor
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-PIN_CONFIG_ENV = "MOELORA_TRITON_PIN_CONFIG"  # "1": one config, no autotuning (set while interpreting)
 
 RANK_CHUNK = 128  # rank-space columns one program accumulates in registers ([BT, 128] fp32 per target)
 EXPAND_BLOCK_N = 64  # K-block of the dense-masked expand GEMMs
@@ -89,19 +97,17 @@ def _configs() -> list[triton.Config]:
     despite the spills is for the GPU's autotuner to say."""
     if _interpreting():
         return [triton.Config({"BT": 32, "BI": 32}, num_warps=4)]
-    if os.environ.get(PIN_CONFIG_ENV) == "1":
-        return [triton.Config({"BT": 32, "BI": 64}, num_warps=4, num_stages=2)]
-    return [
-        triton.Config({"BT": bt, "BI": bi}, num_warps=w, num_stages=s)
-        for bt, bi, w, s in (
-            (32, 64, 4, 2),
-            (64, 64, 4, 2),
-            (32, 128, 8, 2),
-            (64, 128, 8, 3),
-            (16, 64, 4, 2),
-            (16, 64, 8, 2),
-        )
-    ]
+    return gpu_configs()[: 1 if os.environ.get(PIN_CONFIG_ENV) == "1" else None]
+
+
+# (64, 128, 8) at 3 stages wanted 232-280 KB of shared memory in the rows backward (and the forward with
+# fp32 weights), over the H100/H200's 227 KB (bench.compile_check --all-configs): 2 stages.
+FFN_TILES = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 2), (16, 64, 8, 2)]
+
+
+def gpu_configs() -> list[triton.Config]:
+    """The fused kernels' GPU tiles (BT, BI, warps, stages), the pinned one first (see _configs)."""
+    return [triton.Config({"BT": bt, "BI": bi}, num_warps=w, num_stages=st) for bt, bi, w, st in FFN_TILES]
 
 
 _TUNE_KEY = ["T_BUCKET", "I", "N", "K", "GATED", "GATE_LORA", "UP_LORA", "DOWN_LORA", "DOT_DT"]
@@ -708,11 +714,6 @@ def _expand_block(N: int) -> int:
     return n if _interpreting() else min(EXPAND_BLOCK_N, n)
 
 
-def _t_bucket(T: int) -> int:
-    """The autotune key for the token count: its power of two, capped, so that tuning runs once per bucket."""
-    return min(triton.next_power_of_2(max(T, 1)), 16384)
-
-
 def shrink_x(x: Tensor, A: Tensor) -> Tensor:
     """ua = x [T, D] @ A_all^T with A [E', R, D] (gate and up experts stacked: E' = P*E) -> [T, E'*R] fp32.
 
@@ -819,7 +820,7 @@ def _common_args(
         stride_ade=ad.stride(0),
         stride_adr=ad.stride(1),
         stride_adi=ad.stride(2),
-        T_BUCKET=_t_bucket(T),
+        T_BUCKET=t_bucket(T),
         K=weights.shape[1],
         ACT=ACTIVATIONS[act],
         GATED=gate is not None,

@@ -15,27 +15,53 @@ The rank-space tensors u, v, dv, du stay in fp32 (design.md, op 2).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# One pinned config per kernel: multi-config autotune crashes the Triton interpreter, and these GEMMs are
-# memory-bound at MixLoRA sizes, so the tile matters less than reading x once. Not tuned on a GPU yet.
-SHRINK_BLOCK_T = 32
+PIN_CONFIG_ENV = "MOELORA_TRITON_PIN_CONFIG"  # "1": each kernel's first (pinned) tile, no autotuning
+
+# Tiles per kernel, autotuned on a GPU by bucketed T. The first is the pinned one: the only one under the
+# interpreter (a multi-config autotune crashes it) and with MOELORA_TRITON_PIN_CONFIG=1. At the first GPU run
+# (H200, 2026-12-04) the pinned tiles ran moe_lora at ~64 TFLOP/s (T=8192, H=4096, I=11008, E=8, r=16:
+# ~32 GFLOP fwd in 0.49 ms) on mma.sync; the others offer 64-128-row blocks that Hopper's wgmma can take.
+# Every tile is checked against the reference under the interpreter (tests/test_triton_configs.py) and
+# on a GPU (bench.gpu_check's configs section).
+SHRINK_TILES = [(32, 32, 4), (64, 32, 4), (64, 64, 8), (128, 32, 8)]  # (BT, BD, warps); BN from E*r
+EXPAND_TILES = [(32, 64, 4), (64, 64, 4), (64, 128, 8), (128, 128, 8)]  # (BT, BC, warps); BN = 64
+WGRAD_TILES = [(64, 32, 4), (128, 32, 4), (128, 64, 8), (256, 32, 8)]  # (BC, BT, warps); BN from E*r
 SHRINK_MAX_BLOCK_N = 256  # E*r <= 256 columns in one program: x is read once
-SHRINK_BLOCK_D = 32
-EXPAND_BLOCK_T = 32
-EXPAND_BLOCK_C = 64
 EXPAND_BLOCK_N = 64
 WGRAD_BLOCK_N = 64
-WGRAD_BLOCK_C = 64
-WGRAD_BLOCK_T = 32
-NUM_WARPS = 4
+_KEY = ["T_BUCKET", "N", "FP32", "FP32_PREC"]
+
+
+def _pinned() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get(PIN_CONFIG_ENV) == "1"
+
+
+def gpu_configs(tiles: list[tuple[int, int, int]], names: tuple[str, str]) -> list[triton.Config]:
+    """(block, block, warps) tiles as triton Configs."""
+    return [triton.Config(dict(zip(names, t[:2], strict=True)), num_warps=t[2]) for t in tiles]
+
+
+def _tile_configs(tiles: list[tuple[int, int, int]], names: tuple[str, str]) -> list[triton.Config]:
+    """The autotune list: every tile on a GPU, only the first when pinned or interpreted."""
+    return gpu_configs(tiles[:1] if _pinned() else tiles, names)
+
+
+def t_bucket(T: int) -> int:
+    """The autotune key for the token count: its power of two, capped, so that tuning runs once per bucket."""
+    return min(triton.next_power_of_2(max(T, 1)), 16384)
+
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@triton.autotune(configs=_tile_configs(SHRINK_TILES, ("BT", "BD")), key=[*_KEY, "D", "K", "STORE_RAW"])
 @triton.jit
 def moe_lora_fwd_kernel_shrink(
     x_ptr,  # [T, D]: x (forward) or dy (backward)
@@ -59,6 +85,7 @@ def moe_lora_fwd_kernel_shrink(
     stride_it,
     stride_ik,
     stride_ot,
+    T_BUCKET,  # autotune key only
     K: tl.constexpr,
     BT: tl.constexpr,
     BN: tl.constexpr,
@@ -106,6 +133,7 @@ def moe_lora_fwd_kernel_shrink(
     tl.store(gated_ptr + o_out, b_acc * b_gate * scaling, mask=m_tn)
 
 
+@triton.autotune(configs=_tile_configs(EXPAND_TILES, ("BT", "BC")), key=[*_KEY, "C"])
 @triton.jit
 def moe_lora_fwd_kernel_expand(
     v_ptr,  # [T, N] fp32 gated rank-space activations, N = E*R
@@ -121,6 +149,7 @@ def moe_lora_fwd_kernel_expand(
     stride_wc,
     stride_yt,
     stride_yc,
+    T_BUCKET,  # autotune key only
     BT: tl.constexpr,
     BC: tl.constexpr,
     BN: tl.constexpr,
@@ -150,6 +179,7 @@ def moe_lora_fwd_kernel_expand(
     tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
 
 
+@triton.autotune(configs=_tile_configs(WGRAD_TILES, ("BC", "BT")), key=[*_KEY, "C"])
 @triton.jit
 def moe_lora_bwd_kernel_wgrad(
     lhs_ptr,  # [T, N] fp32: du (grad of A) or v (grad of B)
@@ -165,6 +195,7 @@ def moe_lora_bwd_kernel_wgrad(
     stride_ge,
     stride_gr,
     stride_gc,
+    T_BUCKET,  # autotune key only
     BN: tl.constexpr,
     BC: tl.constexpr,
     BT: tl.constexpr,
@@ -234,8 +265,7 @@ def _shrink(
     gated = torch.empty(T, N, dtype=torch.float32, device=x.device)
     out_raw = torch.empty(T, N, dtype=torch.float32, device=x.device) if raw else gated
     BN = _rank_block(N, SHRINK_MAX_BLOCK_N)
-    grid = (triton.cdiv(T, SHRINK_BLOCK_T), triton.cdiv(N, BN))
-    moe_lora_fwd_kernel_shrink[grid](
+    moe_lora_fwd_kernel_shrink[lambda META: (triton.cdiv(T, META["BT"]), triton.cdiv(N, BN))](
         x_ptr=x,
         w_ptr=w,
         weights_ptr=weights,
@@ -258,13 +288,11 @@ def _shrink(
         stride_ik=indices.stride(1),
         stride_ot=gated.stride(0),
         K=weights.shape[1],
-        BT=SHRINK_BLOCK_T,
+        T_BUCKET=t_bucket(T),
         BN=BN,
-        BD=SHRINK_BLOCK_D,
         STORE_RAW=raw,
         FP32=_use_fp32(x, w),
         FP32_PREC=fp32_prec,
-        num_warps=NUM_WARPS,
     )
     return (out_raw if raw else None), gated
 
@@ -276,8 +304,7 @@ def _expand(
     fp32_prec as in _shrink."""
     T, N = v.shape
     y = torch.empty(T, C, dtype=dtype, device=v.device)
-    grid = (triton.cdiv(T, EXPAND_BLOCK_T), triton.cdiv(C, EXPAND_BLOCK_C))
-    moe_lora_fwd_kernel_expand[grid](
+    moe_lora_fwd_kernel_expand[lambda META: (triton.cdiv(T, META["BT"]), triton.cdiv(C, META["BC"]))](
         v_ptr=v,
         w_ptr=w,
         y_ptr=y,
@@ -291,12 +318,10 @@ def _expand(
         stride_wc=w_strides[2],
         stride_yt=y.stride(0),
         stride_yc=y.stride(1),
-        BT=EXPAND_BLOCK_T,
-        BC=EXPAND_BLOCK_C,
+        T_BUCKET=t_bucket(T),
         BN=_rank_block(N, EXPAND_BLOCK_N),
         FP32=w.dtype == torch.float32,
         FP32_PREC=fp32_prec,
-        num_warps=NUM_WARPS,
     )
     return y
 
@@ -307,8 +332,7 @@ def _wgrad(lhs: Tensor, rhs: Tensor, grad: Tensor, g_strides: tuple[int, int, in
     T, N = lhs.shape
     C = rhs.shape[1]
     BN = _rank_block(N, WGRAD_BLOCK_N)
-    grid = (triton.cdiv(N, BN), triton.cdiv(C, WGRAD_BLOCK_C))
-    moe_lora_bwd_kernel_wgrad[grid](
+    moe_lora_bwd_kernel_wgrad[lambda META: (triton.cdiv(N, BN), triton.cdiv(C, META["BC"]))](
         lhs_ptr=lhs,
         rhs_ptr=rhs,
         g_ptr=grad,
@@ -322,12 +346,10 @@ def _wgrad(lhs: Tensor, rhs: Tensor, grad: Tensor, g_strides: tuple[int, int, in
         stride_ge=g_strides[0],
         stride_gr=g_strides[1],
         stride_gc=g_strides[2],
+        T_BUCKET=t_bucket(T),
         BN=BN,
-        BC=WGRAD_BLOCK_C,
-        BT=WGRAD_BLOCK_T,
         FP32=rhs.dtype == torch.float32,
         FP32_PREC=fp32_prec,
-        num_warps=NUM_WARPS,
     )
     return grad
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 from moelora.kernels.mixlora_ffn import PIN_CONFIG_ENV, _dot_mode, shrink_x_bwd
-from moelora.kernels.moe_lora import fp32_dot_precision
+from moelora.kernels.moe_lora import fp32_dot_precision, t_bucket
 from torch import Tensor
 
 from moelora.reference import Routing, compute_dtype
@@ -46,12 +46,15 @@ def _route_shrink_configs() -> list[triton.Config]:
     177 GB/s, 0.05 of a copy's bandwidth."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BT": BLOCK_T, "BH": BLOCK_H}, num_warps=NUM_WARPS)]
-    if os.environ.get(PIN_CONFIG_ENV) == "1":
-        return [triton.Config({"BT": 64, "BH": 32}, num_warps=8, num_stages=3)]
-    return [
-        triton.Config({"BT": bt, "BH": bh}, num_warps=w, num_stages=st)
-        for bt, bh, w, st in ((64, 32, 8, 3), (32, 32, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3))
-    ]
+    return route_shrink_gpu_configs()[: 1 if os.environ.get(PIN_CONFIG_ENV) == "1" else None]
+
+
+ROUTE_SHRINK_TILES = [(64, 32, 8, 3), (32, 32, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)]
+
+
+def route_shrink_gpu_configs() -> list[triton.Config]:
+    """route_shrink's GPU tiles (BT, BH, warps, stages), the pinned one first (see _route_shrink_configs)."""
+    return [triton.Config({"BT": bt, "BH": bh}, num_warps=w, num_stages=st) for bt, bh, w, st in ROUTE_SHRINK_TILES]
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -400,7 +403,7 @@ def route_shrink_fwd(
         stride_ae=A.stride(0),
         stride_ar=A.stride(1),
         stride_ah=A.stride(2),
-        T_BUCKET=min(triton.next_power_of_2(T), 16384),
+        T_BUCKET=t_bucket(T),
         K=k,
         TOP_P=top_p is not None,
         PREC=prec,

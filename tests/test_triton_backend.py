@@ -514,6 +514,9 @@ def test_gpu_check_dry_run(tmp_path):
         "mixlora_ffn_fwd_kernel",
         "mixlora_ffn_bwd_kernel_rows",
         "mixlora_ffn_bwd_kernel_cols",
+        "moe_lora_fwd_kernel_shrink",
+        "moe_lora_fwd_kernel_expand",
+        "moe_lora_bwd_kernel_wgrad",
     }
     assert all(r["ok"] for r in report["configs"])
     ffn_ops = {f"{op} {regime}" for op in ("mixlora_ffn", "routed_mixlora_ffn") for regime in ("dense", "sorted")}
@@ -573,22 +576,25 @@ def test_gpu_check_rejects_bad_arguments(args, match):
 
 FORCE_EACH_CONFIG = """
 from bench import gpu_check  # --dry-run in argv: it sets TRITON_INTERPRET before triton is imported
-import json, torch, triton
-kernel = gpu_check._autotuned_kernels()["mixlora_ffn_fwd_kernel"]
-kernel.configs = [kernel.configs[0], triton.Config({"BT": 16, "BI": 16}, num_warps=4)]
+import json, torch
+kernel, tiles, _ = gpu_check._autotuned_kernels()["mixlora_ffn_fwd_kernel"]
 seen, run = set(), kernel.fn.run
 def spy(*args, **kwargs):
     seen.add((kwargs["BT"], kwargs["BI"]))
     return run(*args, **kwargs)
 kernel.fn.run = spy
 rows = gpu_check.config_parity((7, 20, 40, 4, 2, 8), ["fp32"], torch.device("cpu"))
-print(json.dumps(dict(ok=[r["ok"] for r in rows if r["kernel"] == "mixlora_ffn_fwd_kernel"], seen=sorted(seen))))
+print(json.dumps(dict(
+    ok=[r["ok"] for r in rows if r["kernel"] == "mixlora_ffn_fwd_kernel"],
+    seen=sorted(seen),
+    tiles=sorted({(c.kwargs["BT"], c.kwargs["BI"]) for c in tiles}),
+)))
 """
 
 
 def test_gpu_check_forces_each_autotune_config():
-    """gpu_check's configs section runs every config of an autotuned kernel in turn against the reference (the
-    interpreter cannot autotune a list, so the GPU's other tiles are checked only there)."""
+    """gpu_check's configs section runs every GPU tile of an autotuned kernel in turn against the reference
+    (the interpreter cannot autotune a list: forcing one tile at a time is how the other tiles get run)."""
     proc = subprocess.run(
         [sys.executable, "-c", FORCE_EACH_CONFIG, "--dry-run"],
         env={**WORKER_ENV, "PYTHONPATH": str(ROOT)},
@@ -599,7 +605,10 @@ def test_gpu_check_forces_each_autotune_config():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out == {"ok": [True, True], "seen": [[16, 16], [32, 32]]}
+    assert len(out["ok"]) == 6 and all(out["ok"])
+    # every GPU tile reached the kernel (beside the interpreter's own, while other kernels were forced)
+    assert {tuple(t) for t in out["tiles"]} <= {tuple(t) for t in out["seen"]}, out
+    assert len(out["tiles"]) == 5  # six tiles, two of them BT=16/BI=64 at 4 and 8 warps
 
 
 if __name__ == "__main__":
