@@ -7,7 +7,7 @@
    forward and every gradient, with the tests' rule: the kernel's error against an fp64 reference may be
    at most twice PyTorch's own error at that dtype plus 4 ulps (of the largest value).
 2. Races: the forward (and the backward) of each op repeated, bitwise equal every time. `configs`: every
-   GPU tile of the autotuned kernels (route_shrink, the dense-masked FFN's three, moe_lora's shrink, expand
+   GPU tile of the autotuned kernels (route_shrink, both fused-FFN regimes' three, moe_lora's shrink, expand
    and wgrad) forced in turn and checked as in 1 (parity sees only the pinned tiles; the timings whichever
    wins).
 3. Timings (triton.testing.do_bench, medians, L2 flushed) of one MixLoRA FFN at the issue's goal shape
@@ -397,6 +397,7 @@ def races(shapes, dtypes: list[str], device: torch.device, repeats: int) -> list
 def _autotuned_kernels() -> dict[str, tuple[Any, list, tuple[str, ...]]]:
     """name -> (the kernel's Autotuner, its GPU tiles, the ops of OPS that launch it)."""
     from moelora.kernels import mixlora_ffn as ffn_kernels
+    from moelora.kernels import mixlora_ffn_sorted as sorted_kernels
     from moelora.kernels import moe_lora as lora_kernels
     from moelora.kernels import route as route_kernels
 
@@ -413,6 +414,11 @@ def _autotuned_kernels() -> dict[str, tuple[Any, list, tuple[str, ...]]]:
         kernels[name] = (getattr(ffn_kernels, name), ffn_kernels.gpu_configs(), ffn_ops)
     for name, (tiles, names) in lora_tiles.items():
         kernels[name] = (getattr(lora_kernels, name), lora_kernels.gpu_configs(tiles, names), lora_ops)
+    sorted_ops = ("routed_mixlora_ffn sorted",)
+    for name in ("ffn_sorted_fwd_kernel", "ffn_sorted_bwd_kernel_rows"):
+        kernels[name] = (getattr(sorted_kernels, name), sorted_kernels.block_gpu_configs(), sorted_ops)
+    wgrad = sorted_kernels.ffn_sorted_bwd_kernel_wgrad
+    kernels["ffn_sorted_bwd_kernel_wgrad"] = (wgrad, sorted_kernels.wgrad_gpu_configs(), sorted_ops)
     return kernels
 
 

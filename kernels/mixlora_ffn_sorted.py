@@ -55,26 +55,42 @@ from moelora.kernels.mixlora_ffn import (
     _slices,
     _slot_act_grads,
 )
-from moelora.kernels.moe_lora import _b_strides, _expand, _shrink, _wgrad, fp32_dot_precision
+from moelora.kernels.moe_lora import PIN_CONFIG_ENV, _b_strides, _expand, _shrink, _wgrad, fp32_dot_precision, t_bucket
 from moelora.kernels.moe_lora_sorted import ExpertSort, sort_by_expert
 from torch import Tensor
 
-# One pinned tile per kernel (not tuned on a GPU yet). BT tokens of one combination per block: the padding
-# of each combination's last block grows with BT. BT=16, BI=64 at 4 warps is the tile without register spills
-# in every 16-bit variant (sm_90, bench.compile_check: 88-188 registers); BT=32 spilled 8-690 B per thread.
+# BT tokens of one combination per block, fixed: the combination sort pads each combination to it, and the
+# padding grows with BT. BT=16, BI=64 at 4 warps is the tile without register spills in every 16-bit variant
+# (sm_90, bench.compile_check: 88-188 registers); BT=32 spilled 8-690 B per thread.
 BLOCK_T = 16
-BLOCK_I = 64
+# The other tile sizes are autotuned on a GPU by bucketed T, the first entry pinned (the only one with
+# MOELORA_TRITON_PIN_CONFIG=1); every entry is checked against the reference under the interpreter
+# (tests/test_triton_configs.py) and on a GPU (bench.gpu_check's configs section).
+# compile_check --all-configs (sm_90): in bf16 and fp16 none of these spills (BI=128 at 8 warps: 16-24 B with
+# fp32 weights); BI=128 at 4 warps (16-64 B) and the weight gradients' BM=64/BI=128 (0.5 KB) did, left out.
+BLOCK_TILES = [(64, 4), (64, 8), (128, 8)]  # (BI, warps) of the forward and rows backward
+WGRAD_TILES = [(32, 64, 4), (64, 64, 4), (32, 128, 8), (64, 64, 8)]  # (BM pairs per step, BI, warps)
 BLOCK_I_INTERPRET = 32  # under the interpreter: the tests' small I still spans several blocks
-BLOCK_M = 32  # sorted (token, slot) pairs per step of the weight-gradient kernel
-NUM_WARPS = 4
+_TUNE_KEY = ["T_BUCKET", "I", "N", "K", "GATED", "GATE_LORA", "UP_LORA", "DOWN_LORA", "DOT_DT"]
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _block_i() -> int:
-    return BLOCK_I_INTERPRET if _interpreting() else BLOCK_I
+def block_gpu_configs() -> list[triton.Config]:
+    return [triton.Config({"BI": bi}, num_warps=w) for bi, w in BLOCK_TILES]
+
+
+def wgrad_gpu_configs() -> list[triton.Config]:
+    return [triton.Config({"BM": bm, "BI": bi}, num_warps=w) for bm, bi, w in WGRAD_TILES]
+
+
+def _autotune_list(gpu: list[triton.Config], interpreted: triton.Config) -> list[triton.Config]:
+    """One config under the interpreter (a multi-config autotune crashes it) and when pinned; else all."""
+    if _interpreting():
+        return [interpreted]
+    return gpu[: 1 if os.environ.get(PIN_CONFIG_ENV) == "1" else None]
 
 
 class ComboSort(NamedTuple):
@@ -203,6 +219,9 @@ def _store_slot_columns(
     tl.store(p, b_acc, mask=m_t[:, None] & m_c[None, :])
 
 
+@triton.autotune(
+    configs=_autotune_list(block_gpu_configs(), triton.Config({"BI": BLOCK_I_INTERPRET}, num_warps=4)), key=_TUNE_KEY
+)
 @triton.jit
 def ffn_sorted_fwd_kernel(
     g_ptr,  # [T, I] base G, read only when GATED
@@ -224,6 +243,7 @@ def ffn_sorted_fwd_kernel(
     R,
     S,
     scaling,
+    T_BUCKET,  # autotune key only
     stride_gt,
     stride_gi,
     stride_ut,
@@ -304,6 +324,9 @@ def ffn_sorted_fwd_kernel(
         _store_slot_columns(zd_s, N, b_zd, b_tok, m_t, experts_ptr, tok0, o_c, E, R, RB, K)
 
 
+@triton.autotune(
+    configs=_autotune_list(block_gpu_configs(), triton.Config({"BI": BLOCK_I_INTERPRET}, num_warps=4)), key=_TUNE_KEY
+)
 @triton.jit
 def ffn_sorted_bwd_kernel_rows(
     g_ptr,  # [T, I] base G, read only when GATED
@@ -330,6 +353,7 @@ def ffn_sorted_bwd_kernel_rows(
     R,
     S,
     scaling,
+    T_BUCKET,  # autotune key only
     stride_gt,
     stride_gi,
     stride_ut,
@@ -439,6 +463,10 @@ def ffn_sorted_bwd_kernel_rows(
     tl.store(p_dw, b_dw, mask=m_t[:, None] & (o_k < K)[None, :])
 
 
+@triton.autotune(
+    configs=_autotune_list(wgrad_gpu_configs(), triton.Config({"BM": 32, "BI": BLOCK_I_INTERPRET}, num_warps=4)),
+    key=_TUNE_KEY,
+)
 @triton.jit
 def ffn_sorted_bwd_kernel_wgrad(
     g_ptr,  # [T, I] base G, read only when GATED
@@ -460,6 +488,7 @@ def ffn_sorted_bwd_kernel_wgrad(
     N,
     R,
     scaling,
+    T_BUCKET,  # autotune key only
     stride_gt,
     stride_gi,
     stride_ut,
@@ -626,8 +655,7 @@ def _kernel_args(
         RB=RB,
         KR=triton.next_power_of_2(K * RB),
         BT=BLOCK_T,
-        BI=_block_i(),
-        num_warps=NUM_WARPS,
+        T_BUCKET=t_bucket(T),
     )
 
 
@@ -678,8 +706,7 @@ def sorted_ffn_weight_grads(
     rank = next(a for a, _ in present.values() if a is not None)
     bg_, bu_, ad_ = (w if w is not None else up for w in (bg, bu, ad))
     prec, dot_dt = _dot_mode(up.dtype)
-    BI = _block_i()
-    ffn_sorted_bwd_kernel_wgrad[(triton.cdiv(I, BI), E)](
+    ffn_sorted_bwd_kernel_wgrad[lambda META: (triton.cdiv(I, META["BI"]), E)](
         g_ptr=g,
         u_ptr=up,
         dh_ptr=grad_hbar,
@@ -723,9 +750,7 @@ def sorted_ffn_weight_grads(
         PREC=prec,
         DOT_DT=dot_dt,
         RB=max(16, triton.next_power_of_2(R)),
-        BM=BLOCK_M,
-        BI=BI,
-        num_warps=NUM_WARPS,
+        T_BUCKET=t_bucket(weights.shape[0]),
     )
     return outs["bg"], outs["bu"], outs["ad"]
 

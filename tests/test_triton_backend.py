@@ -517,6 +517,9 @@ def test_gpu_check_dry_run(tmp_path):
         "moe_lora_fwd_kernel_shrink",
         "moe_lora_fwd_kernel_expand",
         "moe_lora_bwd_kernel_wgrad",
+        "ffn_sorted_fwd_kernel",
+        "ffn_sorted_bwd_kernel_rows",
+        "ffn_sorted_bwd_kernel_wgrad",
     }
     assert all(r["ok"] for r in report["configs"])
     ffn_ops = {f"{op} {regime}" for op in ("mixlora_ffn", "routed_mixlora_ffn") for regime in ("dense", "sorted")}
