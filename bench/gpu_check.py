@@ -811,7 +811,7 @@ def merge(paths: list[Path], out: Path) -> int:
                 merged[key] = merged.get(key) or value
     stem = _write(merged, out, "")
     print(markdown(merged))
-    _log(f"merged {len(paths)} reports into {stem}.json/.md")
+    _log(f"merged {len(paths)} reports into {stem.name}.json/.md")
     return 0 if _passed(merged) else 1
 
 

@@ -52,7 +52,7 @@ left() { echo $((budget - (SECONDS - start))); }
     done
     wait
     for log in "$parts"/*.log; do
-        [ -e "$log" ] && tail -n 3 "$log"
+        [ -e "$log" ] && echo "-- $(basename "$log")" && tail -n 3 "$log"
     done
     echo "== checks: done at $((SECONDS - start)) s"
 
