@@ -533,6 +533,17 @@ def _ffn_providers() -> dict[str, Callable[[FfnInputs], Callable[[], Tensor]]]:
     }
 
 
+# (numerator, denominator) providers of the ratios the issue's goals name, and the regimes against each other
+FFN_RATIOS = (
+    ("triton", "lora"),
+    ("loop", "triton"),
+    ("triton-apart", "triton"),
+    ("triton-dense", "triton-sorted"),
+    ("triton-sorted", "lora"),
+    ("triton-dense", "lora"),
+)
+
+
 def _time_ffn(name: str, inp: FfnInputs, modes, device: torch.device, dry: bool) -> dict[str, float | str]:
     """Median ms of one provider per mode ("fwd", "fwd+bwd"); an error's text instead where it fails."""
     factory = _ffn_providers()[name]
@@ -578,19 +589,11 @@ def ffn_timings(
         rows.append(row)
         for name in _ffn_providers():
             row["ms"].update(_time_ffn(name, inp, ("fwd", "fwd+bwd"), device, dry))
-            ms = row["ms"]
             for m in ("fwd", "fwd+bwd"):
-                for label, num, den in (
-                    ("triton / lora", "triton", "lora"),
-                    ("loop / triton", "loop", "triton"),
-                    ("triton-apart / triton", "triton-apart", "triton"),
-                    ("triton-dense / triton-sorted", "triton-dense", "triton-sorted"),
-                    ("triton-sorted / lora", "triton-sorted", "lora"),
-                    ("triton-dense / lora", "triton-dense", "lora"),
-                ):
-                    ratio = _ratio(ms, f"{num} {m}", f"{den} {m}")
+                for num, den in FFN_RATIOS:
+                    ratio = _ratio(row["ms"], f"{num} {m}", f"{den} {m}")
                     if ratio is not None:
-                        row["ratios"][f"{label} {m}"] = ratio
+                        row["ratios"][f"{num} / {den} {m}"] = ratio
             checkpoint()
         del inp
         if device.type == "cuda":

@@ -55,12 +55,12 @@ import torch
 import triton
 import triton.language as tl
 from moelora.kernels.moe_lora import (
-    PIN_CONFIG_ENV,
     _a_strides,
     _b_strides,
     _expand,
     _shrink,
     _wgrad,
+    autotune_list,
     fp32_dot_precision,
     t_bucket,
 )
@@ -95,9 +95,7 @@ def _configs() -> list[triton.Config]:
     backward and 0-24 B in the cols backward; BT=32, BI=64 at 4 warps spills 32-120 B (forward), 48-456 B
     (rows) and 0.5-1.5 KB (cols); BT=64 spills more (cols up to 2.7 KB at 4 warps). Which config wins
     despite the spills is for the GPU's autotuner to say."""
-    if _interpreting():
-        return [triton.Config({"BT": 32, "BI": 32}, num_warps=4)]
-    return gpu_configs()[: 1 if os.environ.get(PIN_CONFIG_ENV) == "1" else None]
+    return autotune_list(gpu_configs(), interpreted=triton.Config({"BT": 32, "BI": 32}, num_warps=4))
 
 
 # (64, 128, 8) at 3 stages wanted 232-280 KB of shared memory in the rows backward (and the forward with

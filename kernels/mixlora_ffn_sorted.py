@@ -55,7 +55,7 @@ from moelora.kernels.mixlora_ffn import (
     _slices,
     _slot_act_grads,
 )
-from moelora.kernels.moe_lora import PIN_CONFIG_ENV, _b_strides, _expand, _shrink, _wgrad, fp32_dot_precision, t_bucket
+from moelora.kernels.moe_lora import _b_strides, _expand, _shrink, _wgrad, autotune_list, fp32_dot_precision, t_bucket
 from moelora.kernels.moe_lora_sorted import ExpertSort, sort_by_expert
 from torch import Tensor
 
@@ -84,13 +84,6 @@ def block_gpu_configs() -> list[triton.Config]:
 
 def wgrad_gpu_configs() -> list[triton.Config]:
     return [triton.Config({"BM": bm, "BI": bi}, num_warps=w) for bm, bi, w in WGRAD_TILES]
-
-
-def _autotune_list(gpu: list[triton.Config], interpreted: triton.Config) -> list[triton.Config]:
-    """One config under the interpreter (a multi-config autotune crashes it) and when pinned; else all."""
-    if _interpreting():
-        return [interpreted]
-    return gpu[: 1 if os.environ.get(PIN_CONFIG_ENV) == "1" else None]
 
 
 class ComboSort(NamedTuple):
@@ -220,7 +213,7 @@ def _store_slot_columns(
 
 
 @triton.autotune(
-    configs=_autotune_list(block_gpu_configs(), triton.Config({"BI": BLOCK_I_INTERPRET}, num_warps=4)), key=_TUNE_KEY
+    configs=autotune_list(block_gpu_configs(), triton.Config({"BI": BLOCK_I_INTERPRET}, num_warps=4)), key=_TUNE_KEY
 )
 @triton.jit
 def ffn_sorted_fwd_kernel(
@@ -325,7 +318,7 @@ def ffn_sorted_fwd_kernel(
 
 
 @triton.autotune(
-    configs=_autotune_list(block_gpu_configs(), triton.Config({"BI": BLOCK_I_INTERPRET}, num_warps=4)), key=_TUNE_KEY
+    configs=autotune_list(block_gpu_configs(), triton.Config({"BI": BLOCK_I_INTERPRET}, num_warps=4)), key=_TUNE_KEY
 )
 @triton.jit
 def ffn_sorted_bwd_kernel_rows(
@@ -464,7 +457,7 @@ def ffn_sorted_bwd_kernel_rows(
 
 
 @triton.autotune(
-    configs=_autotune_list(wgrad_gpu_configs(), triton.Config({"BM": 32, "BI": BLOCK_I_INTERPRET}, num_warps=4)),
+    configs=autotune_list(wgrad_gpu_configs(), triton.Config({"BM": 32, "BI": BLOCK_I_INTERPRET}, num_warps=4)),
     key=_TUNE_KEY,
 )
 @triton.jit
@@ -750,7 +743,7 @@ def sorted_ffn_weight_grads(
         PREC=prec,
         DOT_DT=dot_dt,
         RB=max(16, triton.next_power_of_2(R)),
-        T_BUCKET=t_bucket(weights.shape[0]),
+        T_BUCKET=t_bucket(T),
     )
     return outs["bg"], outs["bu"], outs["ad"]
 

@@ -39,18 +39,18 @@ WGRAD_BLOCK_N = 64
 _KEY = ["T_BUCKET", "N", "FP32", "FP32_PREC"]
 
 
-def _pinned() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get(PIN_CONFIG_ENV) == "1"
-
-
 def gpu_configs(tiles: list[tuple[int, int, int]], names: tuple[str, str]) -> list[triton.Config]:
     """(block, block, warps) tiles as triton Configs."""
     return [triton.Config(dict(zip(names, t[:2], strict=True)), num_warps=t[2]) for t in tiles]
 
 
-def _tile_configs(tiles: list[tuple[int, int, int]], names: tuple[str, str]) -> list[triton.Config]:
-    """The autotune list: every tile on a GPU, only the first when pinned or interpreted."""
-    return gpu_configs(tiles[:1] if _pinned() else tiles, names)
+def autotune_list(gpu: list[triton.Config], interpreted: triton.Config | None = None) -> list[triton.Config]:
+    """An autotuned kernel's configs: all of `gpu` on a GPU; its first (pinned) one with
+    MOELORA_TRITON_PIN_CONFIG=1; under the interpreter (a multi-config autotune crashes it) `interpreted`,
+    or the pinned one when none is given."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [interpreted or gpu[0]]
+    return gpu[: 1 if os.environ.get(PIN_CONFIG_ENV) == "1" else None]
 
 
 def t_bucket(T: int) -> int:
@@ -61,7 +61,7 @@ def t_bucket(T: int) -> int:
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.autotune(configs=_tile_configs(SHRINK_TILES, ("BT", "BD")), key=[*_KEY, "D", "K", "STORE_RAW"])
+@triton.autotune(configs=autotune_list(gpu_configs(SHRINK_TILES, ("BT", "BD"))), key=[*_KEY, "D", "K", "STORE_RAW"])
 @triton.jit
 def moe_lora_fwd_kernel_shrink(
     x_ptr,  # [T, D]: x (forward) or dy (backward)
@@ -133,7 +133,7 @@ def moe_lora_fwd_kernel_shrink(
     tl.store(gated_ptr + o_out, b_acc * b_gate * scaling, mask=m_tn)
 
 
-@triton.autotune(configs=_tile_configs(EXPAND_TILES, ("BT", "BC")), key=[*_KEY, "C"])
+@triton.autotune(configs=autotune_list(gpu_configs(EXPAND_TILES, ("BT", "BC"))), key=[*_KEY, "C"])
 @triton.jit
 def moe_lora_fwd_kernel_expand(
     v_ptr,  # [T, N] fp32 gated rank-space activations, N = E*R
@@ -179,7 +179,7 @@ def moe_lora_fwd_kernel_expand(
     tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
 
 
-@triton.autotune(configs=_tile_configs(WGRAD_TILES, ("BC", "BT")), key=[*_KEY, "C"])
+@triton.autotune(configs=autotune_list(gpu_configs(WGRAD_TILES, ("BC", "BT"))), key=[*_KEY, "C"])
 @triton.jit
 def moe_lora_bwd_kernel_wgrad(
     lhs_ptr,  # [T, N] fp32: du (grad of A) or v (grad of B)

@@ -19,8 +19,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from moelora.kernels.mixlora_ffn import PIN_CONFIG_ENV, _dot_mode, shrink_x_bwd
-from moelora.kernels.moe_lora import fp32_dot_precision, t_bucket
+from moelora.kernels.mixlora_ffn import _dot_mode, shrink_x_bwd
+from moelora.kernels.moe_lora import autotune_list, fp32_dot_precision, t_bucket
 from torch import Tensor
 
 from moelora.reference import Routing, compute_dtype
@@ -44,9 +44,8 @@ def _route_shrink_configs() -> list[triton.Config]:
     GPU config (MOELORA_TRITON_PIN_CONFIG=1). Under the interpreter (a multi-config autotune crashes it):
     one small config. Timed once (H200, T=8192, bf16, before the router's dot moved to tf32x3): x read at
     177 GB/s, 0.05 of a copy's bandwidth."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BT": BLOCK_T, "BH": BLOCK_H}, num_warps=NUM_WARPS)]
-    return route_shrink_gpu_configs()[: 1 if os.environ.get(PIN_CONFIG_ENV) == "1" else None]
+    interpreted = triton.Config({"BT": BLOCK_T, "BH": BLOCK_H}, num_warps=NUM_WARPS)
+    return autotune_list(route_shrink_gpu_configs(), interpreted)
 
 
 ROUTE_SHRINK_TILES = [(64, 32, 8, 3), (32, 32, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)]
