@@ -78,6 +78,7 @@ NOMINAL_BI = 64
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_TORCH_DTYPES = {v: k for k, v in _TL_DTYPES.items()}
 
 
 def _interpreting() -> bool:
@@ -688,6 +689,27 @@ def _dot_mode(dtype: torch.dtype) -> tuple[str, tl.dtype]:
     return "tf32", _TL_DTYPES[dtype]
 
 
+# From this many tokens the LoRA weights a kernel rounds to 16-bit dot operands are rounded once, on the host,
+# instead of by every program that loads them: each token block re-reads every weight it uses, from L2 (the
+# sorted FFN's fp32 B and Ad rows are ~4x its G/U bytes per block at I = 11008, k = 2, r = 16; the shrinks
+# re-read A_all per block of x). The cast reads each weight once more; below a few blocks it would not pay.
+# torch's .to and Triton's .to both round to nearest even: the same operands, the same results. Not timed
+# on a GPU yet.
+CAST_WEIGHTS_MIN_T = 256
+
+
+def dot_operand_dtype(w: Tensor, dot_dt: tl.dtype, T: int) -> torch.dtype:
+    """The dtype a LoRA weight goes to the kernels in: the 16-bit dot dtype DOT_DT when T >= CAST_WEIGHTS_MIN_T
+    and w is wider (rounded once, here), w's own otherwise (the kernels round it as they load it)."""
+    dt = _TORCH_DTYPES[dot_dt]
+    return dt if T >= CAST_WEIGHTS_MIN_T and w.dtype.itemsize > dt.itemsize else w.dtype
+
+
+def dot_operand(w: Tensor | None, dot_dt: tl.dtype, T: int) -> Tensor | None:
+    """w in dot_operand_dtype, its layout kept (the kernels take its strides)."""
+    return None if w is None else w.to(dot_operand_dtype(w, dot_dt, T))
+
+
 def _target_programs(device: torch.device) -> int:
     """Programs worth having in flight: twice the SMs on a GPU; 4 under the interpreter, so that the tests'
     small shapes still split the reductions over several slices."""
@@ -726,6 +748,7 @@ def shrink_x(x: Tensor, A: Tensor) -> Tensor:
     if N == 0 or T == 0:
         return out
     prec, dot_dt = _dot_mode(x.dtype)
+    A = dot_operand(A, dot_dt, T)
     BN = min(SHRINK_BLOCK_N, max(16, triton.next_power_of_2(N)))
     mixlora_ffn_fwd_kernel_shrink[(triton.cdiv(T, SHRINK_BLOCK_T), triton.cdiv(N, BN))](
         x_ptr=x,
@@ -779,10 +802,11 @@ def _common_args(
     constexpr flag is off) with strides 0."""
     T, I = up.shape
     g = gate if gate is not None else up
+    prec, dot_dt = _dot_mode(up.dtype)
+    gB, uB, dA = (dot_operand(w, dot_dt, T) for w in (gB, uB, dA))
     bg = gB if gB is not None else up.new_empty(1, 1, 1)
     bu = uB if uB is not None else up.new_empty(1, 1, 1)
     ad = dA if dA is not None else up.new_empty(1, 1, 1)
-    prec, dot_dt = _dot_mode(up.dtype)
     N = E * R
     return dict(
         g_ptr=g,

@@ -54,6 +54,7 @@ from moelora.kernels.mixlora_ffn import (
     _rank_views,
     _slices,
     _slot_act_grads,
+    dot_operand_dtype,
 )
 from moelora.kernels.moe_lora import _b_strides, _expand, _shrink, _wgrad, autotune_list, fp32_dot_precision, t_bucket
 from moelora.kernels.moe_lora_sorted import ExpertSort, sort_by_expert
@@ -652,13 +653,18 @@ def _kernel_args(
     )
 
 
-def _rows(w: Tensor | None, N: int, transpose: bool) -> Tensor | None:
+def _rows(w: Tensor | None, N: int, transpose: bool, dot_dt: tl.dtype, T: int) -> Tensor | None:
     """A per-expert LoRA weight as [N = E*R, I] rows (expert, rank), so that a slot's r rows are one strided
-    block: Ad [E, R, I] as it comes (a view when contiguous), B [E, I, R] (transpose=True) through a copy
-    of its E*R*I elements (2.8 MB at I = 11008, E = 8, r = 16 in bf16, next to the [T, I] activations)."""
+    block: Ad [E, R, I] as it comes (a view when contiguous and kept in its dtype), B [E, I, R]
+    (transpose=True) through a copy of its E*R*I elements (2.8 MB at I = 11008, E = 8, r = 16 in bf16, next
+    to the [T, I] activations); in mixlora_ffn.dot_operand_dtype, rounded in that same copy."""
     if w is None:
         return None
-    return (w.transpose(1, 2) if transpose else w).reshape(N, -1)
+    src = w.transpose(1, 2) if transpose else w
+    dt = dot_operand_dtype(w, dot_dt, T)
+    if dt == w.dtype:
+        return src.reshape(N, -1)
+    return torch.empty(src.shape, dtype=dt, device=w.device).copy_(src).view(N, -1)
 
 
 def sorted_ffn_weight_grads(
@@ -780,9 +786,10 @@ def mixlora_ffn_sorted_core_fwd(
     S = _slices(n_blocks, triton.cdiv(I, NOMINAL_BI), 1, up.device)
     hbar = torch.empty(T, I, dtype=up.dtype, device=up.device)
     zd_part = torch.zeros(S, T, N if dA is not None else 0, dtype=torch.float32, device=up.device)
+    dot_dt = _dot_mode(up.dtype)[1]
+    bg, bu, ad = _rows(gB, N, True, dot_dt, T), _rows(uB, N, True, dot_dt, T), _rows(dA, N, False, dot_dt, T)
     ffn_sorted_fwd_kernel[(n_blocks, S)](
-        **_kernel_args(gate, up, sort, ag, au, _rows(gB, N, True), _rows(uB, N, True), _rows(dA, N, False),
-                       E, R, scaling, act),
+        **_kernel_args(gate, up, sort, ag, au, bg, bu, ad, E, R, scaling, act),
         hbar_ptr=hbar,
         zd_ptr=zd_part if dA is not None else hbar,
         S=S,
@@ -824,7 +831,9 @@ def mixlora_ffn_sorted_core_bwd(
     if has_down:
         q = _shrink(grad_y_lora, dB, _b_strides(dB), R, weights, indices, scaling, raw=True, fp32_prec=prec)[0]
     ag, au = _rank_views(ua, gB is not None, uB is not None, shared_a, N)
-    bg, bu, ad = _rows(gB, N, True), _rows(uB, N, True), _rows(dA, N, False) if has_down else None
+    dot_dt = _dot_mode(up.dtype)[1]
+    bg, bu = _rows(gB, N, True, dot_dt, T), _rows(uB, N, True, dot_dt, T)
+    ad = _rows(dA, N, False, dot_dt, T) if has_down else None
     sort = combo_sort(indices, weights, E, BLOCK_T)
     n_blocks = sort.rows.shape[0] // BLOCK_T
 

@@ -19,7 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from moelora.kernels.mixlora_ffn import _dot_mode, shrink_x_bwd
+from moelora.kernels.mixlora_ffn import _dot_mode, dot_operand, shrink_x_bwd
 from moelora.kernels.moe_lora import autotune_list, fp32_dot_precision, t_bucket
 from torch import Tensor
 
@@ -381,6 +381,7 @@ def route_shrink_fwd(
     if T == 0:
         return weights, indices, probs, ua
     prec, dot_dt = _dot_mode(x.dtype)
+    A = dot_operand(A, dot_dt, T)  # the router weight stays fp32: its dot is tf32x3 / ieee
     route_shrink_fwd_kernel[lambda META: (triton.cdiv(T, META["BT"]),)](
         x_ptr=x,
         wr_ptr=router_weight,

@@ -248,6 +248,24 @@ def check_duplicate_experts(regime: str) -> list[str]:
     return [name for name in want if not torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-4)]
 
 
+def check_weights_cast_once(regime: str) -> list[str]:
+    """fp16 activations, fp32 LoRA weights: rounding the weights to fp16 once on the host (from
+    CAST_WEIGHTS_MIN_T tokens) gives the same outputs and gradients, bitwise, as rounding them in the kernels."""
+    from moelora.kernels import mixlora_ffn as ffn_kernels
+
+    g = torch.Generator().manual_seed(3)
+    args = _inputs(40, 20, 72, 8, 2, 16, "topk", True, ALL, torch.float16, g)
+    default = ffn_kernels.CAST_WEIGHTS_MIN_T
+    runs = []
+    try:
+        for min_t in (0, 1 << 30):  # always cast on the host; never
+            ffn_kernels.CAST_WEIGHTS_MIN_T = min_t
+            runs.append(_run(mixlora_ffn, *args, "silu", regime))
+    finally:
+        ffn_kernels.CAST_WEIGHTS_MIN_T = default
+    return [name for name in runs[0] if not torch.equal(runs[0][name], runs[1][name])]
+
+
 REGIMES = ("dense", "sorted")
 
 
@@ -269,6 +287,7 @@ def worker() -> dict[str, list[str]]:
         results[f"no-grad-int32-{regime}"] = check_no_grad_int32(regime)
         results[f"deterministic-{regime}"] = check_deterministic(regime)
         results[f"duplicate-experts-{regime}"] = check_duplicate_experts(regime)
+        results[f"weights-cast-once-{regime}"] = check_weights_cast_once(regime)
     return results
 
 
@@ -304,6 +323,7 @@ def test_matches_reference(worker_results, case_id):
             "no-grad-int32",
             "deterministic",
             "duplicate-experts",
+            "weights-cast-once",
         )
     ],
 )

@@ -101,6 +101,28 @@ def check_kernel(T, E, r, P, k, dtype_name) -> list[str]:
     return failures + _tolerance_failures(KERNEL_NAMES, (weights, probs, ua, *grads), torch_lp, want, dtype)
 
 
+def check_weights_cast_once() -> list[str]:
+    """fp16 x, fp32 A: A rounded to fp16 once on the host (from CAST_WEIGHTS_MIN_T tokens) gives the kernel's
+    outputs bitwise as rounding it in the kernel."""
+    from moelora.kernels import mixlora_ffn as ffn_kernels
+    from moelora.kernels.route import route_shrink_fwd
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(63, H, generator=g).half()
+    router = torch.randn(8, H, generator=g) * 0.5
+    A = torch.randn(16, 16, H, generator=g) / H**0.5
+    default = ffn_kernels.CAST_WEIGHTS_MIN_T
+    runs = []
+    try:
+        for min_t in (0, 1 << 30):  # always cast on the host; never
+            ffn_kernels.CAST_WEIGHTS_MIN_T = min_t
+            runs.append(route_shrink_fwd(x, router, A, 2, None))
+    finally:
+        ffn_kernels.CAST_WEIGHTS_MIN_T = default
+    names = ("weights", "indices", "probs", "ua")
+    return [f"{n} differs" for n, a, b in zip(names, *runs, strict=True) if not torch.equal(a, b)]
+
+
 # --- backend level ------------------------------------------------------------------------------------------------
 
 FFN_CASES = [
@@ -211,6 +233,7 @@ def worker() -> dict[str, list[str]]:
     for case_id, *args in FFN_CASES:
         for dtype_name in DTYPES:
             out[f"ffn-{case_id}-{dtype_name}"] = check_ffn(*args, dtype_name)
+    out["weights-cast-once"] = check_weights_cast_once()
     return out
 
 
@@ -234,6 +257,11 @@ def test_route_shrink_kernel_matches_reference(worker_results, case, dtype_name)
 @pytest.mark.parametrize("case", [c[0] for c in FFN_CASES])
 def test_routed_mixlora_ffn_matches_reference(worker_results, case, dtype_name):
     failures = worker_results[f"ffn-{case}-{dtype_name}"]
+    assert not failures, "; ".join(failures)
+
+
+def test_weights_cast_once_changes_nothing(worker_results):
+    failures = worker_results["weights-cast-once"]
     assert not failures, "; ".join(failures)
 
 
