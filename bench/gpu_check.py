@@ -17,7 +17,7 @@
    frozen FFN with one dense LoRA on gate/up/down), `loop` (the per-expert loop of mixlora / MoE-PEFT) and
    `base` (the frozen FFN alone), with the ratios the issue's goals name;
    the bandwidth of the one-read-of-x kernels (route; the gate+up shrink; route_shrink) against a copy; and
-   moe_lora's two regimes at T=8192, E = 8..64, r=16 (where the dense-masked one stops paying); and the
+   moe_lora's two regimes at T = 256, 2048, 8192, E = 8..64, r=16 (where the dense-masked one stops paying); and the
    fused FFN's two regimes at T = 256, 1024, 2048 (`crossover`: where ffn_regime should switch).
 Writes bench/results/gpu-check-<device>-<date>.json and .md (the device named) and prints the markdown.
 Sections: --only ffn,crossover,bandwidth,regimes,parity,races,configs (all by default); --dtypes for parity and races;
@@ -63,6 +63,9 @@ GOAL = dict(H=4096, I=11008, E=8, k=2, r=16)
 GOAL_T = (8192, 32)
 BANDWIDTH_T = (4096, 8192)
 REGIME_E = (8, 16, 32, 64)  # moe_lora at r=16: 128, 256, 512 and 1024 rank columns
+# Token counts of the moe_lora regime timings: the first run (T=8192 only) had the sorted regime 1.5x faster
+# at E=16, where the backend keeps the dense one; where it stops being faster decides the switch.
+REGIME_T = (256, 2048, 8192)
 # (T, H, I, E, k, r): odd sizes, edge cases of k, and one medium shape with several blocks on every axis
 PARITY_SHAPES = [
     (1, 64, 176, 8, 2, 16),
@@ -625,15 +628,18 @@ def crossover(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: boo
     return rows
 
 
-def regime_timings(T: int, dims: dict, Es, dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
-    """moe_lora (the up projection's LoRA: in H, out I) in both regimes at E experts of rank r, top-k: where
-    the dense-masked regime (every token computes E*r rank columns) stops paying; the backend switches at 256."""
+def regime_timings(
+    Ts, dims: dict, Es, dtype: torch.dtype, device: torch.device, dry: bool, rows: list, checkpoint: Callable
+) -> list[dict]:
+    """moe_lora (the up projection's LoRA: in H, out I) in both regimes at T tokens, E experts of rank r, top-k:
+    where the dense-masked regime (every token computes E*r rank columns) stops paying; the backend switches
+    above E*r = 256 (moelora.triton_backend.DENSE_MAX_RANK_COLUMNS) whatever T. Appends to `rows` and calls
+    `checkpoint` after every row, as ffn_timings."""
     from moelora.kernels import moe_lora as dense_kernels
     from moelora.kernels import moe_lora_sorted as sorted_kernels
 
     H, I, k, r = dims["H"], dims["I"], dims["k"], dims["r"]
-    rows = []
-    for E in Es:
+    for T, E in ((T, E) for T in Ts for E in Es):
         g = torch.Generator().manual_seed(E)
         x = torch.randn(T, H, generator=g).to(device=device, dtype=dtype).requires_grad_()
         routing = reference.route(x.detach(), (torch.randn(E, H, generator=g) * 0.02).to(device), top_k=k)
@@ -656,6 +662,7 @@ def regime_timings(T: int, dims: dict, Es, dtype: torch.dtype, device: torch.dev
             row["ms"][f"{name} fwd+bwd"] = _bench(fwd_bwd, device, dry)
         row["dense / sorted"] = {m: row["ms"][f"dense {m}"] / row["ms"][f"sorted {m}"] for m in ("fwd", "fwd+bwd")}
         rows.append(row)
+        checkpoint()
     return rows
 
 
@@ -870,7 +877,14 @@ def main(argv: list[str] | None = None) -> int:
         "configs": lambda: config_parity(shapes[0] if dry else CONFIGS_SHAPE, dtypes, device),
         "bandwidth": lambda: bandwidth((5,) if dry else BANDWIDTH_T, dims, timing_dtype, device, dry),
         "regimes": lambda: regime_timings(
-            7 if dry else 8192, dims, (4, 16) if dry else REGIME_E, timing_dtype, device, dry
+            (7,) if dry else REGIME_T,
+            dims,
+            (4, 16) if dry else REGIME_E,
+            timing_dtype,
+            device,
+            dry,
+            report["regimes"],
+            lambda: _write(report, out, tag),
         ),
     }
     out, tag = args.out, f"-{args.tag}" if args.tag else ""

@@ -397,7 +397,10 @@ class _MoeLoraSorted(torch.autograd.Function):
 
 # Past this many rank columns (E*r) moe_lora takes the sorted regime: the dense-masked shrink keeps 256
 # columns of a token block in one program, and past that every token pays E*r columns for its k*r useful
-# ones (E=64, r=16: 64x the sorted regime's shrink work). Not measured on a GPU yet: gpu_check times both.
+# ones (E=64, r=16: 64x the sorted regime's shrink work). On an H200 at T=8192 (bf16, H=4096, I=11008, k=2,
+# r=16, fwd+bwd) dense-masked against sorted: 1.17 / 1.23 ms at E*r = 128, 1.83 / 1.19 at 256, 6.19 / 1.24
+# at 1024 (bench/results/gpu-check-cuda-nvidia-h200-2026-12-04.md): 256 already pays for the sort there.
+# Kept until gpu_check's regimes section has timed smaller T, where the sort's fixed cost weighs more.
 DENSE_MAX_RANK_COLUMNS = 256
 
 
