@@ -4,6 +4,8 @@
 # 1. timings alone on the GPU (autotuned), bench.gpu_check's sections $TIMINGS (default: the goal shape's
 #    providers, the fused FFN's regimes by T, the one-read-of-x bandwidth, moe_lora's regimes);
 # 2. with PROFILE=1, bench.gpu_profile: the kernels of one fwd+bwd step, per case (where the time goes);
+#    with MILORA=1, the milora bench suite at llama2-7b in bf16 (issue 4's decode-step goals), up to a third
+#    of the time left;
 # 3. $CHECKS (default "parity races configs") for each of $DTYPES (default "bf16 fp16 fp32"), in parallel
 #    processes: parity and races with one pinned tile per kernel (there the cost is compiling, which the
 #    processes spread over the CPUs), configs (every autotune config forced in turn) without the pin;
@@ -40,6 +42,11 @@ left() { echo $((budget - (SECONDS - start))); }
         echo "== profile: exit $? at $((SECONDS - start)) s"
     fi
 
+    if [ "${MILORA:-0}" = 1 ]; then
+        echo "== milora suite (up to $(($(left) / 3)) s)"
+        timeout $(($(left) / 3)) python3 -m bench --suite milora --preset llama2-7b --dtype bf16 --out "$out"
+        echo "== milora: exit $? at $((SECONDS - start)) s"
+    fi
     limit=$(($(left) - 25))
     echo "== $checks for $dtypes (up to $limit s)"
     for dt in $dtypes; do

@@ -229,14 +229,21 @@ def mixlora_ffn_fwd_kernel_shrink(
     m_n = o_n < N
     p_w = w_ptr + (o_n // R).to(tl.int64) * stride_we + (o_n % R).to(tl.int64) * stride_wr  # [BN]
     b_acc = tl.zeros([BT, BN], dtype=tl.float32)
-    for i_d in range(0, tl.cdiv(D, BD)):
-        o_d = (i_d * BD + tl.arange(0, BD)).to(tl.int64)
-        m_d = o_d < D
-        b_x = tl.load(
-            x_ptr + o_t[:, None] * stride_xt + o_d[None, :] * stride_xd, mask=m_t[:, None] & m_d[None, :], other=0.0
-        )  # [BT, BD]
-        b_w = tl.load(p_w[None, :] + o_d[:, None] * stride_wd, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
-        b_acc = tl.dot(b_x.to(DOT_DT), b_w.to(DOT_DT), acc=b_acc, input_precision=PREC)
+    KCH: tl.constexpr = 1 if PREC == "ieee" else 1 << 30  # K-blocks per partial sum (moe_lora.fp32_dot_precision)
+    n_d = tl.cdiv(D, BD)
+    for i_k in range(0, n_d if KCH == 1 else 1):
+        b_part = tl.zeros([BT, BN], dtype=tl.float32) if KCH == 1 else b_acc
+        for i_d in range(i_k * KCH, tl.minimum(i_k * KCH + KCH, n_d)):
+            o_d = (i_d * BD + tl.arange(0, BD)).to(tl.int64)
+            m_d = o_d < D
+            b_x = tl.load(
+                x_ptr + o_t[:, None] * stride_xt + o_d[None, :] * stride_xd, mask=m_t[:, None] & m_d[None, :], other=0.0
+            )  # [BT, BD]
+            b_w = tl.load(
+                p_w[None, :] + o_d[:, None] * stride_wd, mask=m_d[:, None] & m_n[None, :], other=0.0
+            )  # [BD, BN]
+            b_part = tl.dot(b_x.to(DOT_DT), b_w.to(DOT_DT), acc=b_part, input_precision=PREC)
+        b_acc = b_acc + b_part if KCH == 1 else b_part
     tl.store(out_ptr + o_t[:, None] * N + o_n[None, :], b_acc, mask=m_t[:, None] & m_n[None, :])
 
 
@@ -633,43 +640,58 @@ def mixlora_ffn_bwd_kernel_cols(
     b_dbg = tl.zeros([NC, BI], dtype=tl.float32)
     b_dbu = tl.zeros([NC, BI], dtype=tl.float32)
     b_dad = tl.zeros([NC, BI], dtype=tl.float32)
-    for i_tb in range(i_s * per, tl.minimum(i_s * per + per, n_tb)):
-        o_t = (i_tb * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
-        m_t = o_t < T
-        m_ti = m_t[:, None] & m_i[None, :]
-        b_u = tl.load(u_ptr + o_t[:, None] * stride_ut + o_i[None, :] * stride_ui, mask=m_ti, other=0.0).to(tl.float32)
-        b_g = b_u
-        if GATED:
-            b_g = tl.load(g_ptr + o_t[:, None] * stride_gt + o_i[None, :] * stride_gi, mask=m_ti, other=0.0)
-            b_g = b_g.to(tl.float32)
-        b_dh = tl.load(dh_ptr + o_t[:, None] * stride_dht + o_i[None, :] * stride_dhi, mask=m_ti, other=0.0)
-        b_dh = b_dh.to(tl.float32)
-        for j in range(0, K):
-            b_e = tl.load(indices_ptr + o_t * stride_it + j * stride_ik, mask=m_t, other=-1)  # [BT]
-            # int32 for the [BT, N] compares against the column's expert (int64 there cost registers: sm_90
-            # compile_check); an out-of-range id becomes -1 first, so that it cannot wrap onto an expert
-            b_e = tl.where((b_e >= 0) & (b_e < E), b_e, -1).to(tl.int32)
-            b_w = tl.load(weights_ptr + o_t * stride_wt + j * stride_wk, mask=m_t, other=0.0).to(tl.float32)
-            b_w = tl.where((b_e >= 0) & (b_e < E), b_w, 0.0)
-            b_h, _, b_dgg, b_duu = _slot_grads(
-                b_g, b_u, b_dh, b_e, b_w, ag_ptr, au_ptr, stride_at,
-                bg_ptr, stride_bge, stride_bgi, stride_bgr, bu_ptr, stride_bue, stride_bui, stride_bur,
-                q_ptr, ad_ptr, stride_ade, stride_adr, stride_adi,
-                o_t, m_t, o_i, m_i, N, R, scaling,
-                ACT, GATED, GATE_LORA, UP_LORA, DOWN_LORA, BN, PREC, DOT_DT,
-            )  # fmt: skip
-            m_sel = m_t[:, None] & m_c[None, :] & (e_c[None, :] == b_e[:, None])  # [BT, NC]
-            o_tc = o_t[:, None] * stride_at + o_c[None, :]
-            if GATE_LORA:
-                b_l = tl.load(ag_ptr + o_tc, mask=m_sel, other=0.0) * scaling  # [BT, NC]
-                b_dbg = tl.dot(tl.trans(b_l).to(DOT_DT), b_dgg.to(DOT_DT), acc=b_dbg, input_precision=PREC)  # [NC, BI]
-            if UP_LORA:
-                b_l = tl.load(au_ptr + o_tc, mask=m_sel, other=0.0) * scaling
-                b_dbu = tl.dot(tl.trans(b_l).to(DOT_DT), b_duu.to(DOT_DT), acc=b_dbu, input_precision=PREC)
-            if DOWN_LORA:
-                b_l = tl.load(q_ptr + o_t[:, None] * N + o_c[None, :], mask=m_sel, other=0.0)
-                b_l = b_l * (b_w * scaling)[:, None]  # dc_j = w_j s q_e
-                b_dad = tl.dot(tl.trans(b_l).to(DOT_DT), b_h.to(DOT_DT), acc=b_dad, input_precision=PREC)
+    KCH: tl.constexpr = 1 if PREC == "ieee" else 1 << 30  # K-blocks per partial sum (moe_lora.fp32_dot_precision)
+    tb_lo, tb_hi = i_s * per, tl.minimum(i_s * per + per, n_tb)
+    for i_k in range(0, tb_hi - tb_lo if KCH == 1 else 1):
+        b_part_dbg = tl.zeros([NC, BI], dtype=tl.float32) if KCH == 1 else b_dbg
+        b_part_dbu = tl.zeros([NC, BI], dtype=tl.float32) if KCH == 1 else b_dbu
+        b_part_dad = tl.zeros([NC, BI], dtype=tl.float32) if KCH == 1 else b_dad
+        for i_tb in range(tb_lo + i_k * KCH, tl.minimum(tb_lo + i_k * KCH + KCH, tb_hi)):
+            o_t = (i_tb * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
+            m_t = o_t < T
+            m_ti = m_t[:, None] & m_i[None, :]
+            b_u = tl.load(u_ptr + o_t[:, None] * stride_ut + o_i[None, :] * stride_ui, mask=m_ti, other=0.0).to(
+                tl.float32
+            )
+            b_g = b_u
+            if GATED:
+                b_g = tl.load(g_ptr + o_t[:, None] * stride_gt + o_i[None, :] * stride_gi, mask=m_ti, other=0.0)
+                b_g = b_g.to(tl.float32)
+            b_dh = tl.load(dh_ptr + o_t[:, None] * stride_dht + o_i[None, :] * stride_dhi, mask=m_ti, other=0.0)
+            b_dh = b_dh.to(tl.float32)
+            for j in range(0, K):
+                b_e = tl.load(indices_ptr + o_t * stride_it + j * stride_ik, mask=m_t, other=-1)  # [BT]
+                # int32 for the [BT, N] compares against the column's expert (int64 there cost registers: sm_90
+                # compile_check); an out-of-range id becomes -1 first, so that it cannot wrap onto an expert
+                b_e = tl.where((b_e >= 0) & (b_e < E), b_e, -1).to(tl.int32)
+                b_w = tl.load(weights_ptr + o_t * stride_wt + j * stride_wk, mask=m_t, other=0.0).to(tl.float32)
+                b_w = tl.where((b_e >= 0) & (b_e < E), b_w, 0.0)
+                b_h, _, b_dgg, b_duu = _slot_grads(
+                    b_g, b_u, b_dh, b_e, b_w, ag_ptr, au_ptr, stride_at,
+                    bg_ptr, stride_bge, stride_bgi, stride_bgr, bu_ptr, stride_bue, stride_bui, stride_bur,
+                    q_ptr, ad_ptr, stride_ade, stride_adr, stride_adi,
+                    o_t, m_t, o_i, m_i, N, R, scaling,
+                    ACT, GATED, GATE_LORA, UP_LORA, DOWN_LORA, BN, PREC, DOT_DT,
+                )  # fmt: skip
+                m_sel = m_t[:, None] & m_c[None, :] & (e_c[None, :] == b_e[:, None])  # [BT, NC]
+                o_tc = o_t[:, None] * stride_at + o_c[None, :]
+                if GATE_LORA:
+                    b_l = tl.load(ag_ptr + o_tc, mask=m_sel, other=0.0) * scaling  # [BT, NC]
+                    b_part_dbg = tl.dot(
+                        tl.trans(b_l).to(DOT_DT), b_dgg.to(DOT_DT), acc=b_part_dbg, input_precision=PREC
+                    )  # [NC, BI]
+                if UP_LORA:
+                    b_l = tl.load(au_ptr + o_tc, mask=m_sel, other=0.0) * scaling
+                    b_part_dbu = tl.dot(
+                        tl.trans(b_l).to(DOT_DT), b_duu.to(DOT_DT), acc=b_part_dbu, input_precision=PREC
+                    )
+                if DOWN_LORA:
+                    b_l = tl.load(q_ptr + o_t[:, None] * N + o_c[None, :], mask=m_sel, other=0.0)
+                    b_l = b_l * (b_w * scaling)[:, None]  # dc_j = w_j s q_e
+                    b_part_dad = tl.dot(tl.trans(b_l).to(DOT_DT), b_h.to(DOT_DT), acc=b_part_dad, input_precision=PREC)
+        b_dbg = b_dbg + b_part_dbg if KCH == 1 else b_part_dbg
+        b_dbu = b_dbu + b_part_dbu if KCH == 1 else b_part_dbu
+        b_dad = b_dad + b_part_dad if KCH == 1 else b_part_dad
 
     m_ci = m_c[:, None] & m_i[None, :]
     o_ci = i_s.to(tl.int64) * N * I + o_c.to(tl.int64)[:, None] * I + o_i[None, :]

@@ -275,44 +275,49 @@ def ffn_sorted_fwd_kernel(
     per = tl.cdiv(n_ib, S)
 
     b_zd = tl.zeros([BT, KR], dtype=tl.float32)
-    for i_b in range(i_s * per, tl.minimum(i_s * per + per, n_ib)):
-        o_i = i_b * BI + tl.arange(0, BI)  # [BI]
-        m_i = o_i < I
-        m_ti = m_t[:, None] & m_i[None, :]
-        b_u = tl.load(u_ptr + b_tok[:, None] * stride_ut + o_i[None, :] * stride_ui, mask=m_ti, other=0.0)
-        b_u = b_u.to(tl.float32)
-        b_g = b_u
-        if GATED:
-            b_g = tl.load(g_ptr + b_tok[:, None] * stride_gt + o_i[None, :] * stride_gi, mask=m_ti, other=0.0)
-            b_g = b_g.to(tl.float32)
-        b_hbar = tl.zeros([BT, BI], dtype=tl.float32)
-        for j in range(0, K):
-            e = tl.load(experts_ptr + tok0 * K + j)  # the block's expert in canonical slot j
-            col = _first_slot(experts_ptr, tok0, e, K)  # where its rank-space columns go
-            b_w = tl.load(weights_ptr + b_tok * K + j, mask=m_t, other=0.0)  # [BT] fp32, 0 when unused
-            b_gg = b_g
-            b_uu = b_u
-            if GATE_LORA:
-                b_gg = _slot_expand(
-                    b_gg, ag_ptr, stride_at, bg_ptr, stride_bgn, stride_bgi,
-                    b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
-                )  # fmt: skip
-            if UP_LORA:
-                b_uu = _slot_expand(
-                    b_uu, au_ptr, stride_at, bu_ptr, stride_bun, stride_bui,
-                    b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
-                )  # fmt: skip
-            if GATED:  # noqa: SIM108 - a constexpr branch in a Triton kernel
-                b_h = _act(b_gg, ACT) * b_uu  # [BT, BI]
-            else:
-                b_h = _act(b_uu, ACT)
-            b_hbar += b_w[:, None] * b_h
-            if DOWN_LORA:  # zd's slot-j columns += s w h Ad_e^T
-                b_ad = _slot_columns(ad_ptr, stride_adn, stride_adi, col, e, o_i, m_i, o_c, E, R, RB, DOT_DT)
-                b_hw = (b_w * scaling)[:, None] * b_h
-                b_zd = tl.dot(b_hw.to(DOT_DT), b_ad, acc=b_zd, input_precision=PREC)
-        p_h = hbar_ptr + b_tok[:, None] * I + o_i[None, :]
-        tl.store(p_h, b_hbar.to(hbar_ptr.dtype.element_ty), mask=m_ti)
+    KCH: tl.constexpr = 1 if PREC == "ieee" else 1 << 30  # K-blocks per partial sum (moe_lora.fp32_dot_precision)
+    ib_lo, ib_hi = i_s * per, tl.minimum(i_s * per + per, n_ib)
+    for i_k in range(0, ib_hi - ib_lo if KCH == 1 else 1):
+        b_part = tl.zeros([BT, KR], dtype=tl.float32) if KCH == 1 else b_zd
+        for i_b in range(ib_lo + i_k * KCH, tl.minimum(ib_lo + i_k * KCH + KCH, ib_hi)):
+            o_i = i_b * BI + tl.arange(0, BI)  # [BI]
+            m_i = o_i < I
+            m_ti = m_t[:, None] & m_i[None, :]
+            b_u = tl.load(u_ptr + b_tok[:, None] * stride_ut + o_i[None, :] * stride_ui, mask=m_ti, other=0.0)
+            b_u = b_u.to(tl.float32)
+            b_g = b_u
+            if GATED:
+                b_g = tl.load(g_ptr + b_tok[:, None] * stride_gt + o_i[None, :] * stride_gi, mask=m_ti, other=0.0)
+                b_g = b_g.to(tl.float32)
+            b_hbar = tl.zeros([BT, BI], dtype=tl.float32)
+            for j in range(0, K):
+                e = tl.load(experts_ptr + tok0 * K + j)  # the block's expert in canonical slot j
+                col = _first_slot(experts_ptr, tok0, e, K)  # where its rank-space columns go
+                b_w = tl.load(weights_ptr + b_tok * K + j, mask=m_t, other=0.0)  # [BT] fp32, 0 when unused
+                b_gg = b_g
+                b_uu = b_u
+                if GATE_LORA:
+                    b_gg = _slot_expand(
+                        b_gg, ag_ptr, stride_at, bg_ptr, stride_bgn, stride_bgi,
+                        b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
+                    )  # fmt: skip
+                if UP_LORA:
+                    b_uu = _slot_expand(
+                        b_uu, au_ptr, stride_at, bu_ptr, stride_bun, stride_bui,
+                        b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
+                    )  # fmt: skip
+                if GATED:  # noqa: SIM108 - a constexpr branch in a Triton kernel
+                    b_h = _act(b_gg, ACT) * b_uu  # [BT, BI]
+                else:
+                    b_h = _act(b_uu, ACT)
+                b_hbar += b_w[:, None] * b_h
+                if DOWN_LORA:  # zd's slot-j columns += s w h Ad_e^T
+                    b_ad = _slot_columns(ad_ptr, stride_adn, stride_adi, col, e, o_i, m_i, o_c, E, R, RB, DOT_DT)
+                    b_hw = (b_w * scaling)[:, None] * b_h
+                    b_part = tl.dot(b_hw.to(DOT_DT), b_ad, acc=b_part, input_precision=PREC)
+            p_h = hbar_ptr + b_tok[:, None] * I + o_i[None, :]
+            tl.store(p_h, b_hbar.to(hbar_ptr.dtype.element_ty), mask=m_ti)
+        b_zd = b_zd + b_part if KCH == 1 else b_part
     if DOWN_LORA:
         zd_s = zd_ptr + i_s.to(tl.int64) * T * N
         _store_slot_columns(zd_s, N, b_zd, b_tok, m_t, experts_ptr, tok0, o_c, E, R, RB, K)
@@ -393,57 +398,64 @@ def ffn_sorted_bwd_kernel_rows(
     b_dag = tl.zeros([BT, KR], dtype=tl.float32)
     b_dau = tl.zeros([BT, KR], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
-    for i_b in range(i_s * per, tl.minimum(i_s * per + per, n_ib)):
-        o_i = i_b * BI + tl.arange(0, BI)  # [BI]
-        m_i = o_i < I
-        m_ti = m_t[:, None] & m_i[None, :]
-        b_u = tl.load(u_ptr + b_tok[:, None] * stride_ut + o_i[None, :] * stride_ui, mask=m_ti, other=0.0)
-        b_u = b_u.to(tl.float32)
-        b_g = b_u
-        if GATED:
-            b_g = tl.load(g_ptr + b_tok[:, None] * stride_gt + o_i[None, :] * stride_gi, mask=m_ti, other=0.0)
-            b_g = b_g.to(tl.float32)
-        b_dh = tl.load(dh_ptr + b_tok[:, None] * stride_dht + o_i[None, :] * stride_dhi, mask=m_ti, other=0.0)
-        b_dh = b_dh.to(tl.float32)
-        b_dgs = tl.zeros([BT, BI], dtype=tl.float32)
-        b_dus = tl.zeros([BT, BI], dtype=tl.float32)
-        for j in range(0, K):
-            e = tl.load(experts_ptr + tok0 * K + j)
-            col = _first_slot(experts_ptr, tok0, e, K)
-            b_w = tl.load(weights_ptr + b_tok * K + j, mask=m_t, other=0.0)
-            b_gg = b_g
-            b_uu = b_u
-            b_D = b_dh
-            if GATE_LORA:
-                b_gg = _slot_expand(
-                    b_gg, ag_ptr, stride_at, bg_ptr, stride_bgn, stride_bgi,
-                    b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
-                )  # fmt: skip
-            if UP_LORA:
-                b_uu = _slot_expand(
-                    b_uu, au_ptr, stride_at, bu_ptr, stride_bun, stride_bui,
-                    b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
-                )  # fmt: skip
-            if DOWN_LORA:  # D = dhbar + s q_e Ad_e
-                b_D = _slot_expand(
-                    b_D, q_ptr, N, ad_ptr, stride_adn, stride_adi,
-                    b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
-                )  # fmt: skip
-            b_h, b_dgg, b_duu = _slot_act_grads(b_gg, b_uu, b_D, b_w, ACT, GATED)
-            b_dwj = tl.where(e < E, tl.sum(b_D * b_h, axis=1), 0.0)  # [BT]
-            b_dw += tl.where(o_k[None, :] == j, b_dwj[:, None], 0.0)
-            b_dgs += b_dgg
-            b_dus += b_duu
-            if GATE_LORA:
-                b_bg = _slot_columns(bg_ptr, stride_bgn, stride_bgi, col, e, o_i, m_i, o_c, E, R, RB, DOT_DT)
-                b_dag = tl.dot((scaling * b_dgg).to(DOT_DT), b_bg, acc=b_dag, input_precision=PREC)
-            if UP_LORA:
-                b_bu = _slot_columns(bu_ptr, stride_bun, stride_bui, col, e, o_i, m_i, o_c, E, R, RB, DOT_DT)
-                b_dau = tl.dot((scaling * b_duu).to(DOT_DT), b_bu, acc=b_dau, input_precision=PREC)
-        p_ti = b_tok[:, None] * I + o_i[None, :]
-        if GATED:
-            tl.store(dg_ptr + p_ti, b_dgs.to(dg_ptr.dtype.element_ty), mask=m_ti)
-        tl.store(du_ptr + p_ti, b_dus.to(du_ptr.dtype.element_ty), mask=m_ti)
+    KCH: tl.constexpr = 1 if PREC == "ieee" else 1 << 30  # K-blocks per partial sum (moe_lora.fp32_dot_precision)
+    ib_lo, ib_hi = i_s * per, tl.minimum(i_s * per + per, n_ib)
+    for i_k in range(0, ib_hi - ib_lo if KCH == 1 else 1):
+        b_part_dag = tl.zeros([BT, KR], dtype=tl.float32) if KCH == 1 else b_dag
+        b_part_dau = tl.zeros([BT, KR], dtype=tl.float32) if KCH == 1 else b_dau
+        for i_b in range(ib_lo + i_k * KCH, tl.minimum(ib_lo + i_k * KCH + KCH, ib_hi)):
+            o_i = i_b * BI + tl.arange(0, BI)  # [BI]
+            m_i = o_i < I
+            m_ti = m_t[:, None] & m_i[None, :]
+            b_u = tl.load(u_ptr + b_tok[:, None] * stride_ut + o_i[None, :] * stride_ui, mask=m_ti, other=0.0)
+            b_u = b_u.to(tl.float32)
+            b_g = b_u
+            if GATED:
+                b_g = tl.load(g_ptr + b_tok[:, None] * stride_gt + o_i[None, :] * stride_gi, mask=m_ti, other=0.0)
+                b_g = b_g.to(tl.float32)
+            b_dh = tl.load(dh_ptr + b_tok[:, None] * stride_dht + o_i[None, :] * stride_dhi, mask=m_ti, other=0.0)
+            b_dh = b_dh.to(tl.float32)
+            b_dgs = tl.zeros([BT, BI], dtype=tl.float32)
+            b_dus = tl.zeros([BT, BI], dtype=tl.float32)
+            for j in range(0, K):
+                e = tl.load(experts_ptr + tok0 * K + j)
+                col = _first_slot(experts_ptr, tok0, e, K)
+                b_w = tl.load(weights_ptr + b_tok * K + j, mask=m_t, other=0.0)
+                b_gg = b_g
+                b_uu = b_u
+                b_D = b_dh
+                if GATE_LORA:
+                    b_gg = _slot_expand(
+                        b_gg, ag_ptr, stride_at, bg_ptr, stride_bgn, stride_bgi,
+                        b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
+                    )  # fmt: skip
+                if UP_LORA:
+                    b_uu = _slot_expand(
+                        b_uu, au_ptr, stride_at, bu_ptr, stride_bun, stride_bui,
+                        b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
+                    )  # fmt: skip
+                if DOWN_LORA:  # D = dhbar + s q_e Ad_e
+                    b_D = _slot_expand(
+                        b_D, q_ptr, N, ad_ptr, stride_adn, stride_adi,
+                        b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
+                    )  # fmt: skip
+                b_h, b_dgg, b_duu = _slot_act_grads(b_gg, b_uu, b_D, b_w, ACT, GATED)
+                b_dwj = tl.where(e < E, tl.sum(b_D * b_h, axis=1), 0.0)  # [BT]
+                b_dw += tl.where(o_k[None, :] == j, b_dwj[:, None], 0.0)
+                b_dgs += b_dgg
+                b_dus += b_duu
+                if GATE_LORA:
+                    b_bg = _slot_columns(bg_ptr, stride_bgn, stride_bgi, col, e, o_i, m_i, o_c, E, R, RB, DOT_DT)
+                    b_part_dag = tl.dot((scaling * b_dgg).to(DOT_DT), b_bg, acc=b_part_dag, input_precision=PREC)
+                if UP_LORA:
+                    b_bu = _slot_columns(bu_ptr, stride_bun, stride_bui, col, e, o_i, m_i, o_c, E, R, RB, DOT_DT)
+                    b_part_dau = tl.dot((scaling * b_duu).to(DOT_DT), b_bu, acc=b_part_dau, input_precision=PREC)
+            p_ti = b_tok[:, None] * I + o_i[None, :]
+            if GATED:
+                tl.store(dg_ptr + p_ti, b_dgs.to(dg_ptr.dtype.element_ty), mask=m_ti)
+            tl.store(du_ptr + p_ti, b_dus.to(du_ptr.dtype.element_ty), mask=m_ti)
+        b_dag = b_dag + b_part_dag if KCH == 1 else b_part_dag
+        b_dau = b_dau + b_part_dau if KCH == 1 else b_part_dau
 
     if GATE_LORA:
         _store_slot_columns(
@@ -537,42 +549,54 @@ def ffn_sorted_bwd_kernel_wgrad(
     b_dbg = tl.zeros([RB, BI], dtype=tl.float32)
     b_dbu = tl.zeros([RB, BI], dtype=tl.float32)
     b_dad = tl.zeros([RB, BI], dtype=tl.float32)
-    for i_m in range(start, end, BM):
-        o_m = i_m + tl.arange(0, BM)
-        m_m = o_m < end
-        b_p = tl.load(order_ptr + o_m, mask=m_m, other=0)  # [BM] int64
-        b_tok = b_p // K
-        b_w = tl.load(weights_ptr + b_tok * stride_wt + (b_p % K) * stride_wk, mask=m_m, other=0.0)
-        b_w = b_w.to(tl.float32)
-        m_mi = m_m[:, None] & m_i[None, :]
-        m_mr = m_m[:, None] & m_r[None, :]
-        b_u = tl.load(u_ptr + b_tok[:, None] * stride_ut + o_i[None, :] * stride_ui, mask=m_mi, other=0.0)
-        b_uu = b_u.to(tl.float32)
-        b_gg = b_uu
-        if GATED:
-            b_g = tl.load(g_ptr + b_tok[:, None] * stride_gt + o_i[None, :] * stride_gi, mask=m_mi, other=0.0)
-            b_gg = b_g.to(tl.float32)
-        b_D = tl.load(dh_ptr + b_tok[:, None] * stride_dht + o_i[None, :] * stride_dhi, mask=m_mi, other=0.0)
-        b_D = b_D.to(tl.float32)
-        if GATE_LORA:  # gg = G + s a_g,e Bg_e
-            b_ag = tl.load(ag_ptr + b_tok[:, None] * stride_at + rows[None, :], mask=m_mr, other=0.0)
-            b_ag = (b_ag * scaling).to(DOT_DT)  # [BM, RB]
-            b_gg = tl.dot(b_ag, b_bg, acc=b_gg, input_precision=PREC)
-        if UP_LORA:
-            b_au = tl.load(au_ptr + b_tok[:, None] * stride_at + rows[None, :], mask=m_mr, other=0.0)
-            b_au = (b_au * scaling).to(DOT_DT)
-            b_uu = tl.dot(b_au, b_bu, acc=b_uu, input_precision=PREC)
-        if DOWN_LORA:  # D = dhbar + s q_e Ad_e
-            b_q = tl.load(q_ptr + b_tok[:, None] * N + rows[None, :], mask=m_mr, other=0.0)
-            b_q = (b_q * scaling).to(DOT_DT)
-            b_D = tl.dot(b_q, b_ad, acc=b_D, input_precision=PREC)
-        b_h, b_dgg, b_duu = _slot_act_grads(b_gg, b_uu, b_D, b_w, ACT, GATED)
-        if GATE_LORA:  # dBg_e += (s a_g,e)^T dgg
-            b_dbg = tl.dot(tl.trans(b_ag), b_dgg.to(DOT_DT), acc=b_dbg, input_precision=PREC)
-        if UP_LORA:
-            b_dbu = tl.dot(tl.trans(b_au), b_duu.to(DOT_DT), acc=b_dbu, input_precision=PREC)
-        if DOWN_LORA:  # dAd_e += (s q_e)^T (w h): dc_j = w_j s q_e
-            b_dad = tl.dot(tl.trans(b_q), (b_w[:, None] * b_h).to(DOT_DT), acc=b_dad, input_precision=PREC)
+    KCH: tl.constexpr = 1 if PREC == "ieee" else 1 << 30  # K-blocks per partial sum (moe_lora.fp32_dot_precision)
+    n_mb = tl.cdiv(end - start, BM)
+    for i_k in range(0, n_mb if KCH == 1 else 1):
+        b_part_dbg = tl.zeros([RB, BI], dtype=tl.float32) if KCH == 1 else b_dbg
+        b_part_dbu = tl.zeros([RB, BI], dtype=tl.float32) if KCH == 1 else b_dbu
+        b_part_dad = tl.zeros([RB, BI], dtype=tl.float32) if KCH == 1 else b_dad
+        # one step of BM pairs per partial sum (ieee), else the whole loop over the expert's pairs
+        for i_m in range(start + i_k * BM, start + i_k * BM + 1 if KCH == 1 else end, BM):
+            o_m = i_m + tl.arange(0, BM)
+            m_m = o_m < end
+            b_p = tl.load(order_ptr + o_m, mask=m_m, other=0)  # [BM] int64
+            b_tok = b_p // K
+            b_w = tl.load(weights_ptr + b_tok * stride_wt + (b_p % K) * stride_wk, mask=m_m, other=0.0)
+            b_w = b_w.to(tl.float32)
+            m_mi = m_m[:, None] & m_i[None, :]
+            m_mr = m_m[:, None] & m_r[None, :]
+            b_u = tl.load(u_ptr + b_tok[:, None] * stride_ut + o_i[None, :] * stride_ui, mask=m_mi, other=0.0)
+            b_uu = b_u.to(tl.float32)
+            b_gg = b_uu
+            if GATED:
+                b_g = tl.load(g_ptr + b_tok[:, None] * stride_gt + o_i[None, :] * stride_gi, mask=m_mi, other=0.0)
+                b_gg = b_g.to(tl.float32)
+            b_D = tl.load(dh_ptr + b_tok[:, None] * stride_dht + o_i[None, :] * stride_dhi, mask=m_mi, other=0.0)
+            b_D = b_D.to(tl.float32)
+            if GATE_LORA:  # gg = G + s a_g,e Bg_e
+                b_ag = tl.load(ag_ptr + b_tok[:, None] * stride_at + rows[None, :], mask=m_mr, other=0.0)
+                b_ag = (b_ag * scaling).to(DOT_DT)  # [BM, RB]
+                b_gg = tl.dot(b_ag, b_bg, acc=b_gg, input_precision=PREC)
+            if UP_LORA:
+                b_au = tl.load(au_ptr + b_tok[:, None] * stride_at + rows[None, :], mask=m_mr, other=0.0)
+                b_au = (b_au * scaling).to(DOT_DT)
+                b_uu = tl.dot(b_au, b_bu, acc=b_uu, input_precision=PREC)
+            if DOWN_LORA:  # D = dhbar + s q_e Ad_e
+                b_q = tl.load(q_ptr + b_tok[:, None] * N + rows[None, :], mask=m_mr, other=0.0)
+                b_q = (b_q * scaling).to(DOT_DT)
+                b_D = tl.dot(b_q, b_ad, acc=b_D, input_precision=PREC)
+            b_h, b_dgg, b_duu = _slot_act_grads(b_gg, b_uu, b_D, b_w, ACT, GATED)
+            if GATE_LORA:  # dBg_e += (s a_g,e)^T dgg
+                b_part_dbg = tl.dot(tl.trans(b_ag), b_dgg.to(DOT_DT), acc=b_part_dbg, input_precision=PREC)
+            if UP_LORA:
+                b_part_dbu = tl.dot(tl.trans(b_au), b_duu.to(DOT_DT), acc=b_part_dbu, input_precision=PREC)
+            if DOWN_LORA:  # dAd_e += (s q_e)^T (w h): dc_j = w_j s q_e
+                b_part_dad = tl.dot(
+                    tl.trans(b_q), (b_w[:, None] * b_h).to(DOT_DT), acc=b_part_dad, input_precision=PREC
+                )
+        b_dbg = b_dbg + b_part_dbg if KCH == 1 else b_part_dbg
+        b_dbu = b_dbu + b_part_dbu if KCH == 1 else b_part_dbu
+        b_dad = b_dad + b_part_dad if KCH == 1 else b_part_dad
 
     o_ri = rows[:, None] * I + o_i[None, :]
     if GATE_LORA:

@@ -103,17 +103,26 @@ def moe_lora_fwd_kernel_shrink(
     p_w = w_ptr + e_n.to(tl.int64) * stride_we + (o_n % R).to(tl.int64) * stride_wr  # [BN]
 
     b_acc = tl.zeros([BT, BN], dtype=tl.float32)
-    for i_d in range(0, tl.cdiv(D, BD)):
-        o_d = (i_d * BD + tl.arange(0, BD)).to(tl.int64)
-        m_d = o_d < D
-        b_x = tl.load(
-            x_ptr + o_t[:, None] * stride_xt + o_d[None, :] * stride_xd, mask=m_t[:, None] & m_d[None, :], other=0.0
-        )  # [BT, BD]
-        b_w = tl.load(p_w[None, :] + o_d[:, None] * stride_wd, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
-        if FP32:
-            b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
-        else:
-            b_acc = tl.dot(b_x, b_w.to(b_x.dtype), acc=b_acc)
+    KCH: tl.constexpr = 1 if FP32_PREC == "ieee" else 1 << 30  # K-blocks per partial sum (fp32_dot_precision)
+    n_d = tl.cdiv(D, BD)
+    for i_k in range(0, n_d if KCH == 1 else 1):
+        b_part = tl.zeros([BT, BN], dtype=tl.float32) if KCH == 1 else b_acc
+        for i_d in range(i_k * KCH, tl.minimum(i_k * KCH + KCH, n_d)):
+            o_d = (i_d * BD + tl.arange(0, BD)).to(tl.int64)
+            m_d = o_d < D
+            b_x = tl.load(
+                x_ptr + o_t[:, None] * stride_xt + o_d[None, :] * stride_xd,
+                mask=m_t[:, None] & m_d[None, :],
+                other=0.0,
+            )  # [BT, BD]
+            b_w = tl.load(
+                p_w[None, :] + o_d[:, None] * stride_wd, mask=m_d[:, None] & m_n[None, :], other=0.0
+            )  # [BD, BN]
+            if FP32:
+                b_part = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc=b_part, input_precision=FP32_PREC)
+            else:
+                b_part = tl.dot(b_x, b_w.to(b_x.dtype), acc=b_part)
+        b_acc = b_acc + b_part if KCH == 1 else b_part
 
     # gate[t, n] = sum of the weights of the slots of t that picked column n's expert (0 if none did);
     # -1 and out-of-range indices match no column.
@@ -163,17 +172,24 @@ def moe_lora_fwd_kernel_expand(
     m_c = o_c < C
 
     b_acc = tl.zeros([BT, BC], dtype=tl.float32)
-    for i_n in range(0, tl.cdiv(N, BN)):
-        o_n = i_n * BN + tl.arange(0, BN)
-        m_n = o_n < N
-        b_v = tl.load(v_ptr + o_t[:, None] * stride_vt + o_n[None, :], mask=m_t[:, None] & m_n[None, :], other=0.0)
-        p_w = w_ptr + (o_n // R).to(tl.int64) * stride_we + (o_n % R).to(tl.int64) * stride_wr  # [BN]
-        b_w = tl.load(p_w[:, None] + o_c[None, :] * stride_wc, mask=m_n[:, None] & m_c[None, :], other=0.0)  # [BN, BC]
-        if FP32:
-            b_acc = tl.dot(b_v, b_w.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
-        else:
-            # 16-bit weights: v rounded to their dtype for the tensor-core dot, fp32 accumulate.
-            b_acc = tl.dot(b_v.to(b_w.dtype), b_w, acc=b_acc)
+    KCH: tl.constexpr = 1 if FP32_PREC == "ieee" else 1 << 30  # K-blocks per partial sum (fp32_dot_precision)
+    n_n = tl.cdiv(N, BN)
+    for i_k in range(0, n_n if KCH == 1 else 1):
+        b_part = tl.zeros([BT, BC], dtype=tl.float32) if KCH == 1 else b_acc
+        for i_n in range(i_k * KCH, tl.minimum(i_k * KCH + KCH, n_n)):
+            o_n = i_n * BN + tl.arange(0, BN)
+            m_n = o_n < N
+            b_v = tl.load(v_ptr + o_t[:, None] * stride_vt + o_n[None, :], mask=m_t[:, None] & m_n[None, :], other=0.0)
+            p_w = w_ptr + (o_n // R).to(tl.int64) * stride_we + (o_n % R).to(tl.int64) * stride_wr  # [BN]
+            b_w = tl.load(
+                p_w[:, None] + o_c[None, :] * stride_wc, mask=m_n[:, None] & m_c[None, :], other=0.0
+            )  # [BN, BC]
+            if FP32:
+                b_part = tl.dot(b_v, b_w.to(tl.float32), acc=b_part, input_precision=FP32_PREC)
+            else:
+                # 16-bit weights: v rounded to their dtype for the tensor-core dot, fp32 accumulate.
+                b_part = tl.dot(b_v.to(b_w.dtype), b_w, acc=b_part)
+        b_acc = b_acc + b_part if KCH == 1 else b_part
 
     p_y = y_ptr + o_t[:, None] * stride_yt + o_c[None, :] * stride_yc
     tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
@@ -211,17 +227,26 @@ def moe_lora_bwd_kernel_wgrad(
     m_c = o_c < C
 
     b_acc = tl.zeros([BN, BC], dtype=tl.float32)
-    for i_t in range(0, tl.cdiv(T, BT)):
-        o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)
-        m_t = o_t < T
-        b_l = tl.load(lhs_ptr + o_t[None, :] * stride_lt + o_n[:, None], mask=m_n[:, None] & m_t[None, :], other=0.0)
-        b_r = tl.load(
-            rhs_ptr + o_t[:, None] * stride_rt + o_c[None, :] * stride_rc, mask=m_t[:, None] & m_c[None, :], other=0.0
-        )  # [BT, BC]
-        if FP32:
-            b_acc = tl.dot(b_l, b_r.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)  # [BN, BT] @ [BT, BC]
-        else:
-            b_acc = tl.dot(b_l.to(b_r.dtype), b_r, acc=b_acc)
+    KCH: tl.constexpr = 1 if FP32_PREC == "ieee" else 1 << 30  # K-blocks per partial sum (fp32_dot_precision)
+    n_t = tl.cdiv(T, BT)
+    for i_k in range(0, n_t if KCH == 1 else 1):
+        b_part = tl.zeros([BN, BC], dtype=tl.float32) if KCH == 1 else b_acc
+        for i_t in range(i_k * KCH, tl.minimum(i_k * KCH + KCH, n_t)):
+            o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)
+            m_t = o_t < T
+            b_l = tl.load(
+                lhs_ptr + o_t[None, :] * stride_lt + o_n[:, None], mask=m_n[:, None] & m_t[None, :], other=0.0
+            )
+            b_r = tl.load(
+                rhs_ptr + o_t[:, None] * stride_rt + o_c[None, :] * stride_rc,
+                mask=m_t[:, None] & m_c[None, :],
+                other=0.0,
+            )  # [BT, BC]
+            if FP32:
+                b_part = tl.dot(b_l, b_r.to(tl.float32), acc=b_part, input_precision=FP32_PREC)  # [BN, BT] @ [BT, BC]
+            else:
+                b_part = tl.dot(b_l.to(b_r.dtype), b_r, acc=b_part)
+        b_acc = b_acc + b_part if KCH == 1 else b_part
 
     p_g = g_ptr + (o_n // R).to(tl.int64)[:, None] * stride_ge + (o_n % R).to(tl.int64)[:, None] * stride_gr
     tl.store(p_g + o_c[None, :] * stride_gc, b_acc.to(g_ptr.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
@@ -239,7 +264,20 @@ def fp32_dot_precision(activation_dtype: torch.dtype) -> str:
     reference); "tf32x3" for 16-bit ones: three tensor-core passes over the operands' tf32 hi/lo halves,
     close to fp32 (the 16-bit output's rounding dominates). "ieee" dots compile to FMA loops (1024
     fma.rn.f32 per tile in their sm_90 PTX, no mma); these ran the down LoRA and the route_shrink backward of
-    the H200 run of 2026-12-04 (not yet timed apart)."""
+    the H200 run of 2026-12-04 (not yet timed apart).
+
+    An FMA loop chains every product of its K-block onto the accumulator it is given, so `acc = tl.dot(a,
+    b, acc)` over a K loop is one rounding chain over the whole reduction (and Triton folds `acc + tl.dot(a,
+    b)` back into that). Every kernel's ieee K loop therefore starts a fresh partial sum per K-block
+    (`KCH = 1` K-blocks per partial) and adds it to the total: the error of summing K terms then grows with
+    the block size plus the number of blocks, not with K. In a float64-checked CPU emulation
+    (`python -m bench.accumulation_error`: fp32 FMA steps, BK = 32, K = 512-4096) the one-chain sum erred
+    3.5-4.9x more than the blocked one, and 2.6-3.5x more than torch's CPU matmul, which the blocked one
+    stays within; the H200 run's fp32 parity misses (errors up to 7.5x cuBLAS's, at reductions of 512-1376)
+    look like the one-chain kind (not verified on a GPU since this change). Tensor-core dots keep one
+    chain: KCH = 2**30, one pass of the outer loop, and the total itself runs through the inner one (no second
+    accumulator live: the sm_90 compile of the 16-bit kernels keeps its registers; that K loop is what
+    Triton pipelines)."""
     return "ieee" if activation_dtype in (torch.float32, torch.float64) else "tf32x3"
 
 

@@ -158,18 +158,25 @@ def moe_lora_sorted_kernel_fused(
     e = g.to(tl.int64)
 
     b_acc = tl.zeros([BM, BR], dtype=tl.float32)
-    for i_d in range(0, tl.cdiv(D, BD)):
-        o_d = (i_d * BD + tl.arange(0, BD)).to(tl.int64)
-        m_d = o_d < D
-        b_x = tl.load(
-            x_ptr + b_tok[:, None] * stride_xt + o_d[None, :] * stride_xd, mask=m_m[:, None] & m_d[None, :], other=0.0
-        )  # [BM, BD]
-        p_w1 = w1_ptr + e * stride_w1e + o_d[:, None] * stride_w1d + o_r[None, :] * stride_w1r
-        b_w1 = tl.load(p_w1, mask=m_d[:, None] & m_r[None, :], other=0.0)  # [BD, BR]
-        if FP32:
-            b_acc = tl.dot(b_x.to(tl.float32), b_w1.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
-        else:
-            b_acc = tl.dot(b_x, b_w1.to(b_x.dtype), acc=b_acc)
+    KCH: tl.constexpr = 1 if FP32_PREC == "ieee" else 1 << 30  # K-blocks per partial sum (moe_lora.fp32_dot_precision)
+    n_d = tl.cdiv(D, BD)
+    for i_k in range(0, n_d if KCH == 1 else 1):
+        b_part = tl.zeros([BM, BR], dtype=tl.float32) if KCH == 1 else b_acc
+        for i_d in range(i_k * KCH, tl.minimum(i_k * KCH + KCH, n_d)):
+            o_d = (i_d * BD + tl.arange(0, BD)).to(tl.int64)
+            m_d = o_d < D
+            b_x = tl.load(
+                x_ptr + b_tok[:, None] * stride_xt + o_d[None, :] * stride_xd,
+                mask=m_m[:, None] & m_d[None, :],
+                other=0.0,
+            )  # [BM, BD]
+            p_w1 = w1_ptr + e * stride_w1e + o_d[:, None] * stride_w1d + o_r[None, :] * stride_w1r
+            b_w1 = tl.load(p_w1, mask=m_d[:, None] & m_r[None, :], other=0.0)  # [BD, BR]
+            if FP32:
+                b_part = tl.dot(b_x.to(tl.float32), b_w1.to(tl.float32), acc=b_part, input_precision=FP32_PREC)
+            else:
+                b_part = tl.dot(b_x, b_w1.to(b_x.dtype), acc=b_part)
+        b_acc = b_acc + b_part if KCH == 1 else b_part
 
     if STORE_RAW:
         tl.store(raw_ptr + b_p[:, None] * R + o_r[None, :], b_acc * raw_scale, mask=m_m[:, None] & m_r[None, :])
@@ -227,21 +234,29 @@ def moe_lora_sorted_kernel_wgrad(
     m_c = o_c < C
 
     b_acc = tl.zeros([BR, BC], dtype=tl.float32)
-    for i_m in range(start, end, BM):
-        o_m = i_m + tl.arange(0, BM)
-        m_m = o_m < end
-        b_p = tl.load(order_ptr + o_m, mask=m_m, other=0)  # [BM] int64
-        b_tok = b_p // K
-        b_w = tl.load(weights_ptr + b_tok * stride_gwt + (b_p % K) * stride_gwk, mask=m_m, other=0.0).to(tl.float32)
-        b_l = tl.load(lhs_ptr + b_p[None, :] * R + o_r[:, None], mask=m_r[:, None] & m_m[None, :], other=0.0)
-        b_l = b_l * (b_w * lhs_scale)[None, :]  # [BR, BM] fp32
-        b_rhs = tl.load(
-            rhs_ptr + b_tok[:, None] * stride_rt + o_c[None, :] * stride_rc, mask=m_m[:, None] & m_c[None, :], other=0.0
-        )  # [BM, BC]
-        if FP32:
-            b_acc = tl.dot(b_l, b_rhs.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
-        else:
-            b_acc = tl.dot(b_l.to(b_rhs.dtype), b_rhs, acc=b_acc)
+    KCH: tl.constexpr = 1 if FP32_PREC == "ieee" else 1 << 30  # K-blocks per partial sum (moe_lora.fp32_dot_precision)
+    n_mb = tl.cdiv(end - start, BM)
+    for i_k in range(0, n_mb if KCH == 1 else 1):
+        b_part = tl.zeros([BR, BC], dtype=tl.float32) if KCH == 1 else b_acc
+        # one step of BM pairs per partial sum (ieee), else the whole loop over the expert's pairs
+        for i_m in range(start + i_k * BM, start + i_k * BM + 1 if KCH == 1 else end, BM):
+            o_m = i_m + tl.arange(0, BM)
+            m_m = o_m < end
+            b_p = tl.load(order_ptr + o_m, mask=m_m, other=0)  # [BM] int64
+            b_tok = b_p // K
+            b_w = tl.load(weights_ptr + b_tok * stride_gwt + (b_p % K) * stride_gwk, mask=m_m, other=0.0).to(tl.float32)
+            b_l = tl.load(lhs_ptr + b_p[None, :] * R + o_r[:, None], mask=m_r[:, None] & m_m[None, :], other=0.0)
+            b_l = b_l * (b_w * lhs_scale)[None, :]  # [BR, BM] fp32
+            b_rhs = tl.load(
+                rhs_ptr + b_tok[:, None] * stride_rt + o_c[None, :] * stride_rc,
+                mask=m_m[:, None] & m_c[None, :],
+                other=0.0,
+            )  # [BM, BC]
+            if FP32:
+                b_part = tl.dot(b_l, b_rhs.to(tl.float32), acc=b_part, input_precision=FP32_PREC)
+            else:
+                b_part = tl.dot(b_l.to(b_rhs.dtype), b_rhs, acc=b_part)
+        b_acc = b_acc + b_part if KCH == 1 else b_part
 
     p_g = grad_ptr + i_e.to(tl.int64) * stride_ge + o_r[:, None] * stride_gr + o_c[None, :] * stride_gc
     tl.store(p_g, b_acc.to(grad_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])

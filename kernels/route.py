@@ -148,14 +148,21 @@ def route_fwd_kernel(
     m_e = o_e < E
 
     b_l = tl.zeros([BT, BE], dtype=DT)
-    for i_h in range(0, tl.cdiv(H, BH)):
-        o_h = i_h * BH + tl.arange(0, BH)  # [BH]
-        m_h = o_h < H
-        p_x = x_ptr + o_t64[:, None] * stride_xt + o_h[None, :] * stride_xh
-        b_x = tl.load(p_x, mask=m_t[:, None] & m_h[None, :], other=0.0).to(DT)  # [BT, BH]
-        p_w = wr_ptr + o_e.to(tl.int64)[:, None] * stride_we + o_h[None, :] * stride_wh
-        b_w = tl.load(p_w, mask=m_e[:, None] & m_h[None, :], other=0.0).to(DT)  # [BE, BH]
-        b_l = tl.dot(b_x, tl.trans(b_w), acc=b_l, input_precision=ROUTER_PREC)  # [BT, BE]
+    KCH: tl.constexpr = (
+        1 if ROUTER_PREC == "ieee" else 1 << 30
+    )  # K-blocks per partial sum (moe_lora.fp32_dot_precision)
+    n_h = tl.cdiv(H, BH)
+    for i_k in range(0, n_h if KCH == 1 else 1):
+        b_part = tl.zeros([BT, BE], dtype=DT) if KCH == 1 else b_l
+        for i_h in range(i_k * KCH, tl.minimum(i_k * KCH + KCH, n_h)):
+            o_h = i_h * BH + tl.arange(0, BH)  # [BH]
+            m_h = o_h < H
+            p_x = x_ptr + o_t64[:, None] * stride_xt + o_h[None, :] * stride_xh
+            b_x = tl.load(p_x, mask=m_t[:, None] & m_h[None, :], other=0.0).to(DT)  # [BT, BH]
+            p_w = wr_ptr + o_e.to(tl.int64)[:, None] * stride_we + o_h[None, :] * stride_wh
+            b_w = tl.load(p_w, mask=m_e[:, None] & m_h[None, :], other=0.0).to(DT)  # [BE, BH]
+            b_part = tl.dot(b_x, tl.trans(b_w), acc=b_part, input_precision=ROUTER_PREC)  # [BT, BE]
+        b_l = b_l + b_part if KCH == 1 else b_part
 
     _select(b_l, o_t64, m_t, weights_ptr, indices_ptr, probs_ptr, top_p, E, K, TOP_P, DT, BT, BE, BK)
 
@@ -211,17 +218,30 @@ def route_shrink_fwd_kernel(
 
     b_l = tl.zeros([BT, BE], dtype=tl.float32)
     b_u = tl.zeros([BT, BN], dtype=tl.float32)
-    for i_h in range(0, tl.cdiv(H, BH)):
-        o_h = (i_h * BH + tl.arange(0, BH)).to(tl.int64)  # [BH]
-        m_h = o_h < H
-        b_x = tl.load(
-            x_ptr + o_t64[:, None] * stride_xt + o_h[None, :] * stride_xh, mask=m_t[:, None] & m_h[None, :], other=0.0
-        )  # [BT, BH]
-        p_w = wr_ptr + o_e.to(tl.int64)[:, None] * stride_we + o_h[None, :] * stride_wh
-        b_w = tl.load(p_w, mask=m_e[:, None] & m_h[None, :], other=0.0).to(tl.float32)  # [BE, BH]
-        b_l = tl.dot(b_x.to(tl.float32), tl.trans(b_w), acc=b_l, input_precision=ROUTER_PREC)  # [BT, BE]
-        b_a = tl.load(p_a[None, :] + o_h[:, None] * stride_ah, mask=m_h[:, None] & m_n[None, :], other=0.0)  # [BH, BN]
-        b_u = tl.dot(b_x.to(DOT_DT), b_a.to(DOT_DT), acc=b_u, input_precision=PREC)  # [BT, BN]
+    KCH: tl.constexpr = (
+        1 if ROUTER_PREC == "ieee" else 1 << 30
+    )  # K-blocks per partial sum (moe_lora.fp32_dot_precision)
+    n_h = tl.cdiv(H, BH)
+    for i_k in range(0, n_h if KCH == 1 else 1):
+        b_part_l = tl.zeros([BT, BE], dtype=tl.float32) if KCH == 1 else b_l
+        b_part_u = tl.zeros([BT, BN], dtype=tl.float32) if KCH == 1 else b_u
+        for i_h in range(i_k * KCH, tl.minimum(i_k * KCH + KCH, n_h)):
+            o_h = (i_h * BH + tl.arange(0, BH)).to(tl.int64)  # [BH]
+            m_h = o_h < H
+            b_x = tl.load(
+                x_ptr + o_t64[:, None] * stride_xt + o_h[None, :] * stride_xh,
+                mask=m_t[:, None] & m_h[None, :],
+                other=0.0,
+            )  # [BT, BH]
+            p_w = wr_ptr + o_e.to(tl.int64)[:, None] * stride_we + o_h[None, :] * stride_wh
+            b_w = tl.load(p_w, mask=m_e[:, None] & m_h[None, :], other=0.0).to(tl.float32)  # [BE, BH]
+            b_part_l = tl.dot(b_x.to(tl.float32), tl.trans(b_w), acc=b_part_l, input_precision=ROUTER_PREC)
+            b_a = tl.load(
+                p_a[None, :] + o_h[:, None] * stride_ah, mask=m_h[:, None] & m_n[None, :], other=0.0
+            )  # [BH, BN]
+            b_part_u = tl.dot(b_x.to(DOT_DT), b_a.to(DOT_DT), acc=b_part_u, input_precision=PREC)  # [BT, BN]
+        b_l = b_l + b_part_l if KCH == 1 else b_part_l
+        b_u = b_u + b_part_u if KCH == 1 else b_part_u
 
     tl.store(ua_ptr + o_t64[:, None] * N + o_n[None, :], b_u, mask=m_t[:, None] & m_n[None, :])
     _select(b_l, o_t64, m_t, weights_ptr, indices_ptr, probs_ptr, top_p, E, K, TOP_P, tl.float32, BT, BE, BK)

@@ -102,16 +102,23 @@ def segmented_lora_fwd_kernel_shrink(
         m_r = o_r < R
         p_w = w_ptr + tl.cast(i_a, tl.int64) * stride_wa + o_r.to(tl.int64) * stride_wr  # [BR]
         b_acc = tl.zeros([BT, BR], dtype=tl.float32)
-        for i_d in range(0, tl.cdiv(D, BD)):
-            o_d = (i_d * BD + tl.arange(0, BD)).to(tl.int64)  # [BD]
-            m_d = o_d < D
-            p_x = x_ptr + o_t[:, None] * stride_xt + o_d[None, :] * stride_xd
-            b_x = tl.load(p_x, mask=m_tok[:, None] & m_d[None, :], other=0.0)  # [BT, BD]
-            b_w = tl.load(p_w[None, :] + o_d[:, None] * stride_wd, mask=m_d[:, None] & m_r[None, :], other=0.0)
-            if FP32:
-                b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
-            else:
-                b_acc = tl.dot(b_x, b_w.to(b_x.dtype), acc=b_acc)  # [BT, BR]
+        KCH: tl.constexpr = (
+            1 if FP32_PREC == "ieee" else 1 << 30
+        )  # K-blocks per partial sum (moe_lora.fp32_dot_precision)
+        n_d = tl.cdiv(D, BD)
+        for i_k in range(0, n_d if KCH == 1 else 1):
+            b_part = tl.zeros([BT, BR], dtype=tl.float32) if KCH == 1 else b_acc
+            for i_d in range(i_k * KCH, tl.minimum(i_k * KCH + KCH, n_d)):
+                o_d = (i_d * BD + tl.arange(0, BD)).to(tl.int64)  # [BD]
+                m_d = o_d < D
+                p_x = x_ptr + o_t[:, None] * stride_xt + o_d[None, :] * stride_xd
+                b_x = tl.load(p_x, mask=m_tok[:, None] & m_d[None, :], other=0.0)  # [BT, BD]
+                b_w = tl.load(p_w[None, :] + o_d[:, None] * stride_wd, mask=m_d[:, None] & m_r[None, :], other=0.0)
+                if FP32:
+                    b_part = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc=b_part, input_precision=FP32_PREC)
+                else:
+                    b_part = tl.dot(b_x, b_w.to(b_x.dtype), acc=b_part)  # [BT, BR]
+            b_acc = b_acc + b_part if KCH == 1 else b_part
         m_out = m_tok[:, None] & m_r[None, :]
         o_out = o_t[:, None] * R + o_r[None, :]
         tl.store(u_ptr + o_out, b_acc, mask=m_out)
@@ -211,21 +218,26 @@ def segmented_lora_bwd_kernel_wgrad(
     s_a = tl.load(scaling_ptr + i_a)
 
     b_acc = tl.zeros([BR, BC], dtype=tl.float32)
-    for i_t in range(0, tl.cdiv(T, BT)):
-        o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
-        _, b_lora, b_gate, m_active = _token_lora(
-            token_seq_ptr, seq_lora_ptr, seq_gate_ptr, o_t, o_t < T, n_seq, n_lora
-        )
-        m_tok = m_active & (b_lora == i_a)
-        if tl.max(m_tok.to(tl.int32), axis=0) > 0:
-            p_l = lhs_ptr + o_t[None, :] * R + o_r[:, None]
-            b_l = tl.load(p_l, mask=m_r[:, None] & m_tok[None, :], other=0.0) * (b_gate * s_a)[None, :]  # [BR, BT]
-            p_rhs = rhs_ptr + o_t[:, None] * stride_rt + o_c[None, :] * stride_rc
-            b_rhs = tl.load(p_rhs, mask=m_tok[:, None] & m_c[None, :], other=0.0)  # [BT, BC]
-            if FP32:
-                b_acc = tl.dot(b_l, b_rhs.to(tl.float32), acc=b_acc, input_precision=FP32_PREC)
-            else:
-                b_acc = tl.dot(b_l.to(b_rhs.dtype), b_rhs, acc=b_acc)  # [BR, BC]
+    KCH: tl.constexpr = 1 if FP32_PREC == "ieee" else 1 << 30  # K-blocks per partial sum (moe_lora.fp32_dot_precision)
+    n_t = tl.cdiv(T, BT)
+    for i_k in range(0, n_t if KCH == 1 else 1):
+        b_part = tl.zeros([BR, BC], dtype=tl.float32) if KCH == 1 else b_acc
+        for i_t in range(i_k * KCH, tl.minimum(i_k * KCH + KCH, n_t)):
+            o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
+            _, b_lora, b_gate, m_active = _token_lora(
+                token_seq_ptr, seq_lora_ptr, seq_gate_ptr, o_t, o_t < T, n_seq, n_lora
+            )
+            m_tok = m_active & (b_lora == i_a)
+            if tl.max(m_tok.to(tl.int32), axis=0) > 0:
+                p_l = lhs_ptr + o_t[None, :] * R + o_r[:, None]
+                b_l = tl.load(p_l, mask=m_r[:, None] & m_tok[None, :], other=0.0) * (b_gate * s_a)[None, :]  # [BR, BT]
+                p_rhs = rhs_ptr + o_t[:, None] * stride_rt + o_c[None, :] * stride_rc
+                b_rhs = tl.load(p_rhs, mask=m_tok[:, None] & m_c[None, :], other=0.0)  # [BT, BC]
+                if FP32:
+                    b_part = tl.dot(b_l, b_rhs.to(tl.float32), acc=b_part, input_precision=FP32_PREC)
+                else:
+                    b_part = tl.dot(b_l.to(b_rhs.dtype), b_rhs, acc=b_part)  # [BR, BC]
+        b_acc = b_acc + b_part if KCH == 1 else b_part
 
     p_g = g_ptr + tl.cast(i_a, tl.int64) * stride_ga + o_r.to(tl.int64)[:, None] * stride_gr + o_c[None, :] * stride_gc
     tl.store(p_g, b_acc.to(g_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
