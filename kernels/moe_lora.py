@@ -268,10 +268,10 @@ def fp32_dot_precision(activation_dtype: torch.dtype) -> str:
 
     An FMA loop chains every product of its K-block onto the accumulator it is given, so `acc = tl.dot(a,
     b, acc)` over a K loop is one rounding chain over the whole reduction (and Triton folds `acc + tl.dot(a,
-    b)` back into that). Every ieee K loop over H, I, the tokens or an expert's pairs therefore starts a fresh
-    partial sum per K-block (`KCH = 1` K-blocks per partial) and adds it to the total (the rank-axis loops,
-    K = E*r with r live columns per token, keep one chain): the error of summing K terms then grows with
-    the block size plus the number of blocks, not with K. In a float64-checked CPU emulation
+    b)` back into that). Every ieee K loop over H, I, the tokens, an expert's pairs or moe_lora's E*r columns
+    therefore starts a fresh partial sum per K-block (`KCH = 1` K-blocks per partial) and adds it to the total
+    (the fused FFNs' per-slot rank loops, r live terms each, keep one chain): the error of summing K terms
+    then grows with the block size plus the number of blocks, not with K. In a float64-checked CPU emulation
     (`python -m bench.accumulation_error`: fp32 FMA steps, BK = 32, K = 512-4096) the one-chain sum erred
     3.5-4.9x more than the blocked one, and 2.6-3.5x more than torch's CPU matmul, which the blocked one
     stays within; the H200 run's fp32 parity misses (errors up to 7.5x cuBLAS's, at reductions of 512-1376)
