@@ -108,19 +108,23 @@ def _env(name: str, value: str):
 
 
 def _exercise_ffn(ops, ua, gate, up, w, idx, gB, uB, dA, dB, act, g) -> None:
-    """The mixlora_ffn op forward and backward: llama, phi-3's shared A, phi (ungated), no down LoRA. `act`
+    """The mixlora_ffn op forward and backward: llama, phi-3's shared A, phi (ungated), no down LoRA; then
+    down_expand with Wd hbar (the activation dtype) and without (the fp32 delta), and its backward. `act`
     makes a random tensor in the activation dtype."""
     (T, I), E, r, H = up.shape, gB.shape[0], gB.shape[2], dB.shape[1]
     for args in (
-        (ua, gate, up, w, idx, gB, uB, dA, dB, 2.0, "silu", False),
-        (ua[:, : E * r], gate, up, w, idx, gB, uB, dA, dB, 2.0, "gelu", True),  # phi-3's shared A
-        (ua[:, : E * r], None, up, w, idx, None, uB, dA, dB, 2.0, "gelu_tanh", False),  # phi: ungated
-        (ua[:, : E * r], gate, up, w, idx, gB, uB, None, None, 2.0, "relu", False),
+        (ua, gate, up, w, idx, gB, uB, dA, 2.0, "silu", False),
+        (ua[:, : E * r], gate, up, w, idx, gB, uB, dA, 2.0, "gelu", True),  # phi-3's shared A
+        (ua[:, : E * r], None, up, w, idx, None, uB, dA, 2.0, "gelu_tanh", False),  # phi: ungated
+        (ua[:, : E * r], gate, up, w, idx, gB, uB, None, 2.0, "relu", False),
     ):
         ops.mixlora_ffn(*args)
-        zd = torch.randn(T, E * r if args[7] is not None else 0, generator=g)
-        y_lora = torch.randn(T, H if args[7] is not None else 0, generator=g)
-        ops.mixlora_ffn_backward(act(T, I), y_lora, *args[:9], zd, *args[9:])
+        grad_zd = torch.randn(T, E * r, generator=g) if args[7] is not None else None
+        ops.mixlora_ffn_backward(act(T, I), grad_zd, *args)
+    zd = torch.randn(T, E * r, generator=g)
+    for base in (act(T, H), None):
+        ops.down_expand(zd, dB, base, up.dtype)
+    ops.down_expand_backward(act(T, H), zd, dB, w, idx, up.dtype)
 
 
 def _exercise_ops(act_dtype: torch.dtype, w_dtype: torch.dtype) -> None:

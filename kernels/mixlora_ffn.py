@@ -7,7 +7,8 @@ For token t, slot j, expert e = indices[t, j] (design.md, op 3):
     zd    = sum_j w_j s [Ad_e h_j in expert e's r columns]          [T, E*r] fp32, the down-LoRA shrink
     y_lora = zd @ Bd_all                                            [T, H]
 
-The caller runs the frozen down projection once on hbar and adds y_lora: y = Wd hbar + y_lora.
+The caller runs the frozen down projection once on hbar and adds y_lora: y = Wd hbar + y_lora (down_expand
+does the add in the expand's epilogue).
 
 Kernels, in the order they run:
 - `mixlora_ffn_fwd_kernel_shrink` (shrink_x): ua = x @ [Ag_all | Au_all]^T, [T, P*E*r] fp32, one read of x per
@@ -17,11 +18,13 @@ Kernels, in the order they run:
   dense-masked GEMM with K = E*r (the slot's expert keeps its r columns of ua, the others are masked to 0,
   so one tile of B_all serves every token whatever its expert), activation, product, the weighted sum into
   hbar in registers, and the down shrink of each h_j, accumulated over the slice into zd.
-- the expand y_lora = zd @ Bd_all is moe_lora's expand kernel (K = E*r).
-The part after the shrink is mixlora_ffn_core_fwd / _bwd (from ua; the triton backend's op), the shrink's
-backward shrink_x_bwd (grad_x, grad A from the rank-space gradient of ua).
+- `down_expand`: y = Wd hbar + zd @ Bd_all (moe_lora's expand kernel, K = E*r, with Wd hbar added before its one
+  rounding), once the caller has run the frozen Wd on hbar; without Wd hbar, the fp32 delta y_lora alone.
+The part after the shrink is mixlora_ffn_core_fwd / _bwd (from ua to hbar and zd; the triton backend's op), then
+down_expand / down_expand_bwd; the shrink's backward is shrink_x_bwd (grad_x, grad A from the rank-space
+gradient of ua).
 Backward, recomputing h (two more expand GEMMs of K = E*r per slot) instead of storing [T, k, I]:
-- q = dy_lora @ Bd_all [T, E*r] (moe_lora's shrink kernel), then
+- q = dy_lora @ Bd_all^T [T, E*r] (moe_lora's shrink kernel, in down_expand_bwd, with grad Bd), then
 - `mixlora_ffn_bwd_kernel_rows`: grid over (token block, slice of I); the reductions over I: rank-space
   gradients of the gate/up LoRA [T, P*E*r] and of the routing weights [T, k]; writes dG and dU.
 - `mixlora_ffn_bwd_kernel_cols`: grid over (block of I, slice of tokens); the reductions over T: the
@@ -916,16 +919,15 @@ def mixlora_ffn_core_fwd(
     gB: Tensor | None,
     uB: Tensor | None,
     dA: Tensor | None,
-    dB: Tensor | None,
     scaling: float,
     act: str,
     shared_a: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """mixlora_ffn from the gate/up rank-space rows ua (shrink_x or route_shrink) on.
+) -> tuple[Tensor, Tensor]:
+    """mixlora_ffn from the gate/up rank-space rows ua (shrink_x or route_shrink) to the down LoRA's shrink.
 
     ua [T, P*E*r] fp32: the gate block then the up block (one block for both when shared_a), [T, 0] without
-    gate and up LoRAs. -> hbar [T, I] in up's dtype, y_lora [T, H] fp32 ([T, 0] without a down LoRA), and
-    zd [T, E*r] fp32 ([T, 0]) that the backward keeps.
+    gate and up LoRAs. -> hbar [T, I] in up's dtype and zd [T, E*r] fp32 ([T, 0] without a down LoRA), the
+    down LoRA's weighted rank-space rows: its delta is down_expand(zd, dB), added to Wd hbar by the caller.
     """
     T, I = up.shape
     E, R = _experts(gB, uB, dA)
@@ -942,11 +944,32 @@ def mixlora_ffn_core_fwd(
         S=S,
     )
     zd = zd_part.sum(0) if S > 1 else zd_part[0]  # fixed-order sum over the I-slices: deterministic
-    if dA is None:
-        return hbar, up.new_empty(T, 0, dtype=torch.float32), zd
-    # fp32, so that the caller adds it to Wd hbar before the one rounding to the model dtype, as the reference
-    y_lora = _expand(zd, dB, _b_strides(dB), R, dB.shape[1], torch.float32, fp32_dot_precision(up.dtype))
-    return hbar, y_lora, zd
+    return hbar, zd
+
+
+def down_expand(zd: Tensor, dB: Tensor, base: Tensor | None, activation_dtype: torch.dtype) -> Tensor:
+    """The down LoRA's delta zd @ Bd_all (zd [T, E*r] fp32, dB [E, H, r]) added to base [T, H] (Wd hbar, any
+    float dtype and strides) in fp32 and rounded once to base's dtype, as the reference rounds Wd hbar + delta:
+    one pass over [T, H] where a separate fp32 delta, its add and the cast made four. Without base: the delta
+    alone, fp32 [T, H]."""
+    R = dB.shape[2]
+    dtype = base.dtype if base is not None else torch.float32
+    return _expand(zd, dB, _b_strides(dB), R, dB.shape[1], dtype, fp32_dot_precision(activation_dtype), base)
+
+
+def down_expand_bwd(
+    grad_y: Tensor, zd: Tensor, dB: Tensor, weights: Tensor, indices: Tensor, activation_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """The backward of down_expand in zd and dB: q = grad_y @ Bd_all^T [T, E*r] fp32 (the gradient of zd, which
+    the fused FFN's backward takes) and grad_dB = zd^T @ grad_y [E, H, r] in dB's dtype. The gradient of base is
+    grad_y itself. weights, indices: the routing (moe_lora's shrink gates a second output that is not used)."""
+    R = dB.shape[2]
+    prec = fp32_dot_precision(activation_dtype)
+    grad_y = grad_y.contiguous()
+    q = _shrink(grad_y, dB, _b_strides(dB), R, weights, indices, 1.0, raw=True, fp32_prec=prec)[0]
+    grad_dB = _new(dB)
+    _wgrad(zd, grad_y, grad_dB, _b_strides(grad_dB), R, prec)
+    return q, grad_dB
 
 
 def mixlora_ffn_fwd(
@@ -970,13 +993,17 @@ def mixlora_ffn_fwd(
     A, shared_a = stack_gate_up_a(gA, uA)
     ua = shrink_x(x, A) if A is not None else x.new_empty(x.shape[0], 0, dtype=torch.float32)
     core_fwd = _core(regime)[0]
-    hbar, y_lora, zd = core_fwd(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a)
+    hbar, zd = core_fwd(ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a)
+    # fp32, so that the caller adds it to Wd hbar before the one rounding to the model dtype, as the reference
+    y_lora = (
+        down_expand(zd, dB, None, up.dtype) if dA is not None else up.new_empty(up.shape[0], 0, dtype=torch.float32)
+    )
     return hbar, y_lora, ua, zd
 
 
 def mixlora_ffn_core_bwd(
     grad_hbar: Tensor,
-    grad_y_lora: Tensor | None,
+    grad_zd: Tensor | None,
     ua: Tensor,
     gate: Tensor | None,
     up: Tensor,
@@ -985,25 +1012,20 @@ def mixlora_ffn_core_bwd(
     gB: Tensor | None,
     uB: Tensor | None,
     dA: Tensor | None,
-    dB: Tensor | None,
-    zd: Tensor,
     scaling: float,
     act: str,
     shared_a: bool,
 ) -> tuple[Tensor | None, ...]:
-    """-> the gradients of (ua, gate, up, weights, gB, uB, dA, dB) of mixlora_ffn_core_fwd; None for an absent
-    input (grad_ua is [T, 0] without gate and up LoRAs)."""
+    """-> the gradients of (ua, gate, up, weights, gB, uB, dA) of mixlora_ffn_core_fwd; None for an absent input
+    (grad_ua is [T, 0] without gate and up LoRAs). grad_zd [T, E*r] fp32 (down_expand_bwd's q = dy_lora @
+    Bd_all^T), or None when zd has no gradient."""
     T, I = up.shape
     E, R = _experts(gB, uB, dA)
     N = E * R
     K = weights.shape[1]
     dev = up.device
-    has_down = dA is not None and grad_y_lora is not None
-    # q = dy_lora @ Bd_all [T, N] fp32 (ua stands in, unread, without a down LoRA)
-    prec = fp32_dot_precision(up.dtype)
-    q = ua
-    if has_down:
-        q = _shrink(grad_y_lora, dB, _b_strides(dB), R, weights, indices, scaling, raw=True, fp32_prec=prec)[0]
+    has_down = dA is not None and grad_zd is not None
+    q = grad_zd.contiguous() if has_down else ua  # ua stands in, unread, without a down LoRA
     ag, au = _rank_views(ua, gB is not None, uB is not None, shared_a, N)
     common = _common_args(gate, up, weights, indices, ag, au, gB, uB, dA if has_down else None, E, R, scaling, act)
     strides = dict(stride_dht=grad_hbar.stride(0), stride_dhi=grad_hbar.stride(1))
@@ -1064,16 +1086,9 @@ def mixlora_ffn_core_bwd(
     grad_gB = grad_gB.transpose(1, 2).to(gB.dtype).contiguous() if grad_gB is not None else None
     grad_uB = grad_uB.transpose(1, 2).to(uB.dtype).contiguous() if grad_uB is not None else None
     grad_dA = grad_dA.to(dA.dtype) if grad_dA is not None else None
-    grad_dB = None
-    if dB is not None:
-        grad_dB = _new(dB)
-        if has_down:
-            _wgrad(zd, grad_y_lora, grad_dB, _b_strides(grad_dB), R, prec)
-        else:
-            grad_dB.zero_()
-        if grad_dA is None:
-            grad_dA = torch.zeros_like(dA)
-    return grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA, grad_dB
+    if dA is not None and grad_dA is None:
+        grad_dA = torch.zeros_like(dA)
+    return grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA
 
 
 def mixlora_ffn_bwd(
@@ -1099,8 +1114,14 @@ def mixlora_ffn_bwd(
     """-> the gradients of (x, gate, up, weights, gA, gB, uA, uB, dA, dB); None for an absent input. When gA
     is uA (one shared A), its whole gradient is returned as gA's and uA's is None (autograd adds them)."""
     A, shared_a = stack_gate_up_a(gA, uA)
-    grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA, grad_dB = _core(regime)[1](
-        grad_hbar, grad_y_lora, ua, gate, up, weights, indices, gB, uB, dA, dB, zd, scaling, act, shared_a
+    grad_zd, grad_dB = None, None
+    if dB is not None:
+        if dA is not None and grad_y_lora is not None:
+            grad_zd, grad_dB = down_expand_bwd(grad_y_lora, zd, dB, weights, indices, up.dtype)
+        else:
+            grad_dB = _new(dB).zero_()
+    grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA = _core(regime)[1](
+        grad_hbar, grad_zd, ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a
     )
     if A is None:
         grad_x, grad_gA, grad_uA = torch.zeros_like(x), None, None

@@ -21,8 +21,8 @@ Kernels, in the order they run (ua = x's rank rows [T, P*E*r] fp32, from shrink_
 - `ffn_sorted_fwd_kernel`: per (block, slice of I): for each slot, gg = G + s a_g,e Bg_e, uu likewise (K = r),
   h = act(gg) * uu, hbar += w h in registers, and the down shrink s w h Ad_e^T accumulated over the slice
   into a [BT, k*r] tile (slot j's columns hold its expert's r ranks), scattered to zd [T, E*r] at the end.
-- the expand y_lora = zd @ Bd_all is moe_lora's (K = E*r on the H side, where x-sized reads dominate).
-- backward, q = dy_lora @ Bd_all (moe_lora's shrink), then `ffn_sorted_bwd_kernel_rows` per (block, slice
+- the expand y = Wd hbar + zd @ Bd_all is mixlora_ffn.down_expand (moe_lora's kernel, K = E*r on the H side).
+- backward, q = dy @ Bd_all^T (down_expand_bwd: moe_lora's shrink), then `ffn_sorted_bwd_kernel_rows` per (block, slice
   of I): recomputes gg, uu and D = dhbar + s q_e Ad_e, writes dG, dU (summed over slots in registers),
   accumulates the rank-space gradients s dgg Bg_e^T, s duu Bu_e^T into [BT, k*r] tiles and <D, h> into dw;
 - `ffn_sorted_bwd_kernel_wgrad` (sorted_ffn_weight_grads): dBg, dBu, dAd per (block of I, expert), looping
@@ -56,7 +56,7 @@ from moelora.kernels.mixlora_ffn import (
     _slot_act_grads,
     dot_operand_dtype,
 )
-from moelora.kernels.moe_lora import _b_strides, _expand, _shrink, _wgrad, autotune_list, fp32_dot_precision, t_bucket
+from moelora.kernels.moe_lora import autotune_list, t_bucket
 from moelora.kernels.moe_lora_sorted import ExpertSort, sort_by_expert
 from torch import Tensor
 
@@ -787,23 +787,19 @@ def mixlora_ffn_sorted_core_fwd(
     gB: Tensor | None,
     uB: Tensor | None,
     dA: Tensor | None,
-    dB: Tensor | None,
     scaling: float,
     act: str,
     shared_a: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """kernels.mixlora_ffn.mixlora_ffn_core_fwd in the combination-sorted regime: same arguments, same results.
 
-    ua [T, P*E*r] fp32 -> hbar [T, I] in up's dtype, y_lora [T, H] fp32 ([T, 0] without a down LoRA), zd
-    [T, E*r] fp32 ([T, 0]).
+    ua [T, P*E*r] fp32 -> hbar [T, I] in up's dtype, zd [T, E*r] fp32 ([T, 0] without a down LoRA).
     """
     T, I = up.shape
     E, R = _experts(gB, uB, dA)
     N = E * R
     if T == 0:
-        H = dB.shape[1] if dA is not None else 0
-        empty = up.new_empty(0, 0, dtype=torch.float32)
-        return up.new_empty(0, I), empty.new_empty(0, H), empty.new_empty(0, N if dA is not None else 0)
+        return up.new_empty(0, I), up.new_empty(0, N if dA is not None else 0, dtype=torch.float32)
     ag, au = _rank_views(ua, gB is not None, uB is not None, shared_a, N)
     sort = combo_sort(indices, weights, E, BLOCK_T)
     n_blocks = sort.rows.shape[0] // BLOCK_T
@@ -819,15 +815,12 @@ def mixlora_ffn_sorted_core_fwd(
         S=S,
     )  # fmt: skip
     zd = zd_part.sum(0) if S > 1 else zd_part[0]
-    if dA is None:
-        return hbar, up.new_empty(T, 0, dtype=torch.float32), zd
-    y_lora = _expand(zd, dB, _b_strides(dB), R, dB.shape[1], torch.float32, fp32_dot_precision(up.dtype))
-    return hbar, y_lora, zd
+    return hbar, zd
 
 
 def mixlora_ffn_sorted_core_bwd(
     grad_hbar: Tensor,
-    grad_y_lora: Tensor | None,
+    grad_zd: Tensor | None,
     ua: Tensor,
     gate: Tensor | None,
     up: Tensor,
@@ -836,24 +829,19 @@ def mixlora_ffn_sorted_core_bwd(
     gB: Tensor | None,
     uB: Tensor | None,
     dA: Tensor | None,
-    dB: Tensor | None,
-    zd: Tensor,
     scaling: float,
     act: str,
     shared_a: bool,
 ) -> tuple[Tensor | None, ...]:
     """kernels.mixlora_ffn.mixlora_ffn_core_bwd in the combination-sorted regime: the gradients of (ua, gate,
-    up, weights, gB, uB, dA, dB); None for an absent input."""
+    up, weights, gB, uB, dA); None for an absent input."""
     T, I = up.shape
     E, R = _experts(gB, uB, dA)
     N = E * R
     K = weights.shape[1]
     dev = up.device
-    has_down = dA is not None and grad_y_lora is not None
-    prec = fp32_dot_precision(up.dtype)
-    q = ua
-    if has_down:
-        q = _shrink(grad_y_lora, dB, _b_strides(dB), R, weights, indices, scaling, raw=True, fp32_prec=prec)[0]
+    has_down = dA is not None and grad_zd is not None
+    q = grad_zd.contiguous() if has_down else ua  # ua stands in, unread, without a down LoRA
     ag, au = _rank_views(ua, gB is not None, uB is not None, shared_a, N)
     dot_dt = _dot_mode(up.dtype)[1]
     bg, bu = _rows(gB, N, True, dot_dt, T), _rows(uB, N, True, dot_dt, T)
@@ -899,13 +887,6 @@ def mixlora_ffn_sorted_core_bwd(
     grad_gB = dbg.view(E, R, I).transpose(1, 2).to(gB.dtype).contiguous() if dbg is not None else None
     grad_uB = dbu.view(E, R, I).transpose(1, 2).to(uB.dtype).contiguous() if dbu is not None else None
     grad_dA = dad.view(E, R, I).to(dA.dtype) if dad is not None else None
-    grad_dB = None
-    if dB is not None:
-        grad_dB = torch.empty(dB.shape, dtype=dB.dtype, device=dev)
-        if has_down:
-            _wgrad(zd, grad_y_lora, grad_dB, _b_strides(grad_dB), R, prec)
-        else:
-            grad_dB.zero_()
-        if grad_dA is None:
-            grad_dA = torch.zeros_like(dA)
-    return grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA, grad_dB
+    if dA is not None and grad_dA is None:
+        grad_dA = torch.zeros_like(dA)
+    return grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA

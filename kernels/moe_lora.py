@@ -148,6 +148,7 @@ def moe_lora_fwd_kernel_expand(
     v_ptr,  # [T, N] fp32 gated rank-space activations, N = E*R
     w_ptr,  # [E, R, C] through strides: B as [E, r, out] (forward) or A (backward, grad_x)
     y_ptr,  # [T, C]
+    base_ptr,  # [T, C] added to the product before y's one rounding, read only when HAS_BASE
     T,
     C,
     N,
@@ -158,12 +159,15 @@ def moe_lora_fwd_kernel_expand(
     stride_wc,
     stride_yt,
     stride_yc,
+    stride_bt,
+    stride_bc,
     T_BUCKET,  # autotune key only
     BT: tl.constexpr,
     BC: tl.constexpr,
     BN: tl.constexpr,
     FP32: tl.constexpr,
     FP32_PREC: tl.constexpr,
+    HAS_BASE: tl.constexpr,
 ):
     i_t, i_c = tl.program_id(0), tl.program_id(1)
     o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
@@ -191,8 +195,12 @@ def moe_lora_fwd_kernel_expand(
                 b_part = tl.dot(b_v.to(b_w.dtype), b_w, acc=b_part)
         b_acc = b_acc + b_part if KCH == 1 else b_part
 
+    m_tc = m_t[:, None] & m_c[None, :]
+    if HAS_BASE:
+        p_b = base_ptr + o_t[:, None] * stride_bt + o_c[None, :] * stride_bc
+        b_acc += tl.load(p_b, mask=m_tc, other=0.0).to(tl.float32)
     p_y = y_ptr + o_t[:, None] * stride_yt + o_c[None, :] * stride_yc
-    tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+    tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_tc)
 
 
 @triton.autotune(configs=autotune_list(gpu_configs(WGRAD_TILES, ("BC", "BT"))), key=[*_KEY, "C"])
@@ -337,16 +345,25 @@ def _shrink(
 
 
 def _expand(
-    v: Tensor, w: Tensor, w_strides: tuple[int, int, int], R: int, C: int, dtype: torch.dtype, fp32_prec: str
+    v: Tensor,
+    w: Tensor,
+    w_strides: tuple[int, int, int],
+    R: int,
+    C: int,
+    dtype: torch.dtype,
+    fp32_prec: str,
+    base: Tensor | None = None,
 ) -> Tensor:
-    """v [T, E*R] fp32 times w seen as [E*R, C] through w_strides (expert, rank, column) -> [T, C] in dtype;
-    fp32_prec as in _shrink."""
+    """v [T, E*R] fp32 times w seen as [E*R, C] through w_strides (expert, rank, column), plus base [T, C] (any
+    float dtype and strides) when given, summed in fp32 -> [T, C] in dtype, rounded once; fp32_prec as in
+    _shrink."""
     T, N = v.shape
     y = torch.empty(T, C, dtype=dtype, device=v.device)
     moe_lora_fwd_kernel_expand[lambda META: (triton.cdiv(T, META["BT"]), triton.cdiv(C, META["BC"]))](
         v_ptr=v,
         w_ptr=w,
         y_ptr=y,
+        base_ptr=base if base is not None else y,
         T=T,
         C=C,
         N=N,
@@ -357,10 +374,13 @@ def _expand(
         stride_wc=w_strides[2],
         stride_yt=y.stride(0),
         stride_yc=y.stride(1),
+        stride_bt=base.stride(0) if base is not None else 0,
+        stride_bc=base.stride(1) if base is not None else 0,
         T_BUCKET=t_bucket(T),
         BN=_rank_block(N, EXPAND_BLOCK_N),
         FP32=w.dtype == torch.float32,
         FP32_PREC=fp32_prec,
+        HAS_BASE=base is not None,
     )
     return y
 

@@ -7,8 +7,9 @@ model through them as opaque calls; the autograd Functions below call the forwar
 
 MixLoRA's FFN is three ops: the gate/up shrink `rank_shrink` (or `route_shrink`, the router fused with it:
 one read of x for both, what `routed_mixlora_ffn` and so MixLoraFFN use when no dropout separates the
-router's input from the LoRAs'), then `mixlora_ffn` from the rank-space rows on; the frozen down projection
-runs in between, on hbar, outside the ops.
+router's input from the LoRAs'), then `mixlora_ffn` from the rank-space rows to hbar and the down LoRA's
+rank-space rows zd, then `down_expand`: Wd hbar + zd @ Bd_all in one pass, rounded once. The frozen down
+projection runs between the last two, on hbar, outside the ops (so a quantised base layer still works).
 
 What the kernels do not cover goes to the reference, as in the cpu backend: DoRA (supports_dora = False),
 activations other than SiLU, GELU (erf or tanh) and ReLU, dropout on h_j (training with lora_dropout > 0
@@ -282,30 +283,27 @@ def _mixlora_ffn_op(
     gB: Tensor | None,
     uB: Tensor | None,
     dA: Tensor | None,
-    dB: Tensor | None,
     scaling: float,
     act: str,
     shared_a: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """From ua (rank_shrink or route_shrink) -> hbar [T, I] (up's dtype), y_lora [T, H] fp32, and the
-    backward's zd [T, E*r] fp32."""
+) -> tuple[Tensor, Tensor]:
+    """From ua (rank_shrink or route_shrink) -> hbar [T, I] (up's dtype) and zd [T, E*r] fp32 ([T, 0] without
+    a down LoRA): the down LoRA's weighted rank-space rows, which down_expand turns into its delta."""
     core = _ffn_core(up, weights, gB, uB, dA)
-    return core.fwd(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a)
+    return core.fwd(ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a)
 
 
 @_mixlora_ffn_op.register_fake
-def _(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a):
+def _(ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a):
     T, I = up.shape
-    f32 = dict(dtype=torch.float32)
-    hidden = dB.shape[1] if dB is not None else 0
     rank_columns = dA.shape[0] * dA.shape[1] if dA is not None else 0
-    return up.new_empty(T, I), up.new_empty(T, hidden, **f32), up.new_empty(T, rank_columns, **f32)
+    return up.new_empty(T, I), up.new_empty(T, rank_columns, dtype=torch.float32)
 
 
 @torch.library.custom_op("moelora_triton::mixlora_ffn_backward", mutates_args=())
 def _mixlora_ffn_backward_op(
     grad_hbar: Tensor,
-    grad_y_lora: Tensor,
+    grad_zd: Tensor | None,
     ua: Tensor,
     gate: Tensor | None,
     up: Tensor,
@@ -314,22 +312,45 @@ def _mixlora_ffn_backward_op(
     gB: Tensor | None,
     uB: Tensor | None,
     dA: Tensor | None,
-    dB: Tensor | None,
-    zd: Tensor,
     scaling: float,
     act: str,
     shared_a: bool,
 ) -> list[Tensor]:
-    """-> grads of (ua, gate, up, weights, gB, uB, dA, dB); an absent input's is a 1-d empty tensor."""
+    """-> grads of (ua, gate, up, weights, gB, uB, dA); an absent input's is a 1-d empty tensor. grad_zd: from
+    down_expand_backward, None without a down LoRA."""
     grads = _ffn_core(up, weights, gB, uB, dA).bwd(
-        grad_hbar, grad_y_lora, ua, gate, up, weights, indices, gB, uB, dA, dB, zd, scaling, act, shared_a
+        grad_hbar, grad_zd, ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a
     )
     return [_none(g, up) for g in grads]
 
 
 @_mixlora_ffn_backward_op.register_fake
-def _(grad_hbar, grad_y_lora, ua, gate, up, weights, indices, gB, uB, dA, dB, zd, scaling, act, shared_a):
-    return [t.new_empty(t.shape) if t is not None else up.new_empty(0) for t in (ua, gate, up, weights, gB, uB, dA, dB)]
+def _(grad_hbar, grad_zd, ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a):
+    return [t.new_empty(t.shape) if t is not None else up.new_empty(0) for t in (ua, gate, up, weights, gB, uB, dA)]
+
+
+@torch.library.custom_op("moelora_triton::down_expand", mutates_args=())
+def _down_expand_op(zd: Tensor, dB: Tensor, base: Tensor | None, activation_dtype: torch.dtype) -> Tensor:
+    """base + zd @ Bd_all [T, H] in base's dtype, rounded once (fp32 delta alone without base)."""
+    return _ffn_kernels.down_expand(zd, dB, base, activation_dtype)
+
+
+@_down_expand_op.register_fake
+def _(zd, dB, base, activation_dtype):
+    return zd.new_empty(zd.shape[0], dB.shape[1], dtype=base.dtype if base is not None else torch.float32)
+
+
+@torch.library.custom_op("moelora_triton::down_expand_backward", mutates_args=())
+def _down_expand_backward_op(
+    grad_y: Tensor, zd: Tensor, dB: Tensor, weights: Tensor, indices: Tensor, activation_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """-> (grad_zd [T, E*r] fp32, grad_dB like dB); base's gradient is grad_y itself."""
+    return _ffn_kernels.down_expand_bwd(grad_y, zd, dB, weights, indices, activation_dtype)
+
+
+@_down_expand_backward_op.register_fake
+def _(grad_y, zd, dB, weights, indices, activation_dtype):
+    return zd.new_empty(zd.shape), dB.new_empty(dB.shape)
 
 
 _ops = torch.ops.moelora_triton
@@ -456,20 +477,38 @@ class _RouteShrink(torch.autograd.Function):
 
 class _MixLoraFfn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a):
-        hbar, y_lora, zd = _ops.mixlora_ffn(ua, gate, up, weights, indices, gB, uB, dA, dB, scaling, act, shared_a)
-        ctx.save_for_backward(ua, gate, up, weights, indices, gB, uB, dA, dB, zd)
+    def forward(ctx, ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a):
+        hbar, zd = _ops.mixlora_ffn(ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a)
+        ctx.save_for_backward(ua, gate, up, weights, indices, gB, uB, dA)
         ctx.args = (scaling, act, shared_a)
-        return hbar, y_lora
+        return hbar, zd
 
     @staticmethod
-    def backward(ctx, grad_hbar, grad_y_lora):
-        ua, gate, up, weights, indices, gB, uB, dA, dB, zd = ctx.saved_tensors
+    def backward(ctx, grad_hbar, grad_zd):
+        ua, gate, up, weights, indices, gB, uB, dA = ctx.saved_tensors
         grads = _ops.mixlora_ffn_backward(
-            grad_hbar, grad_y_lora, ua, gate, up, weights, indices, gB, uB, dA, dB, zd, *ctx.args
+            grad_hbar, grad_zd if dA is not None else None, ua, gate, up, weights, indices, gB, uB, dA, *ctx.args
         )
         grad_ua, grad_gate, grad_up, grad_w, *lora_grads = (_or_none(g) for g in grads)
         return (grad_ua, grad_gate, grad_up, grad_w, None, *lora_grads, None, None, None)
+
+
+class _DownExpand(torch.autograd.Function):
+    """y = base + zd @ Bd_all (ops down_expand / down_expand_backward); weights and indices ride along for the
+    backward's shrink."""
+
+    @staticmethod
+    def forward(ctx, zd, dB, base, weights, indices, activation_dtype):
+        ctx.save_for_backward(zd, dB, weights, indices)
+        ctx.activation_dtype = activation_dtype
+        ctx.has_base = base is not None
+        return _ops.down_expand(zd, dB, base, activation_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        zd, dB, weights, indices = ctx.saved_tensors
+        grad_zd, grad_dB = _ops.down_expand_backward(grad_y, zd, dB, weights, indices, ctx.activation_dtype)
+        return grad_zd, grad_dB, grad_y if ctx.has_base else None, None, None, None
 
 
 def _kernels_take(act_name: str | None, up: Tensor, loras: list[ExpertLora | None], dora_only: dict) -> bool:
@@ -500,13 +539,17 @@ def _ffn_from_ua(
     """The fused FFN from the gate/up rank-space rows on; the frozen down projection runs once, on hbar."""
     down_lora = loras[2]
     gB, uB = (lo.B if lo is not None else None for lo in loras[:2])
-    dA, dB = (down_lora.A, down_lora.B) if down_lora is not None else (None, None)
-    hbar, y_lora = _MixLoraFfn.apply(ua, gate, up, weights, indices, gB, uB, dA, dB, float(scaling), act_name, shared_a)
-    y = down_proj(hbar).float()
+    dA = down_lora.A if down_lora is not None else None
+    hbar, zd = _MixLoraFfn.apply(ua, gate, up, weights, indices, gB, uB, dA, float(scaling), act_name, shared_a)
+    base = down_proj(hbar)
+    if down_lora is not None and down_bias is None and base.dtype == up.dtype:
+        # Wd hbar + the down delta, summed in fp32 and rounded once, in one kernel pass over [T, H]
+        return _DownExpand.apply(zd, down_lora.B, base, weights, indices, up.dtype)
+    y = base.float()
     if down_bias is not None:
         y = y + (weights.float().sum(dim=-1, keepdim=True) - 1.0) * down_bias.float()
     if down_lora is not None:
-        y = y + y_lora
+        y = y + _DownExpand.apply(zd, down_lora.B, None, weights, indices, up.dtype)
     return y.to(up.dtype)
 
 

@@ -282,9 +282,10 @@ def check_compile() -> dict[str, list[str]]:
     sy, su, order, offsets = ops.moe_lora_sorted(x, w, idx, big_A, big_B, 2.0)
     A_cat = torch.cat([gA, uA])
     ua = ops.rank_shrink(x, A_cat)
-    ffn_args = (ua, d["gate"], d["up"], w, idx, gB, uB, dA, dB, 2.0, "silu", False)
-    hbar, y_lora, zd = ops.mixlora_ffn(*ffn_args)
-    grads_out = (torch.randn_like(hbar), torch.randn_like(y_lora))
+    ffn_args = (ua, d["gate"], d["up"], w, idx, gB, uB, dA, 2.0, "silu", False)
+    hbar, zd = ops.mixlora_ffn(*ffn_args)
+    grads_out = (torch.randn_like(hbar), torch.randn_like(zd))
+    base = torch.randn(9, 12, generator=g)
     rs_w, rs_idx, rs_probs, rs_ua = ops.route_shrink(x, router, A_cat, 2, 0.0)
     rs_grads = (torch.randn_like(rs_w), torch.randn_like(rs_probs), torch.randn_like(rs_ua))
     cases = {
@@ -310,11 +311,14 @@ def check_compile() -> dict[str, list[str]]:
         "ffn-shared-a": (ops.mixlora_ffn.default, (ua[:, :16], *ffn_args[1:-1], True)),
         "ffn-ungated": (
             ops.mixlora_ffn.default,
-            (ua[:, 16:], None, d["up"], w, idx, None, uB, None, None, 2.0, "relu", False),
+            (ua[:, 16:], None, d["up"], w, idx, None, uB, None, 2.0, "relu", False),
         ),
-        "ffn-bwd": (ops.mixlora_ffn_backward.default, (*grads_out, *ffn_args[:-3], zd, 2.0, "silu", False)),
+        "ffn-bwd": (ops.mixlora_ffn_backward.default, (*grads_out, *ffn_args)),
         "ffn-sorted": (ops.mixlora_ffn.default, ffn_args),  # run with MOELORA_FFN_REGIME=sorted below
-        "ffn-sorted-bwd": (ops.mixlora_ffn_backward.default, (*grads_out, *ffn_args[:-3], zd, 2.0, "silu", False)),
+        "ffn-sorted-bwd": (ops.mixlora_ffn_backward.default, (*grads_out, *ffn_args)),
+        "down_expand": (ops.down_expand.default, (zd, dB, base, torch.float32)),
+        "down_expand-delta": (ops.down_expand.default, (zd, dB, None, torch.float32)),
+        "down_expand-bwd": (ops.down_expand_backward.default, (torch.randn_like(base), zd, dB, w, idx, torch.float32)),
     }
     hidden, num = torch.randn(3, 5, 12, generator=g), torch.tensor(reference.RATIONAL_GELU_NUMERATOR)
     den, pool_w = torch.tensor(reference.RATIONAL_GELU_DENOMINATOR), torch.randn(12, generator=g)
@@ -453,6 +457,7 @@ WORKER_CASES = [
             *("moe_lora_sorted", "moe_lora_sorted-bwd"),
             *("route_shrink", "route_shrink-top-p", "route_shrink-bwd"),
             *("ffn", "ffn-shared-a", "ffn-ungated", "ffn-bwd", "ffn-sorted", "ffn-sorted-bwd"),
+            *("down_expand", "down_expand-delta", "down_expand-bwd"),
             *("prompt_route", "prompt_route-bwd", "segmented_lora", "segmented_lora-bwd"),
         )
     ),

@@ -202,7 +202,7 @@ def check_case(T, I, E, R, k, kind, act, adapted, gated, option, dtype_name) -> 
 
 def check_matches_dense() -> list[str]:
     """fp32: the same gradients as the dense-masked regime's backward (mixlora_ffn_core_bwd), which pays E*r
-    rank columns per pair; q from dy_lora and Bd as the dense code computes it."""
+    rank columns per pair; both take the same q = dy_lora @ Bd_all^T."""
     failures = []
     for T, I, E, R, k, kind, act, adapted, gated, option in [
         (63, 45, 8, 16, 2, "unused-slots", "silu", ALL, True, ""),
@@ -222,8 +222,8 @@ def check_matches_dense() -> list[str]:
         dA = inp["ad"].view(E, R, I) if inp["ad"] is not None else None
         down = "down" in adapted
         dense = mixlora_ffn_core_bwd(
-            inp["grad_hbar"], dy if down else None, ua, inp["gate"], inp["up"], inp["weights"], inp["indices"],
-            gB, uB, dA, dB if down else None, torch.zeros(T, N if down else 0), SCALING, act, shared,
+            inp["grad_hbar"], inp["q"], ua, inp["gate"], inp["up"], inp["weights"], inp["indices"],
+            gB, uB, dA, SCALING, act, shared,
         )  # fmt: skip
         dense_rows = [
             dense[4].transpose(1, 2).reshape(N, I) if dense[4] is not None else None,

@@ -266,6 +266,26 @@ def check_weights_cast_once(regime: str) -> list[str]:
     return [name for name in runs[0] if not torch.equal(runs[0][name], runs[1][name])]
 
 
+def check_down_expand_rounds_once() -> list[str]:
+    """down_expand with Wd hbar (fp16, contiguous or strided) is the fp32 delta added to Wd hbar in fp32 and
+    rounded once, bitwise: what the caller's separate add and cast computed before the epilogue took them."""
+    from moelora.kernels.mixlora_ffn import down_expand
+
+    g = torch.Generator().manual_seed(4)
+    zd, dB = torch.randn(40, 32, generator=g), torch.randn(4, 20, 8, generator=g) * 0.3
+    bases = {
+        "contiguous": torch.randn(40, 20, generator=g).half(),
+        "strided": torch.randn(40, 40, generator=g).half()[:, ::2],
+    }
+    failures = []
+    for name, base in bases.items():
+        got = down_expand(zd, dB, base, torch.float16)
+        want = (base.float() + down_expand(zd, dB, None, torch.float16)).half()
+        if got.dtype != torch.float16 or not torch.equal(got, want):
+            failures.append(f"{name}: differs from the separate fp32 add")
+    return failures
+
+
 REGIMES = ("dense", "sorted")
 
 
@@ -288,6 +308,7 @@ def worker() -> dict[str, list[str]]:
         results[f"deterministic-{regime}"] = check_deterministic(regime)
         results[f"duplicate-experts-{regime}"] = check_duplicate_experts(regime)
         results[f"weights-cast-once-{regime}"] = check_weights_cast_once(regime)
+    results["down-expand-rounds-once"] = check_down_expand_rounds_once()
     return results
 
 
@@ -329,6 +350,11 @@ def test_matches_reference(worker_results, case_id):
 )
 def test_layouts_inference_and_determinism(worker_results, case_id):
     failures = worker_results[case_id]
+    assert not failures, "; ".join(failures)
+
+
+def test_down_expand_adds_wd_hbar_before_its_one_rounding(worker_results):
+    failures = worker_results["down-expand-rounds-once"]
     assert not failures, "; ".join(failures)
 
 
