@@ -361,6 +361,8 @@ def check_compile() -> dict[str, list[str]]:
         y = triton_backend.mixlora_ffn(x, d["gate"], d["up"], r.weights, r.indices, **ffn)
         y_fused, r_fused = triton_backend.routed_mixlora_ffn(x, router, d["gate"], d["up"], top_k=2, top_p=None, **ffn)
         y = y + y_fused + r_fused.probs.sum(-1, keepdim=True)
+        no_bias = {**ffn, "down_bias": None, "down_proj": lambda h: F.linear(h, d["Wd"])}  # the fused add
+        y = y + triton_backend.mixlora_ffn(x, d["gate"], d["up"], r.weights, r.indices, **no_bias)
         y = y + triton_backend.moe_lora(x, r.weights, r.indices, big[0], big[1], 2.0)  # sorted regime
         return y + triton_backend.moe_lora(x, r.weights, r.indices, lo["up"].A, lo["down"].B, 2.0)
 
