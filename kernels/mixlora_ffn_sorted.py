@@ -153,6 +153,30 @@ def _first_slot(experts_ptr, tok0, e, K: tl.constexpr):
 
 
 @triton.jit
+def _block_slots(experts_ptr, weights_ptr, tok0, b_tok, m_t, K: tl.constexpr, BK: tl.constexpr):
+    """The block's slots, loaded once before its loop over I (they do not change along I): its canonical experts
+    [BK] (E = unused slot), each slot's first slot with the same expert [BK] (_first_slot), and the tokens'
+    canonical routing weights [BT, BK]. _slot picks slot j's out of them in registers."""
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_es = tl.load(experts_ptr + tok0 * K + o_k, mask=m_k, other=-1)  # [BK] int32
+    same = (b_es[:, None] == b_es[None, :]) & m_k[None, :]  # [BK, BK]: slot jj (column) repeats slot j's expert
+    b_first = tl.min(tl.where(same, o_k[None, :], K), axis=1)  # [BK]
+    b_ws = tl.load(weights_ptr + b_tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    return b_es, b_first, b_ws
+
+
+@triton.jit
+def _slot(b_es, b_first, b_ws, j, BK: tl.constexpr):
+    """Slot j's expert, its first slot and its tokens' weights [BT], from _block_slots' registers."""
+    o_k = tl.arange(0, BK)
+    e = tl.sum(tl.where(o_k == j, b_es, 0))
+    col = tl.sum(tl.where(o_k == j, b_first, 0))
+    b_w = tl.sum(tl.where(o_k[None, :] == j, b_ws, 0.0), axis=1)
+    return e, col, b_w
+
+
+@triton.jit
 def _slot_expand(
     acc,  # [BT, BI] fp32
     a_ptr,  # [T, >= N] fp32 rank rows (column stride 1)
@@ -259,6 +283,7 @@ def ffn_sorted_fwd_kernel(
     DOT_DT: tl.constexpr,
     RB: tl.constexpr,
     KR: tl.constexpr,
+    BK: tl.constexpr,
     BT: tl.constexpr,
     BI: tl.constexpr,
 ):
@@ -269,6 +294,7 @@ def ffn_sorted_fwd_kernel(
         return
     m_t = b_tok >= 0
     b_tok = tl.where(m_t, b_tok, tok0)  # padding rows read a real token, masked on store
+    b_es, b_first, b_ws = _block_slots(experts_ptr, weights_ptr, tok0, b_tok, m_t, K, BK)
     o_r = tl.arange(0, RB)
     o_c = tl.arange(0, KR)
     n_ib = tl.cdiv(I, BI)
@@ -291,9 +317,8 @@ def ffn_sorted_fwd_kernel(
                 b_g = b_g.to(tl.float32)
             b_hbar = tl.zeros([BT, BI], dtype=tl.float32)
             for j in range(0, K):
-                e = tl.load(experts_ptr + tok0 * K + j)  # the block's expert in canonical slot j
-                col = _first_slot(experts_ptr, tok0, e, K)  # where its rank-space columns go
-                b_w = tl.load(weights_ptr + b_tok * K + j, mask=m_t, other=0.0)  # [BT] fp32, 0 when unused
+                # the block's expert in canonical slot j, where its rank-space columns go, its weights [BT]
+                e, col, b_w = _slot(b_es, b_first, b_ws, j, BK)
                 b_gg = b_g
                 b_uu = b_u
                 if GATE_LORA:
@@ -389,6 +414,7 @@ def ffn_sorted_bwd_kernel_rows(
         return
     m_t = b_tok >= 0
     b_tok = tl.where(m_t, b_tok, tok0)
+    b_es, b_first, b_ws = _block_slots(experts_ptr, weights_ptr, tok0, b_tok, m_t, K, BK)
     o_r = tl.arange(0, RB)
     o_c = tl.arange(0, KR)
     o_k = tl.arange(0, BK)
@@ -418,9 +444,7 @@ def ffn_sorted_bwd_kernel_rows(
             b_dgs = tl.zeros([BT, BI], dtype=tl.float32)
             b_dus = tl.zeros([BT, BI], dtype=tl.float32)
             for j in range(0, K):
-                e = tl.load(experts_ptr + tok0 * K + j)
-                col = _first_slot(experts_ptr, tok0, e, K)
-                b_w = tl.load(weights_ptr + b_tok * K + j, mask=m_t, other=0.0)
+                e, col, b_w = _slot(b_es, b_first, b_ws, j, BK)
                 b_gg = b_g
                 b_uu = b_u
                 b_D = b_dh
@@ -672,6 +696,7 @@ def _kernel_args(
         DOT_DT=dot_dt,
         RB=RB,
         KR=triton.next_power_of_2(K * RB),
+        BK=triton.next_power_of_2(K),
         BT=BLOCK_T,
         T_BUCKET=t_bucket(T),
     )
@@ -871,7 +896,6 @@ def mixlora_ffn_sorted_core_bwd(
         stride_dhi=grad_hbar.stride(1),
         stride_das=da.stride(0),
         stride_dat=da.stride(1),
-        BK=triton.next_power_of_2(K),
     )
     da = da.sum(0) if S > 1 else da[0]
     dw_canonical = dw.sum(0) if S > 1 else dw[0]
