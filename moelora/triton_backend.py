@@ -542,7 +542,9 @@ def _ffn_from_ua(
     dA = down_lora.A if down_lora is not None else None
     hbar, zd = _MixLoraFfn.apply(ua, gate, up, weights, indices, gB, uB, dA, float(scaling), act_name, shared_a)
     base = down_proj(hbar)
-    if down_lora is not None and down_bias is None and base.dtype == up.dtype:
+    if down_bias is None and base.dtype == up.dtype:
+        if down_lora is None:
+            return base
         # Wd hbar + the down delta, summed in fp32 and rounded once, in one kernel pass over [T, H]
         return _DownExpand.apply(zd, down_lora.B, base, weights, indices, up.dtype)
     y = base.float()
