@@ -798,12 +798,14 @@ def shrink_x(x: Tensor, A: Tensor) -> Tensor:
     return out
 
 
-def shrink_x_bwd(grad_ua: Tensor, x: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
-    """The backward of shrink_x: grad_x = grad_ua @ A_all [T, D] (x's dtype), grad_A = grad_ua^T @ x (A's dtype)."""
+def shrink_x_bwd(grad_ua: Tensor, x: Tensor, A: Tensor, grad_x_base: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The backward of shrink_x: grad_x = grad_x_base + grad_ua @ A_all [T, D] (x's dtype, one rounding;
+    grad_x_base [T, D] any float dtype: another use of x's gradient, e.g. the router's), grad_A = grad_ua^T @ x
+    (A's dtype)."""
     R = A.shape[1]
     grad_ua = grad_ua.contiguous()
     prec = fp32_dot_precision(x.dtype)
-    grad_x = _expand(grad_ua, A, _a_strides(A), R, x.shape[1], x.dtype, prec)
+    grad_x = _expand(grad_ua, A, _a_strides(A), R, x.shape[1], x.dtype, prec, grad_x_base)
     grad_A = _wgrad(grad_ua, x, _new(A), _a_strides(A), R, prec)
     return grad_x, grad_A
 

@@ -345,22 +345,21 @@ def route_fwd(x: Tensor, router_weight: Tensor, k: int, top_p: float | None) -> 
     return weights, indices, probs
 
 
-def route_bwd(
+def _logits_grad(
     grad_weights: Tensor,
     grad_probs: Tensor | None,
-    x: Tensor,
-    router_weight: Tensor,
     weights: Tensor,
     indices: Tensor,
     probs: Tensor,
     renormalized: bool,
-) -> tuple[Tensor, Tensor]:
+) -> Tensor:
+    """The gradient of the router logits [T, E] in probs' dtype (the compute dtype)."""
     T, k = weights.shape
     E = probs.shape[1]
     dt = probs.dtype
     grad_weights = grad_weights.contiguous()
     grad_probs = grad_probs.contiguous() if grad_probs is not None else None
-    grad_logits = torch.empty(T, E, dtype=dt, device=x.device)
+    grad_logits = torch.empty(T, E, dtype=dt, device=probs.device)
     if T > 0:  # a grid of 0 programs is not launchable; the empty [0, E] gives zero gradients below
         route_bwd_kernel_logits[(triton.cdiv(T, BLOCK_T),)](
             dw_ptr=grad_weights,
@@ -380,6 +379,21 @@ def route_bwd(
             BK=triton.next_power_of_2(k),
             num_warps=NUM_WARPS,
         )
+    return grad_logits
+
+
+def route_bwd(
+    grad_weights: Tensor,
+    grad_probs: Tensor | None,
+    x: Tensor,
+    router_weight: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    probs: Tensor,
+    renormalized: bool,
+) -> tuple[Tensor, Tensor]:
+    grad_logits = _logits_grad(grad_weights, grad_probs, weights, indices, probs, renormalized)
+    dt = grad_logits.dtype
     grad_x = (grad_logits @ router_weight.to(dt)).to(x.dtype)  # [T, H]
     grad_router = (grad_logits.t() @ x.to(dt)).to(router_weight.dtype)  # [E, H]
     return grad_x, grad_router
@@ -450,12 +464,15 @@ def route_shrink_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> grad_x [T, H] (x's dtype), grad_router [E, H], grad_A [E', R, H] (contiguous, A's dtype).
 
-    grad_x = grad_logits @ Wr + grad_ua @ A_all: the router's part from route_bwd, the LoRA's and grad_A =
-    grad_ua^T @ x from shrink_x_bwd (moe_lora's expand and wgrad kernels). No atomics.
+    grad_x = grad_logits @ Wr + grad_ua @ A_all: the router's part in the compute dtype, added to the LoRA's in
+    the epilogue of its expand before the one rounding to x's dtype (shrink_x_bwd: moe_lora's expand and wgrad
+    kernels, which give grad_A = grad_ua^T @ x too). No atomics.
     """
-    grad_x, grad_router = route_bwd(grad_weights, grad_probs, x, router_weight, weights, indices, probs, renormalized)
-    grad_x_lora, grad_A = shrink_x_bwd(grad_ua, x, A)
-    return grad_x + grad_x_lora, grad_router, grad_A
+    grad_logits = _logits_grad(grad_weights, grad_probs, weights, indices, probs, renormalized)
+    dt = grad_logits.dtype
+    grad_router = (grad_logits.t() @ x.to(dt)).to(router_weight.dtype)  # [E, H]
+    grad_x, grad_A = shrink_x_bwd(grad_ua, x, A, grad_x_base=grad_logits @ router_weight.to(dt))
+    return grad_x, grad_router, grad_A
 
 
 class RouteFunction(torch.autograd.Function):
