@@ -5,7 +5,7 @@ run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (slowly, for te
 is one `torch.library.custom_op` (namespace moelora_triton) with a fake kernel, so torch.compile traces a
 model through them as opaque calls; the autograd Functions below call the forward and backward ops.
 
-MixLoRA's FFN is three ops: the gate/up shrink `rank_shrink` (or `route_shrink`, the router fused with it:
+MixLoRA's FFN runs three ops: the gate/up shrink `rank_shrink` (or `route_shrink`, the router fused with it:
 one read of x for both, what `routed_mixlora_ffn` and so MixLoraFFN use when no dropout separates the
 router's input from the LoRAs'), then `mixlora_ffn` from the rank-space rows to hbar and the down LoRA's
 rank-space rows zd, then `down_expand`: Wd hbar + zd @ Bd_all in one pass, rounded once. The frozen down
