@@ -124,7 +124,7 @@ def _exercise_ffn(ops, ua, gate, up, w, idx, gB, uB, dA, dB, act, g) -> None:
     zd = torch.randn(T, E * r, generator=g)
     for base in (act(T, H), None):
         ops.down_expand(zd, dB, base, up.dtype)
-    ops.down_expand_backward(act(T, H), zd, dB, w, idx, up.dtype)
+    ops.down_expand_backward(act(T, H), zd, dB, up.dtype)
 
 
 def _exercise_ops(act_dtype: torch.dtype, w_dtype: torch.dtype) -> None:

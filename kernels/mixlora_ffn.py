@@ -959,16 +959,14 @@ def down_expand(zd: Tensor, dB: Tensor, base: Tensor | None, activation_dtype: t
     return _expand(zd, dB, _b_strides(dB), R, dB.shape[1], dtype, fp32_dot_precision(activation_dtype), base)
 
 
-def down_expand_bwd(
-    grad_y: Tensor, zd: Tensor, dB: Tensor, weights: Tensor, indices: Tensor, activation_dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+def down_expand_bwd(grad_y: Tensor, zd: Tensor, dB: Tensor, activation_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The backward of down_expand in zd and dB: q = grad_y @ Bd_all^T [T, E*r] fp32 (the gradient of zd, which
     the fused FFN's backward takes) and grad_dB = zd^T @ grad_y [E, H, r] in dB's dtype. The gradient of base is
-    grad_y itself. weights, indices: the routing (moe_lora's shrink gates a second output that is not used)."""
+    grad_y itself. moe_lora's shrink runs without routing: zd carries the routing weights already."""
     R = dB.shape[2]
     prec = fp32_dot_precision(activation_dtype)
     grad_y = grad_y.contiguous()
-    q = _shrink(grad_y, dB, _b_strides(dB), R, weights, indices, 1.0, raw=True, fp32_prec=prec)[0]
+    q = _shrink(grad_y, dB, _b_strides(dB), R, None, None, 1.0, raw=True, fp32_prec=prec)[0]
     grad_dB = _new(dB)
     _wgrad(zd, grad_y, grad_dB, _b_strides(grad_dB), R, prec)
     return q, grad_dB
@@ -1119,7 +1117,7 @@ def mixlora_ffn_bwd(
     grad_zd, grad_dB = None, None
     if dB is not None:
         if dA is not None and grad_y_lora is not None:
-            grad_zd, grad_dB = down_expand_bwd(grad_y_lora, zd, dB, weights, indices, up.dtype)
+            grad_zd, grad_dB = down_expand_bwd(grad_y_lora, zd, dB, up.dtype)
         else:
             grad_dB = _new(dB).zero_()
     grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA = _core(regime)[1](

@@ -61,7 +61,9 @@ def t_bucket(T: int) -> int:
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.autotune(configs=autotune_list(gpu_configs(SHRINK_TILES, ("BT", "BD"))), key=[*_KEY, "D", "K", "STORE_RAW"])
+@triton.autotune(
+    configs=autotune_list(gpu_configs(SHRINK_TILES, ("BT", "BD"))), key=[*_KEY, "D", "K", "STORE_RAW", "STORE_GATED"]
+)
 @triton.jit
 def moe_lora_fwd_kernel_shrink(
     x_ptr,  # [T, D]: x (forward) or dy (backward)
@@ -69,7 +71,7 @@ def moe_lora_fwd_kernel_shrink(
     weights_ptr,  # [T, K] routing weights
     indices_ptr,  # [T, K] int, -1 = unused slot
     raw_ptr,  # [T, N] fp32, N = E*R: u or dv, ungated (written only if STORE_RAW)
-    gated_ptr,  # [T, N] fp32: s * gate * raw, i.e. v or du
+    gated_ptr,  # [T, N] fp32: s * gate * raw, i.e. v or du (written only if STORE_GATED)
     T,
     D,
     N,
@@ -91,6 +93,7 @@ def moe_lora_fwd_kernel_shrink(
     BN: tl.constexpr,
     BD: tl.constexpr,
     STORE_RAW: tl.constexpr,
+    STORE_GATED: tl.constexpr,
     FP32: tl.constexpr,
     FP32_PREC: tl.constexpr,
 ):
@@ -124,22 +127,22 @@ def moe_lora_fwd_kernel_shrink(
                 b_part = tl.dot(b_x, b_w.to(b_x.dtype), acc=b_part)
         b_acc = b_acc + b_part if KCH == 1 else b_part
 
-    # gate[t, n] = sum of the weights of the slots of t that picked column n's expert (0 if none did);
-    # -1 and out-of-range indices match no column.
-    b_gate = tl.zeros([BT, BN], dtype=tl.float32)
-    for j in tl.static_range(K):
-        b_e = tl.load(indices_ptr + o_t * stride_it + j * stride_ik, mask=m_t, other=-1)  # [BT]
-        # int32 for the [BT, N] compares against the column's expert (int64 there cost registers: sm_90
-        # compile_check); an out-of-range id becomes -1 first, so that it cannot wrap onto an expert
-        b_e = tl.where((b_e >= 0) & (b_e < N // R), b_e, -1).to(tl.int32)
-        b_wj = tl.load(weights_ptr + o_t * stride_gwt + j * stride_gwk, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-        b_gate += tl.where(b_e[:, None] == e_n[None, :], b_wj[:, None], 0.0)
-
     m_tn = m_t[:, None] & m_n[None, :]
     o_out = o_t[:, None] * stride_ot + o_n[None, :]  # [BT, BN]
     if STORE_RAW:
         tl.store(raw_ptr + o_out, b_acc, mask=m_tn)
-    tl.store(gated_ptr + o_out, b_acc * b_gate * scaling, mask=m_tn)
+    if STORE_GATED:
+        # gate[t, n] = sum of the weights of the slots of t that picked column n's expert (0 if none did);
+        # -1 and out-of-range indices match no column.
+        b_gate = tl.zeros([BT, BN], dtype=tl.float32)
+        for j in tl.static_range(K):
+            b_e = tl.load(indices_ptr + o_t * stride_it + j * stride_ik, mask=m_t, other=-1)  # [BT]
+            # int32 for the [BT, N] compares against the column's expert (int64 there cost registers: sm_90
+            # compile_check); an out-of-range id becomes -1 first, so that it cannot wrap onto an expert
+            b_e = tl.where((b_e >= 0) & (b_e < N // R), b_e, -1).to(tl.int32)
+            b_wj = tl.load(weights_ptr + o_t * stride_gwt + j * stride_gwk, mask=m_t, other=0.0).to(tl.float32)
+            b_gate += tl.where(b_e[:, None] == e_n[None, :], b_wj[:, None], 0.0)
+        tl.store(gated_ptr + o_out, b_acc * b_gate * scaling, mask=m_tn)
 
 
 @triton.autotune(configs=autotune_list(gpu_configs(EXPAND_TILES, ("BT", "BC"))), key=[*_KEY, "C"])
@@ -299,26 +302,31 @@ def _shrink(
     w: Tensor,
     w_strides: tuple[int, int, int],
     R: int,
-    weights: Tensor,
-    indices: Tensor,
+    weights: Tensor | None,
+    indices: Tensor | None,
     scaling: float,
     raw: bool,
     fp32_prec: str,
-) -> tuple[Tensor | None, Tensor]:
-    """x [T, D] against w seen as [E, R, D] through w_strides -> (raw [T, E*R] fp32 or None, gated [T, E*R] fp32).
-    fp32_prec: fp32_dot_precision of the model's activations, for the dots with fp32 operands."""
+) -> tuple[Tensor | None, Tensor | None]:
+    """x [T, D] against w seen as [E, R, D] through w_strides -> (raw [T, E*R] fp32 or None, gated [T, E*R] fp32
+    or None). Without routing (weights and indices None) only raw is computed. fp32_prec: fp32_dot_precision of
+    the model's activations, for the dots with fp32 operands."""
     T, D = x.shape
     N = w.shape[0] * R
-    gated = torch.empty(T, N, dtype=torch.float32, device=x.device)
-    out_raw = torch.empty(T, N, dtype=torch.float32, device=x.device) if raw else gated
+    gated_on = weights is not None
+    if gated_on != (indices is not None) or not (raw or gated_on):
+        raise ValueError("_shrink: pass both weights and indices (gated output) or neither with raw=True")
+    out_raw = torch.empty(T, N, dtype=torch.float32, device=x.device) if raw else None
+    gated = torch.empty(T, N, dtype=torch.float32, device=x.device) if gated_on else None
+    out = gated if gated is not None else out_raw  # the pointer an output that is not written stands in for
     BN = _rank_block(N, SHRINK_MAX_BLOCK_N)
     moe_lora_fwd_kernel_shrink[lambda META: (triton.cdiv(T, META["BT"]), triton.cdiv(N, BN))](
         x_ptr=x,
         w_ptr=w,
-        weights_ptr=weights,
-        indices_ptr=indices,
-        raw_ptr=out_raw,
-        gated_ptr=gated,
+        weights_ptr=weights if gated_on else out,  # routing pointers are only read for the gated output
+        indices_ptr=indices if gated_on else out,
+        raw_ptr=out_raw if raw else out,
+        gated_ptr=out,
         T=T,
         D=D,
         N=N,
@@ -329,19 +337,20 @@ def _shrink(
         stride_we=w_strides[0],
         stride_wr=w_strides[1],
         stride_wd=w_strides[2],
-        stride_gwt=weights.stride(0),
-        stride_gwk=weights.stride(1),
-        stride_it=indices.stride(0),
-        stride_ik=indices.stride(1),
-        stride_ot=gated.stride(0),
-        K=weights.shape[1],
+        stride_gwt=weights.stride(0) if gated_on else 0,
+        stride_gwk=weights.stride(1) if gated_on else 0,
+        stride_it=indices.stride(0) if gated_on else 0,
+        stride_ik=indices.stride(1) if gated_on else 0,
+        stride_ot=out.stride(0),
+        K=weights.shape[1] if gated_on else 1,
         T_BUCKET=t_bucket(T),
         BN=BN,
         STORE_RAW=raw,
+        STORE_GATED=gated_on,
         FP32=_use_fp32(x, w),
         FP32_PREC=fp32_prec,
     )
-    return (out_raw if raw else None), gated
+    return out_raw, gated
 
 
 def _expand(

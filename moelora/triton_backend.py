@@ -342,14 +342,14 @@ def _(zd, dB, base, activation_dtype):
 
 @torch.library.custom_op("moelora_triton::down_expand_backward", mutates_args=())
 def _down_expand_backward_op(
-    grad_y: Tensor, zd: Tensor, dB: Tensor, weights: Tensor, indices: Tensor, activation_dtype: torch.dtype
+    grad_y: Tensor, zd: Tensor, dB: Tensor, activation_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """-> (grad_zd [T, E*r] fp32, grad_dB like dB); base's gradient is grad_y itself."""
-    return _ffn_kernels.down_expand_bwd(grad_y, zd, dB, weights, indices, activation_dtype)
+    return _ffn_kernels.down_expand_bwd(grad_y, zd, dB, activation_dtype)
 
 
 @_down_expand_backward_op.register_fake
-def _(grad_y, zd, dB, weights, indices, activation_dtype):
+def _(grad_y, zd, dB, activation_dtype):
     return zd.new_empty(zd.shape), dB.new_empty(dB.shape)
 
 
@@ -494,21 +494,20 @@ class _MixLoraFfn(torch.autograd.Function):
 
 
 class _DownExpand(torch.autograd.Function):
-    """y = base + zd @ Bd_all (ops down_expand / down_expand_backward); weights and indices ride along for the
-    backward's shrink."""
+    """y = base + zd @ Bd_all (ops down_expand / down_expand_backward)."""
 
     @staticmethod
-    def forward(ctx, zd, dB, base, weights, indices, activation_dtype):
-        ctx.save_for_backward(zd, dB, weights, indices)
+    def forward(ctx, zd, dB, base, activation_dtype):
+        ctx.save_for_backward(zd, dB)
         ctx.activation_dtype = activation_dtype
         ctx.has_base = base is not None
         return _ops.down_expand(zd, dB, base, activation_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        zd, dB, weights, indices = ctx.saved_tensors
-        grad_zd, grad_dB = _ops.down_expand_backward(grad_y, zd, dB, weights, indices, ctx.activation_dtype)
-        return grad_zd, grad_dB, grad_y if ctx.has_base else None, None, None, None
+        zd, dB = ctx.saved_tensors
+        grad_zd, grad_dB = _ops.down_expand_backward(grad_y, zd, dB, ctx.activation_dtype)
+        return grad_zd, grad_dB, grad_y if ctx.has_base else None, None
 
 
 def _kernels_take(act_name: str | None, up: Tensor, loras: list[ExpertLora | None], dora_only: dict) -> bool:
@@ -546,12 +545,12 @@ def _ffn_from_ua(
         if down_lora is None:
             return base
         # Wd hbar + the down delta, summed in fp32 and rounded once, in one kernel pass over [T, H]
-        return _DownExpand.apply(zd, down_lora.B, base, weights, indices, up.dtype)
+        return _DownExpand.apply(zd, down_lora.B, base, up.dtype)
     y = base.float()
     if down_bias is not None:
         y = y + (weights.float().sum(dim=-1, keepdim=True) - 1.0) * down_bias.float()
     if down_lora is not None:
-        y = y + _DownExpand.apply(zd, down_lora.B, None, weights, indices, up.dtype)
+        y = y + _DownExpand.apply(zd, down_lora.B, None, up.dtype)
     return y.to(up.dtype)
 
 

@@ -318,7 +318,7 @@ def check_compile() -> dict[str, list[str]]:
         "ffn-sorted-bwd": (ops.mixlora_ffn_backward.default, (*grads_out, *ffn_args)),
         "down_expand": (ops.down_expand.default, (zd, dB, base, torch.float32)),
         "down_expand-delta": (ops.down_expand.default, (zd, dB, None, torch.float32)),
-        "down_expand-bwd": (ops.down_expand_backward.default, (torch.randn_like(base), zd, dB, w, idx, torch.float32)),
+        "down_expand-bwd": (ops.down_expand_backward.default, (torch.randn_like(base), zd, dB, torch.float32)),
     }
     hidden, num = torch.randn(3, 5, 12, generator=g), torch.tensor(reference.RATIONAL_GELU_NUMERATOR)
     den, pool_w = torch.tensor(reference.RATIONAL_GELU_DENOMINATOR), torch.randn(12, generator=g)
