@@ -162,7 +162,7 @@ def mixlora_ffn(
     """
     act_name = activation_name(act)
     loras = [gate_lora, up_lora, down_lora]
-    if act_name is None or dora_only.get("down_dropout") is not None or all(p is None for p in loras):
+    if act_name is None or dora_only.get("dropout") is not None or all(p is None for p in loras):
         # Not covered in C++: another activation, dropout on h_j (training with lora_dropout > 0).
         return reference.mixlora_ffn(
             x,

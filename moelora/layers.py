@@ -17,10 +17,10 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelora import ops
+from moelora.dropout import LoraDropout
 from moelora.reference import (
     RATIONAL_GELU_DENOMINATOR,
     RATIONAL_GELU_NUMERATOR,
@@ -234,8 +234,7 @@ class MixLoraAdapter(nn.Module):
         device = first.weight.device
         self.num_experts, self.top_k, self.top_p = num_experts, top_k, top_p
         self.scaling, self.jitter_noise = scaling, jitter_noise
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.down_dropout = dropout
+        self.lora_dropout = dropout  # of x before the gate/up shrinks and of each h_j before the down shrink
         self.router = nn.Parameter(torch.empty(num_experts, hidden, device=device).normal_(0.0, router_init_range))
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -343,15 +342,9 @@ class MixLoraFFN(nn.Module):
             gate_lora, up_lora, down_lora = None, a.expert_lora("fc1"), a.expert_lora("fc2")
             gate_w, up_w = None, base.fc1.weight
 
-        down_dropout = None
-        if self.training and a.down_dropout > 0:
-            p = a.down_dropout
-
-            def down_dropout(h: Tensor) -> Tensor:
-                return F.dropout(h, p=p, training=True)
-
-        # Without dropout the router and the LoRAs read the same x: the triton backend then reads it once for both.
-        lora_input = a.dropout(x) if self.training and isinstance(a.dropout, nn.Dropout) else None
+        # LoRA dropout runs inside the op from a seed (moelora.dropout): no dropped copy of x or h_j is made,
+        # and the router reads x undropped, so a fused backend still reads x once for the router and the LoRAs.
+        dropout = LoraDropout.draw(a.lora_dropout) if self.training else None
         y, routing = ops.routed_mixlora_ffn(
             x,
             a.router,
@@ -359,7 +352,6 @@ class MixLoraFFN(nn.Module):
             up,
             top_k=a.top_k,
             top_p=a.top_p,
-            lora_input=lora_input,
             gate_lora=gate_lora,
             up_lora=up_lora,
             down_lora=down_lora,
@@ -370,7 +362,7 @@ class MixLoraFFN(nn.Module):
             up_weight=up_w,
             down_weight=down.weight,
             down_bias=getattr(down, "bias", None),
-            down_dropout=down_dropout,
+            dropout=dropout,
         )
         if self.router_log is not None:
             self.router_log.append((routing.probs, routing.indices))

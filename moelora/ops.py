@@ -39,19 +39,19 @@ def routed_mixlora_ffn(
     *,
     top_k: int | None,
     top_p: float | None,
-    lora_input: Tensor | None = None,
     **kwargs,
 ) -> tuple[Tensor, Routing]:
-    """route(x), then mixlora_ffn on the same tokens -> (y, Routing). lora_input: the LoRAs' input when it is
-    not x (dropout in training). One op so that a backend can read x once for the router and every expert's
-    gate/up shrink: the triton backend does, when lora_input is None and no LoRA uses DoRA."""
+    """route(x), then mixlora_ffn on the same tokens -> (y, Routing). The router reads x undropped; a
+    `dropout=LoraDropout(...)` in kwargs drops the LoRAs' input inside mixlora_ffn. One op so that a backend
+    can read x once for the router and every expert's gate/up shrink: the triton backend does when no LoRA
+    uses DoRA."""
     loras = [kwargs.get("gate_lora"), kwargs.get("up_lora"), kwargs.get("down_lora")]
     uses_dora = any(p is not None and p.magnitude is not None for p in loras)
     fused = getattr(backend.resolve(x.device), "routed_mixlora_ffn", None)
-    if fused is not None and lora_input is None and not uses_dora:
+    if fused is not None and not uses_dora:
         return fused(x, router_weight, gate, up, top_k=top_k, top_p=top_p, **kwargs)
     routing = route(x, router_weight, top_k=top_k, top_p=top_p)
-    y = mixlora_ffn(x if lora_input is None else lora_input, gate, up, routing.weights, routing.indices, **kwargs)
+    y = mixlora_ffn(x, gate, up, routing.weights, routing.indices, **kwargs)
     return y, routing
 
 

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moelora import dropout as seeded_dropout
+from moelora.dropout import LoraDropout
+
 
 class Routing(NamedTuple):
     """weights [T, k] fp32 (0 in unused slots), indices [T, k] int64 (-1 in unused slots), probs [T, E] fp32."""
@@ -97,11 +100,13 @@ def dora_scale(weight: Tensor, A: Tensor, B: Tensor, scaling: float, magnitude: 
 
 
 class _Pairs(NamedTuple):
-    """The used (token, slot) pairs sorted by expert: token [P], weight [P, 1], segment sizes per expert."""
+    """The used (token, slot) pairs sorted by expert: token [P], weight [P, 1], segment sizes per expert,
+    flat [P] (token * k + slot: the pair's row in [T, k] tensors)."""
 
     token: Tensor
     weight: Tensor
     counts: list[int]
+    flat: Tensor
 
 
 def _sorted_pairs(weights: Tensor, indices: Tensor, num_experts: int, dt: torch.dtype) -> _Pairs:
@@ -110,7 +115,7 @@ def _sorted_pairs(weights: Tensor, indices: Tensor, num_experts: int, dt: torch.
     counts = torch.bincount(flat[flat >= 0], minlength=num_experts).tolist()  # host sync: reference only
     order = order[: sum(counts)]
     token = torch.div(order, indices.shape[1], rounding_mode="floor")
-    return _Pairs(token, weights.reshape(-1)[order].to(dt).unsqueeze(-1), counts)
+    return _Pairs(token, weights.reshape(-1)[order].to(dt).unsqueeze(-1), counts, order)
 
 
 def _per_expert(rows: Tensor, counts: list[int], fn: Callable[[int, Tensor], Tensor]) -> Tensor:
@@ -153,16 +158,18 @@ def mixlora_ffn(
     up_weight: Tensor | None = None,
     down_weight: Tensor | None = None,
     down_bias: Tensor | None = None,
-    down_dropout: Callable[[Tensor], Tensor] | None = None,
+    dropout: LoraDropout | None = None,
 ) -> Tensor:
     """MixLoRA FFN from the frozen base's G = Wg x and U = Wu x (gate None: ungated, h = act(U + dU)).
 
-    x [T, H] (the LoRA input, dropout already applied); gate, up [T, I]; weights [T, k] fp32;
+    x [T, H] (the LoRA input); gate, up [T, I]; weights [T, k] fp32;
     indices [T, k] (-1 = unused); *_lora: ExpertLora or None (that projection stays the base);
     down_proj: the frozen down projection (bias included); down_bias [H] or None, so that the bias counts
-    sum_j w_j times as in the per-expert formula; *_weight: frozen weights, needed only for DoRA norms.
+    sum_j w_j times as in the per-expert formula; *_weight: frozen weights, needed only for DoRA norms;
+    dropout: LoRA dropout in training (moelora.dropout): the seeded mask of stream X_STREAM drops x before
+    the gate/up shrinks, that of H_STREAM drops h_j (element (t * k + j) * I + i) before the down shrink.
 
-        h_j  = act(G + dG_j) * (U + dU_j)          dP_j = s B_e A_e x  for expert e = indices[:, j]
+        h_j  = act(G + dG_j) * (U + dU_j)          dP_j = s B_e A_e drop(x)  for expert e = indices[:, j]
         y    = Wd (sum_j w_j h_j) + sum_j w_j s Bd_e Ad_e drop(h_j)      (Wd runs once, on T rows)
 
     The reference keeps h for every (token, slot) pair, [T*k, I]; the fused backends do not. With DoRA on
@@ -174,6 +181,8 @@ def mixlora_ffn(
     if E is None:  # no LoRA at all: the experts are only names; an empty batch has none
         E = int(indices.max()) + 1 if indices.numel() else 1
     pairs = _sorted_pairs(weights, indices, max(E, 1), dt)
+    if dropout is not None:
+        x = seeded_dropout.apply(x.to(dt), dropout, seeded_dropout.X_STREAM)
     x_pairs = x[pairs.token].to(dt)
 
     def adapt(base: Tensor, proj: ExpertLora | None, weight: Tensor | None) -> Tensor:
@@ -193,7 +202,11 @@ def mixlora_ffn(
 
     u = adapt(up, up_lora, up_weight)
     h = act(adapt(gate, gate_lora, gate_weight)) * u if gate is not None else act(u)  # [P, I]
-    h_in = down_dropout(h) if down_dropout is not None else h
+    h_in = h
+    if dropout is not None:
+        rows, inter = T * indices.shape[1], h.shape[1]
+        keep = seeded_dropout.dropout_mask(dropout.seed, seeded_dropout.H_STREAM, rows * inter, dropout.p, h.device)
+        h_in = h * keep.reshape(rows, inter)[pairs.flat].to(dt) * dropout.scale
 
     if down_lora is not None and down_lora.magnitude is not None:
         y_pairs = (

@@ -514,7 +514,7 @@ def _kernels_take(act_name: str | None, up: Tensor, loras: list[ExpertLora | Non
     """Whether the fused kernels cover this call (else the reference runs it); see the module docstring."""
     return not (
         act_name is None
-        or dora_only.get("down_dropout") is not None
+        or dora_only.get("dropout") is not None
         or all(p is None for p in loras)
         or any(p is not None and p.magnitude is not None for p in loras)
         or up.dtype not in _KERNEL_DTYPES

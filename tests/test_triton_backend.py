@@ -29,6 +29,7 @@ from conftest import VOCAB, randomize_adapters, tiny_model
 
 import moelora
 from moelora import MixLoraConfig, backend, get_moelora_model, reference
+from moelora.dropout import LoraDropout
 from moelora.reference import ExpertLora
 
 pytest.importorskip("triton")
@@ -205,7 +206,7 @@ def check_backend_ffn() -> dict[str, list[str]]:
     d = _ffn_inputs(True, g)
     fallbacks = {
         "quick_gelu": dict(act=ACT2FN["quick_gelu"]),
-        "down-dropout": dict(act=F.silu, down_dropout=lambda h: h * 0.5),
+        "dropout": dict(act=F.silu, dropout=LoraDropout(0.5, 7)),
     }
     for name, kw in fallbacks.items():
         failures = [] if triton_backend.activation_name(kw["act"]) is None or name != "quick_gelu" else ["has a kernel"]
@@ -446,7 +447,7 @@ WORKER_CASES = [
     "ffn-gelu_pytorch_tanh-ungated",
     "ffn-relu-gated",
     "fallback-quick_gelu",
-    "fallback-down-dropout",
+    "fallback-dropout",
     "fallback-fp64",
     "route-top_k",
     "route-top_p",

@@ -32,6 +32,7 @@ from tolerance import tolerance_failure
 pytest.importorskip("triton")
 
 from moelora import reference
+from moelora.dropout import LoraDropout
 from moelora.reference import ExpertLora
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -175,10 +176,12 @@ def _run_ffn(impl, d, family, k, dtype, dropout_input: bool):
     kw = dict(gate_lora=lora("gate"), up_lora=lora("up"), down_lora=lora("down"), act=FFN_ACT[family], scaling=2.0)
     kw["down_proj"] = lambda h: F.linear(h, leaves["Wd"])
     top = dict(top_k=k, top_p=None if k is not None else 0.6)
-    if dropout_input:  # what the layer passes in training with lora_dropout > 0: the LoRAs read another tensor
+    if dropout_input:  # what the layer passes in training with lora_dropout > 0: a seeded dropout
+        kw["dropout"] = LoraDropout(0.25, 11)
+    if dropout_input and impl is not reference:
         from moelora import ops
 
-        y, routing = ops.routed_mixlora_ffn(x, leaves["router"], gate, up, **top, lora_input=x * 1.0, **kw)
+        y, routing = ops.routed_mixlora_ffn(x, leaves["router"], gate, up, **top, **kw)
     elif impl is reference:
         routing = reference.route(x, leaves["router"], **top)
         y = reference.mixlora_ffn(x, gate, up, routing.weights, routing.indices, **kw)
@@ -208,8 +211,9 @@ def check_ffn(family, E, r, k, loras, path, dtype_name) -> list[str]:
 
     route_kernels.route_shrink_fwd = counting
     try:
-        want = _run_ffn(reference, {n: t.double() for n, t in d.items()}, family, k, torch.float64, False)
-        torch_lp = _run_ffn(reference, d, family, k, dtype, False)
+        dropout = path == "dropout"
+        want = _run_ffn(reference, {n: t.double() for n, t in d.items()}, family, k, torch.float64, dropout)
+        torch_lp = _run_ffn(reference, d, family, k, dtype, dropout)
         with nan_empty(), set_backend("triton"):
             got = _run_ffn(triton_backend, d, family, k, dtype, path == "dropout")
     finally:
