@@ -3,12 +3,17 @@
 One op name, several implementations. A backend is a module-like object with the functions of
 moelora.reference (route, moe_lora, mixlora_ffn, lora) and a `supports_dora` flag; fused backends
 register themselves here when their code is importable and built.
+
+Fallbacks are visible: a fused backend that hands a call to the reference says so through `fell_back`, which
+warns once per (op, reason), and `ops_ran()` tells which backend ran each op since `reset_ops_ran()` (a
+MoeLoraModel resets it at the start of every forward, so it describes the last one).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from types import ModuleType
 from typing import Any
 
@@ -20,12 +25,14 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 _registered: dict[str, Any] = {"reference": reference}
 _why_missing: dict[str, str] = {
     "triton": "triton is not importable (pip install triton; Linux with an NVIDIA GPU)",
-    "cpu": "the C++ extension moelora._C is not part of this release yet (it lands with the CPU backend issue)",
+    "cpu": "the C++ extension moelora._C is not built (reinstall with a C++ compiler: scripts/install.sh)",
 }
 _override: list[str] = []
 _cpu_tried = False
 _triton_tried = False
 _warned: set[str] = set()
+_ran: Counter[tuple[str, str]] = Counter()  # (op, backend name) -> calls since reset_ops_ran()
+_fallback_reason: list[str | None] = []  # one entry per op call in progress; fell_back fills the innermost
 
 
 def register_backend(name: str, impl: ModuleType | Any) -> None:
@@ -139,10 +146,46 @@ def resolve(device: torch.device) -> Any:
     return _registered[name]
 
 
+def backend_name(impl: Any) -> str:
+    """'reference', 'cpu' or 'triton': the registered name of a backend implementation."""
+    return next((n for n, v in _registered.items() if v is impl), "reference" if impl is reference else "unknown")
+
+
+def run_op(op: str, impl: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) as op `op` on backend `impl`, counted in ops_ran() under the backend that really ran
+    it: the reference when the backend called fell_back during the call."""
+    _fallback_reason.append(None)
+    try:
+        out = fn(*args, **kwargs)
+    finally:
+        reason = _fallback_reason.pop()
+    _ran[(op, "reference" if reason is not None else backend_name(impl))] += 1
+    return out
+
+
+def fell_back(op: str, reason: str) -> None:
+    """A fused backend hands this call of `op` to the reference because of `reason`: warn once per (op, reason)."""
+    if _fallback_reason:
+        _fallback_reason[-1] = reason
+    _warn_once(f"fallback:{op}:{reason}", f"moelora: {op} ran on the reference backend, not the fused one: {reason}")
+
+
+def ops_ran() -> dict[str, dict[str, int]]:
+    """{op: {backend: calls}} since the last reset_ops_ran() (by default: the last MoeLoraModel forward)."""
+    out: dict[str, dict[str, int]] = {}
+    for (op, where), n in sorted(_ran.items()):
+        out.setdefault(op, {})[where] = n
+    return out
+
+
+def reset_ops_ran() -> None:
+    _ran.clear()
+
+
 def resolve_for_dora(device: torch.device) -> Any:
     """Like resolve(), but a backend without DoRA falls back to the reference with a one-time notice."""
     impl = resolve(device)
     if impl is not reference and not getattr(impl, "supports_dora", False):
-        _warn_once("dora", "moelora: the fused backend does not cover DoRA; DoRA layers use the reference backend.")
+        fell_back("mixlora_ffn", f"the {backend_name(impl)} backend does not cover DoRA")
         return reference
     return impl

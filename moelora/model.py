@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
-from moelora import formats
+from moelora import backend, formats
 from moelora.config import LLAMA_PROJECTIONS, AdapterConfig, LoraConfig, MiLoraConfig, MixLoraConfig
 from moelora.layers import (
     FFN_KINDS,
@@ -468,6 +468,7 @@ class MoeLoraModel(nn.Module):
     ) -> Any:
         """The wrapped model's forward. adapter_names: one adapter per sequence (mixed batch, inference only);
         prompt_mask [B, S]: the tokens MiLoRA routers pool (default: every non-padding token)."""
+        backend.reset_ops_ran()  # moelora.backend.ops_ran() then describes this forward
         x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         plan = self._batch_plan(adapter_names, None if x is None else x.shape[0])
         config = self.peft_config.get(self.active_adapter) if plan is None else None

@@ -1,4 +1,6 @@
-"""The ops, dispatched to the chosen backend (see moelora.backend). Signatures: moelora.reference."""
+"""The ops, dispatched to the chosen backend (see moelora.backend). Signatures: moelora.reference.
+
+Every call is counted in moelora.backend.ops_ran() under the backend that ran it."""
 
 from __future__ import annotations
 
@@ -10,25 +12,31 @@ from moelora.reference import ExpertLora, Routing
 
 def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: float | None = None) -> Routing:
     """Router softmax + top-k (renormalised) or top-p. x [T, H], router_weight [E, H] -> Routing."""
-    return backend.resolve(x.device).route(x, router_weight, top_k=top_k, top_p=top_p)
+    impl = backend.resolve(x.device)
+    return backend.run_op("route", impl, impl.route, x, router_weight, top_k=top_k, top_p=top_p)
 
 
 def lora(x: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
     """Dense LoRA delta. x [..., in], A [r, in], B [out, r] -> [..., out]."""
-    return backend.resolve(x.device).lora(x, A, B, scaling)
+    impl = backend.resolve(x.device)
+    return backend.run_op("lora", impl, impl.lora, x, A, B, scaling)
 
 
 def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
     """Gathered per-expert LoRA. x [T, in], weights/indices [T, k], A [E, r, in], B [E, out, r] -> [T, out]."""
-    return backend.resolve(x.device).moe_lora(x, weights, indices, A, B, scaling)
+    impl = backend.resolve(x.device)
+    return backend.run_op("moe_lora", impl, impl.moe_lora, x, weights, indices, A, B, scaling)
+
+
+def _uses_dora(kwargs: dict) -> bool:
+    loras: list[ExpertLora | None] = [kwargs.get("gate_lora"), kwargs.get("up_lora"), kwargs.get("down_lora")]
+    return any(p is not None and p.magnitude is not None for p in loras)
 
 
 def mixlora_ffn(x: Tensor, gate: Tensor | None, up: Tensor, weights: Tensor, indices: Tensor, **kwargs) -> Tensor:
     """MixLoRA FFN with one frozen down projection; see moelora.reference.mixlora_ffn for every argument."""
-    loras: list[ExpertLora | None] = [kwargs.get("gate_lora"), kwargs.get("up_lora"), kwargs.get("down_lora")]
-    uses_dora = any(p is not None and p.magnitude is not None for p in loras)
-    impl = backend.resolve_for_dora(x.device) if uses_dora else backend.resolve(x.device)
-    return impl.mixlora_ffn(x, gate, up, weights, indices, **kwargs)
+    impl = backend.resolve_for_dora(x.device) if _uses_dora(kwargs) else backend.resolve(x.device)
+    return backend.run_op("mixlora_ffn", impl, impl.mixlora_ffn, x, gate, up, weights, indices, **kwargs)
 
 
 def routed_mixlora_ffn(
@@ -45,27 +53,36 @@ def routed_mixlora_ffn(
     `dropout=LoraDropout(...)` in kwargs drops the LoRAs' input inside mixlora_ffn. One op so that a backend
     can read x once for the router and every expert's gate/up shrink: the triton backend does when no LoRA
     uses DoRA."""
-    loras = [kwargs.get("gate_lora"), kwargs.get("up_lora"), kwargs.get("down_lora")]
-    uses_dora = any(p is not None and p.magnitude is not None for p in loras)
-    fused = getattr(backend.resolve(x.device), "routed_mixlora_ffn", None)
-    if fused is not None and not uses_dora:
-        return fused(x, router_weight, gate, up, top_k=top_k, top_p=top_p, **kwargs)
+    impl = backend.resolve(x.device)
+    fused = getattr(impl, "routed_mixlora_ffn", None)
+    if fused is not None and not _uses_dora(kwargs):
+        return backend.run_op(
+            "routed_mixlora_ffn", impl, fused, x, router_weight, gate, up, top_k=top_k, top_p=top_p, **kwargs
+        )
     routing = route(x, router_weight, top_k=top_k, top_p=top_p)
     y = mixlora_ffn(x, gate, up, routing.weights, routing.indices, **kwargs)
     return y, routing
 
 
+def _or_reference(op: str, impl) -> tuple:
+    """impl's `op`, or the reference's with a one-time notice when the backend has none."""
+    fn = getattr(impl, op, None)
+    if fn is not None:
+        return impl, fn
+    if impl is not reference:
+        backend.fell_back(op, f"the {backend.backend_name(impl)} backend has no {op} op")
+    return reference, getattr(reference, op)
+
+
 def prompt_route(hidden: Tensor, mask: Tensor | None, router_weight: Tensor, numerator, denominator, **kwargs):
     """MiLoRA's per-prompt router. hidden [B, S, H], mask [B, S] -> PromptRouting (gates [B, M])."""
-    impl = backend.resolve(hidden.device)
-    fn = getattr(impl, "prompt_route", reference.prompt_route)  # a backend without it: the reference
-    return fn(hidden, mask, router_weight, numerator, denominator, **kwargs)
+    impl, fn = _or_reference("prompt_route", backend.resolve(hidden.device))
+    return backend.run_op("prompt_route", impl, fn, hidden, mask, router_weight, numerator, denominator, **kwargs)
 
 
 def segmented_lora(
     x: Tensor, token_seq: Tensor, seq_lora: Tensor, seq_gate: Tensor, A: Tensor, B: Tensor, scaling: Tensor
 ) -> Tensor:
     """One gated LoRA per sequence. x [T, in], token_seq [T], seq_lora/seq_gate [n_seq], A [n, r, in], B [n, out, r]."""
-    impl = backend.resolve(x.device)
-    fn = getattr(impl, "segmented_lora", reference.segmented_lora)
-    return fn(x, token_seq, seq_lora, seq_gate, A, B, scaling)
+    impl, fn = _or_reference("segmented_lora", backend.resolve(x.device))
+    return backend.run_op("segmented_lora", impl, fn, x, token_seq, seq_lora, seq_gate, A, B, scaling)

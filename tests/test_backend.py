@@ -62,3 +62,58 @@ def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch)
 def test_route_needs_exactly_one_of_top_k_and_top_p():
     with pytest.raises(ValueError, match="exactly one of top_k and top_p"):
         ops.route(torch.randn(3, 8), torch.randn(4, 8))
+
+
+def test_ops_ran_counts_each_op_under_the_backend_that_ran_it():
+    backend.reset_ops_ran()
+    x, w = torch.randn(5, 8), torch.randn(4, 8)
+    ops.route(x, w, top_k=2)
+    ops.route(x, w, top_k=1)
+    ops.lora(x, torch.randn(2, 8), torch.randn(3, 2), 2.0)
+    assert backend.ops_ran() == {"lora": {"reference": 1}, "route": {"reference": 2}}
+    backend.reset_ops_ran()
+    assert backend.ops_ran() == {}
+
+
+class _NoMiLoraOps:
+    """A fused backend without MiLoRA's ops and with a fallback inside moe_lora."""
+
+    @staticmethod
+    def moe_lora(x, weights, indices, A, B, scaling):
+        backend.fell_back("moe_lora", "test reason")
+        return reference.moe_lora(x, weights, indices, A, B, scaling)
+
+
+def test_fallbacks_warn_once_per_reason_and_count_as_reference(monkeypatch):
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(backend, "_registered", {"reference": reference, "cpu": _NoMiLoraOps})
+    monkeypatch.setattr(backend, "_cpu_tried", True)
+    backend.reset_ops_ran()
+    x = torch.randn(4, 6)
+    weights, indices = torch.full((4, 1), 1.0), torch.zeros(4, 1, dtype=torch.int64)
+    A, B = torch.randn(1, 2, 6), torch.randn(1, 3, 2)
+    token_seq, seq = torch.arange(4), torch.zeros(4, dtype=torch.int64)
+    with moelora.set_backend("cpu"):
+        with pytest.warns(RuntimeWarning, match="moe_lora ran on the reference backend.*test reason"):
+            ops.moe_lora(x, weights, indices, A, B, 1.0)
+        with pytest.warns(RuntimeWarning, match="the cpu backend has no segmented_lora op"):
+            ops.segmented_lora(x, token_seq, seq, torch.ones(4), A, B, torch.ones(1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same reasons again: no second warning
+            ops.moe_lora(x, weights, indices, A, B, 1.0)
+            ops.segmented_lora(x, token_seq, seq, torch.ones(4), A, B, torch.ones(1))
+    assert backend.ops_ran() == {"moe_lora": {"reference": 2}, "segmented_lora": {"reference": 2}}
+
+
+def test_a_model_forward_reports_the_ops_it_ran():
+    from conftest import randomize_adapters, tiny_model
+
+    model = moelora.get_moelora_model(tiny_model(), moelora.MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2))
+    randomize_adapters(model)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randint(3, 60, (2, 5)))
+    ran = backend.ops_ran()
+    # two layers on the reference backend (conftest), which has no fused routed op: route, then the FFN
+    assert ran["route"] == {"reference": 2} and ran["mixlora_ffn"] == {"reference": 2}
+    assert set(ran["lora"]) == {"reference"}
