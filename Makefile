@@ -12,7 +12,8 @@ test: install
 	$(PYTHON) -m pytest -q tests
 	$(PYTHON) -m pytest -q bench --benchmark-disable -p no:cacheprovider
 
-# The README's main command: the latency comparison of bench/ (small default preset).
+# The README's main command: the latency comparison of bench/ (small default preset), written to bench/out/
+# (gitignored); ARGS="--out bench/results" writes the committed results folder instead.
 bench: install
 	$(PYTHON) -m bench $(ARGS)
 

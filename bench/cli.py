@@ -1,4 +1,5 @@
-"""`python3 -m bench`: latency of the MixLoRA suites' providers, parity-checked first, saved under bench/results/."""
+"""`python3 -m bench`: latency of the MixLoRA suites' providers, parity-checked first, saved under bench/out/
+(gitignored; `--out bench/results` for the committed results)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import subprocess
@@ -21,9 +23,11 @@ from bench import memory
 from bench.plot import plot
 from bench.providers import mixlora_pkg_version
 from bench.suites import SUITES, Preset, Suite
-from bench.timing import MODES, Timing, check_parity, measure
+from bench.timing import MODES, SPREAD_LIMIT, Timing, busy_warnings, check_parity, measure, spread
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"  # committed results: written only when --out names it
+OUT_DIR = BENCH_DIR / "out"  # the default: gitignored, so a run never dirties the checkout
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ALL_PROVIDERS = tuple(dict.fromkeys(p for s in SUITES.values() for p in s.providers))
@@ -41,6 +45,7 @@ DIM_FLAGS = {
     "seq": "S",
     "new_tokens": "N",
     "lora_dtype": "lora_dtype",
+    "layers": "L",
 }
 # a suite's row dimension -> the argparse destination that replaces its rows.
 CASE_FLAGS = {"T": "T", "B": "batch"}
@@ -84,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--r", type=int, help="LoRA rank")
     p.add_argument("--top-p", type=float, help="route suite: top-p routing (mixlora-dynamic) instead of top-k")
     p.add_argument("--seq", type=int, help="model suite: train sequence length; milora suite: prefill prompt length")
-    p.add_argument("--new-tokens", type=int, help="model suite: tokens generated per call")
+    p.add_argument("--new-tokens", type=int, help="model and e2e suites: tokens generated per call")
+    p.add_argument("--layers", type=int, help="model and e2e suites: decoder layers of the llama")
     p.add_argument("--dtype", choices=[*DTYPES, *DTYPE_ALIASES], default="float32", help="base weights and x")
     lora_help = "milora suite: adapter tensors in fp32 (the library's default) or in --dtype (model)"
     p.add_argument("--lora-dtype", choices=("fp32", "model"), help=lora_help)
@@ -97,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:n]")
     memory_help = f"CPU: peak RSS growth of every case over {memory.CALLS} calls, each case in a process of its own"
     p.add_argument("--memory", action="store_true", help=memory_help)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default: bench/results)")
+    out_help = "results folder (default: bench/out, gitignored; bench/results holds the committed results)"
+    p.add_argument("--out", type=Path, default=OUT_DIR, help=out_help)
     p.add_argument("--no-save", action="store_true", help="print only, write no files")
     return p.parse_args(argv)
 
@@ -132,9 +139,7 @@ def _version(package: str) -> str | None:
 
 def _git_commit() -> str | None:
     try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=RESULTS_DIR.parent, capture_output=True, text=True, timeout=10
-        )
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     if done.returncode != 0:
@@ -235,9 +240,18 @@ def plan(suite: Suite, args: argparse.Namespace, device: torch.device, dtype: to
     return Plan(suite, resolved, custom, shapes, providers, modes, notes)
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average, None where the OS has none (Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def run_suite(p: Plan, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, progress: _Progress) -> dict:
     """Parity, then timing of every (row, mode, provider) of one suite; returns its entry of the report."""
     suite, key = p.suite, p.suite.case
+    load_before = _load_average()
     checked = [name for name in p.providers if name in suite.checked]
     with_grads = suite.grad_mode in p.modes
     entry = {
@@ -290,6 +304,11 @@ def run_suite(p: Plan, args: argparse.Namespace, device: torch.device, dtype: to
                 progress.advance()
         del inp
     entry["ratios"] = _ratios(entry)
+    load_after = _load_average()
+    entry["load_average_1min"] = {"before": load_before, "after": load_after}
+    entry["warnings"] = busy_warnings(suite.name, key, entry["results"], args.threads, load_before, load_after)
+    for line in entry["warnings"]:
+        progress.log(f"WARNING: {line}")
     return entry
 
 
@@ -392,6 +411,7 @@ def run(args: argparse.Namespace) -> dict:
     for pl in plans:
         report[pl.suite.name] = run_suite(pl, args, device, dtype, progress)
     progress.close()
+    report["warnings"] = [w for pl in plans for w in report[pl.suite.name]["warnings"]]
     return report
 
 
@@ -434,9 +454,11 @@ def _table(
 
 
 def _latency_cell(r: dict) -> str:
+    """The median, then its spread: [the IQR as a percentage of the median] (none for a single repeat)."""
     if r["status"] != "ok":
         return r["status"].split(":")[0]
-    return _ms(r["median_ms"]) + (" (g)" if r.get("cuda_graph") else "")
+    frac = spread(r)
+    return _ms(r["median_ms"]) + ("" if frac is None else f" [{frac:.0%}]") + (" (g)" if r.get("cuda_graph") else "")
 
 
 def _suite_markdown(name: str, entry: dict, report: dict) -> list[str]:
@@ -444,8 +466,11 @@ def _suite_markdown(name: str, entry: dict, report: dict) -> list[str]:
     lines = [
         f"### {entry['title']} latency, median ms ({name} suite, {entry['label']}: {dims}, {report['dtype']})",
         "",
-        f"median of {entry['repeats']} after {entry['warmup']} warm-up",
+        f"median of {entry['repeats']} after {entry['warmup']} warm-up; [n%]: the spread, the interquartile range "
+        f"(q3 - q1) of the repeats as a percentage of the median (over {SPREAD_LIMIT:.0%}: a warning)",
         "",
+        *(f"WARNING: {w}" for w in entry.get("warnings", ())),
+        *([""] if entry.get("warnings") else []),
     ]
     ratios = {(r[entry["case"]], r["mode"]): r for r in entry["ratios"]}
     ratio_names = tuple(entry["ratio_meaning"])
@@ -459,10 +484,11 @@ def _suite_markdown(name: str, entry: dict, report: dict) -> list[str]:
     lines += [f"- `{ratio}` above 1: {why}" for ratio, why in entry["ratio_meaning"].items()]
     if any(r.get("cuda_graph") for r in entry["results"]):
         lines.append("- `(g)`: timed as a CUDA graph replay (decode-sized T, providers without host syncs)")
-    if any("tokens_per_s" in r for r in entry["results"]):
-        lines += ["", "Throughput, generated tokens per second (prefill included):", ""]
+    if counted := [m for m in entry["modes"] if any(r["mode"] == m and "tokens_per_s" in r for r in entry["results"])]:
+        what = "train: the B x S tokens of a step; generate: the B x N new tokens, prefill included"
+        lines += ["", f"Throughput, tokens per second ({what}):", ""]
         lines += _table(
-            {**entry, "modes": [m for m in entry["modes"] if m == "generate"]},
+            {**entry, "modes": counted},
             lambda r: f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else r["status"].split(":")[0],
         )
     if any(r.get("peak_mem_mib") is not None for r in entry["results"]):

@@ -1,5 +1,6 @@
 """The PNG beside a results file: median latency against the row size (T, or batch for the model suite),
-log-log, one line per provider, one panel per (suite, mode)."""
+log-log, one line per provider, one panel per (suite, mode); a suite with a single row (e2e) gets one bar per
+provider instead, with the IQR as its error bar."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def plot(report: dict, path: Path) -> str | None:
             if mode is None:
                 ax.axis("off")
                 continue
+            if len(entry[entry["case"]]) == 1:
+                _bars(ax, entry, mode, colour)
+                ax.set_title(f"{name}: {mode} ({entry['label']}, {entry['case']}={entry[entry['case']][0]})")
+                continue
             for provider in entry["providers"]:
                 points = sorted(
                     (r[entry["case"]], r["median_ms"])
@@ -55,3 +60,19 @@ def plot(report: dict, path: Path) -> str | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
+
+
+def _bars(ax, entry: dict, mode: str, colour: dict[str, str]) -> None:
+    """One bar per provider that ran: its median, the error bar its IQR (centred: the quartiles are not kept)."""
+    rows = [r for r in entry["results"] if r["mode"] == mode and r["status"] == "ok"]
+    names = [r["provider"] for r in rows]
+    ax.bar(
+        range(len(rows)),
+        [r["median_ms"] for r in rows],
+        yerr=[r["iqr_ms"] / 2 for r in rows],
+        color=[colour[n] for n in names],
+        capsize=3,
+    )
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("median ms")
+    ax.grid(True, axis="y", alpha=0.3)

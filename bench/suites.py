@@ -6,6 +6,8 @@
     model     a tiny random llama with MixLoRA (and MiLoRA): train step and greedy generation (bench.model)
     milora    one decoder layer's seven projections, B sequences from B MiLoRA adapters: decode step and
               prefill (bench.milora)
+    e2e       whole llamas with PEFT LoRA, the mixlora package and moelora: train step, generation, time to
+              first token (bench.e2e)
 
 The runner (bench.cli) and the memory probe (bench.memory) see every suite through the same few
 attributes: presets, providers (in table order), checked (parity-checked against "reference"), modes,
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench import milora, model, moe_lora, providers, route
+from bench import e2e, milora, model, moe_lora, providers, route
 from bench.fused import fused_missing
 from bench.timing import MODES, ROUTER_GRAD_TOLERANCE, TOLERANCE, make_step, primary
 
@@ -336,5 +338,78 @@ MILORA = MiloraSuite(
     }
 )
 
-Suite = OpSuite | ModelSuite | MiloraSuite
-SUITES: dict[str, Suite] = {s.name: s for s in (FFN, ROUTE, MOE_LORA, MODEL, MILORA)}
+
+_BASE_VS_PEFT = "not expected; below 1, the llama alone takes that fraction of PEFT's time (LoRA adds the rest)"
+
+
+class E2eSuite:
+    """Whole llamas (bench.e2e): every provider against PEFT's LoRA; parity before timing, eval mode."""
+
+    name = "e2e"
+    title = "Whole llama end to end"
+    providers = e2e.PROVIDERS
+    checked = tuple(p for p in e2e.PROVIDERS if p != "base")
+    modes = e2e.MODES
+    grad_mode = None  # parity compares eval-mode logits (training runs dropout, which no two providers share)
+    case = "B"
+    notes = (
+        "base: the llama alone; its train step is forward + backward to the input embeddings (nothing to "
+        "train, no optimiser step)",
+        "train: forward with labels, backward, AdamW step, zero_grad, LoRA dropout 0.05 on; moelora's loss adds "
+        "the router aux loss, mixlora-pkg has none",
+        "generate: greedy, exactly N new tokens after B prompts of P tokens, KV cache on, prefill included; ttft: "
+        "the same with 1 new token",
+        f"parity (eval, fp32, at most {e2e.PARITY_LAYERS} layers and {e2e.PARITY_TOKENS} tokens per sequence): "
+        "base = every adapter with B = 0 against the llama alone; mixlora / milora = random adapters against "
+        "moelora-mixlora-reference / moelora-milora-reference (mixlora-pkg loads the same tensors)",
+    )
+    ratios: tuple[Ratio, ...] = tuple(
+        (p, "peft-lora", _BASE_VS_PEFT if p == "base" else "slower than PEFT's LoRA by that factor (below 1: faster)")
+        for p in e2e.PROVIDERS
+        if p != "peft-lora"
+    )
+
+    def __init__(self, presets: dict[str, Preset]) -> None:
+        self.presets = presets
+
+    def shape(self, case: int, dims: dict[str, Any]) -> e2e.E2eShape:
+        return e2e.E2eShape(B=case, **dims)
+
+    make_inputs = staticmethod(e2e.make_inputs)
+    step = staticmethod(e2e.step)
+    outputs = staticmethod(e2e.outputs)
+    parity_keys = staticmethod(e2e.parity_keys)
+    runs = staticmethod(e2e.runs)
+    missing = staticmethod(e2e.missing)
+    tokens_per_call = staticmethod(e2e.tokens_per_call)
+
+    def device_notes(self, device: torch.device) -> list[str]:
+        if device.type != "cpu":
+            return []
+        return ["moelora-milora-cpu: the cpu backend has no MiLoRA op, so it runs the reference's (moelora warns)"]
+
+    def tolerance(self, key: str) -> float:
+        return TOLERANCE
+
+    def cuda_graph(self, name: str, shape: Any, mode: str, device: torch.device) -> bool:
+        return False
+
+
+def _e2e_dims(H: int, I: int, L: int, heads: int, V: int, kv_heads: int | None = None) -> dict[str, int]:
+    return {"S": 256, "P": 64, "N": 32, "H": H, "I": I, "L": L, "heads": heads, "kv_heads": kv_heads or heads, "V": V}
+
+
+E2E = E2eSuite(
+    presets={
+        # Every provider and mode in seconds: CI's.
+        "tiny": Preset((2,), {**_e2e_dims(H=64, I=96, L=2, heads=1, V=128), "S": 16, "P": 8, "N": 4}, 0, 1),
+        # Train batch 8 x 256 tokens; 8 prompts of 64 tokens + 32 new ones.
+        "small": Preset((8,), _e2e_dims(H=512, I=1408, L=4, heads=8, V=32000), warmup=1, repeats=5),
+        # The whole models (--layers to shorten them); meant for a GPU in bf16 (--dtype bf16).
+        "llama2-7b": Preset((8,), _e2e_dims(H=4096, I=11008, L=32, heads=32, V=32000), warmup=1, repeats=5),
+        "llama3-8b": Preset((8,), _e2e_dims(H=4096, I=14336, L=32, heads=32, kv_heads=8, V=128256), 1, 5),
+    }
+)
+
+Suite = OpSuite | ModelSuite | MiloraSuite | E2eSuite
+SUITES: dict[str, Suite] = {s.name: s for s in (FFN, ROUTE, MOE_LORA, MODEL, MILORA, E2E)}

@@ -22,6 +22,10 @@ MODES = ("fwd", "fwd+bwd")  # of the op suites; the model suite has its own
 TOLERANCE = 1e-4
 ROUTER_GRAD_TOLERANCE = 1e-2
 
+# A case whose interquartile range exceeds this fraction of its median was timed on a busy machine (or is
+# too short to time): the run warns.
+SPREAD_LIMIT = 0.10
+
 # Bytes written between timed CUDA runs so that no run finds its inputs in L2 (50 MiB on an H100, 60 on
 # an H200), as triton.testing.do_bench does.
 L2_FLUSH_BYTES = 256 * 2**20
@@ -154,3 +158,33 @@ def measure(
     else:
         q1 = q3 = times[0]
     return Timing(statistics.median(times), min(times), q3 - q1, len(times), peak, graphed, graph_error)
+
+
+def spread(row: dict) -> float | None:
+    """A timed row's IQR as a fraction of its median; None when it has no spread to speak of (one repeat)."""
+    if row.get("status") != "ok" or row.get("repeats", 0) < 2 or not row.get("median_ms"):
+        return None
+    return row["iqr_ms"] / row["median_ms"]
+
+
+def busy_warnings(
+    suite: str, case: str, rows: list[dict], threads: int, load_before: float | None, load_after: float | None
+) -> list[str]:
+    """Why `suite`'s timings may not be the machine's own: the 1-minute load average above the thread count
+    before or after the suite (other work shared the cores), or cases whose IQR is over SPREAD_LIMIT of the
+    median. `rows` are the suite's result rows (`case` names their row key: T or B)."""
+    warnings = []
+    loads = {"before": load_before, "after": load_after}
+    high = {when: load for when, load in loads.items() if load is not None and load > threads}
+    if high:
+        seen = ", ".join(f"{load:.2f} {when}" for when, load in high.items())
+        warnings.append(
+            f"{suite}: the machine was busy: 1-minute load average {seen} the suite, above its {threads} thread(s)"
+        )
+    wide = [(r, frac) for r in rows if (frac := spread(r)) is not None and frac > SPREAD_LIMIT]
+    if wide:
+        cases = ", ".join(f"{case}={r[case]} {r['mode']} {r['provider']} {frac:.0%}" for r, frac in wide)
+        warnings.append(
+            f"{suite}: IQR over {SPREAD_LIMIT:.0%} of the median in {len(wide)} of {len(rows)} cases ({cases})"
+        )
+    return warnings

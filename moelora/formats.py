@@ -76,7 +76,14 @@ def _write_all(directory: str, files: dict[str, Any]) -> None:
         raise
 
 
-def save(directory: str, config: AdapterConfig, tensors: dict[str, Tensor], format: str = "moelora") -> None:
+def save(
+    directory: str,
+    config: AdapterConfig,
+    tensors: dict[str, Tensor],
+    format: str = "moelora",
+    base_config: Any = None,
+) -> None:
+    """Write an adapter; `base_config` (the base model's HF config) fills what MoE-PEFT's readers need."""
     if format not in FORMATS:
         raise ValueError(f"save_pretrained: format must be one of {FORMATS}, got {format!r}")
     if format == "moe-peft" and not isinstance(config, MixLoraConfig):
@@ -90,7 +97,7 @@ def save(directory: str, config: AdapterConfig, tensors: dict[str, Tensor], form
         stale = os.path.join(directory, MOE_PEFT_WEIGHTS_FILE)
         files = {WEIGHTS_FILE: lambda p: save_file(data, p, metadata={"format": "pt"})}
     else:
-        conf = config.to_moe_peft_dict()
+        conf = moe_peft_config(config, base_config)
         if config.use_dora:
             warnings.warn(
                 "save_pretrained(format='moe-peft'): MoE-PEFT stores no DoRA magnitudes; they are dropped "
@@ -103,6 +110,27 @@ def save(directory: str, config: AdapterConfig, tensors: dict[str, Tensor], form
     _write_all(directory, files)
     if os.path.exists(stale):  # a weights file of the other format would make the directory ambiguous
         os.remove(stale)
+
+
+def moe_peft_config(config: MixLoraConfig, base_config: Any = None) -> dict[str, Any]:
+    """MoE-PEFT's adapter_config.json, completed from the base config: the mixlora package needs the base's
+    name/path and act_fn (it calls ACT2FN[act_fn] and fails on None), and MoE-PEFT refuses a float lora_alpha."""
+    conf = config.to_moe_peft_dict()
+    if base_config is not None:
+        if conf.get("base_model_name_or_path") is None:
+            conf["base_model_name_or_path"] = getattr(base_config, "name_or_path", None) or None
+        if conf.get("act_fn") is None and getattr(base_config, "hidden_act", None):
+            conf["act_fn"] = base_config.hidden_act
+    if float(conf["lora_alpha"]).is_integer():
+        conf["lora_alpha"] = int(conf["lora_alpha"])
+    if config.lora_dropout == 0:
+        warnings.warn(
+            "save_pretrained(format='moe-peft'): lora_dropout=0 is refused by MoE-PEFT and the mixlora package "
+            "(they assert lora_dropout > 0); set lora_dropout in the saved adapter_config.json to a small value "
+            "such as 0.05 (it only affects their training, not inference).",
+            stacklevel=3,
+        )
+    return conf
 
 
 def _write_json(path: str, obj: dict[str, Any]) -> None:

@@ -550,7 +550,13 @@ class MoeLoraModel(nn.Module):
         name = adapter_name or self.active_adapter
         if name not in self.peft_config:
             raise ValueError(f"unknown adapter {name!r}; loaded: {sorted(self.peft_config)}")
-        formats.save(save_directory, self.peft_config[name], self.adapter_state_dict(name), format)
+        formats.save(
+            save_directory,
+            self.peft_config[name],
+            self.adapter_state_dict(name),
+            format,
+            base_config=getattr(self.model, "config", None),
+        )
 
     @classmethod
     def from_pretrained(

@@ -179,6 +179,18 @@ def test_our_moe_peft_export_has_moe_peft_keys(tmp_path):
     assert config["peft_type"] == "MIXLORA" and config["top_k"] == 2 and config["num_experts"] == 3
 
 
+def test_moe_peft_export_config_is_completed_from_the_base(tmp_path):
+    base = tiny_model("llama")
+    base.config.name_or_path = "some/base-dir"
+    pm = get_moelora_model(base, MixLoraConfig(num_experts=2, r=4, lora_alpha=16.0, lora_dropout=0.0))
+    with pytest.warns(UserWarning, match="lora_dropout=0"):
+        pm.save_pretrained(str(tmp_path), format="moe-peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "some/base-dir"
+    assert config["act_fn"] == base.config.hidden_act
+    assert config["lora_alpha"] == 16 and isinstance(config["lora_alpha"], int)
+
+
 def test_expert_lora_overrides_rank_and_alpha(tmp_path):
     config = MixLoraConfig(r=8, lora_alpha=16, expert_lora={"r": 4, "lora_alpha": 4}, lora_dropout=0.0)
     pm = get_moelora_model(tiny_model("llama"), config)
