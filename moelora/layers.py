@@ -7,7 +7,11 @@ disables them all). Adapter parameters are fp32 whatever the base dtype, as in M
 Mixed batches (one adapter per sequence, PEFT's `adapter_names`): the model sets a shared BatchPlan on
 every wrapper (`batch_plan`); a wrapper then applies each adapter it holds to that adapter's rows only.
 MiLoRA: a LoraAdapter on a MiLoRA module reads its per-sequence gate from its layer's MiLoraRouter,
-whose routing is computed at prefill and kept (`MiLoraRouter.routing`) for every decoding step.
+whose routing is computed at prefill and kept (`MiLoraRouter.routing`) for every decoding step; the router
+also keeps a running pool of the prompt (`MiLoraRouter.pool`) so that more tokens on the same KV cache
+(chunked prefill, a new turn) route on every token so far. Routing is per prompt, not causal: earlier
+tokens keep the states and cached keys/values of their own call's gates, so only the first layer (it pools
+embeddings) routes exactly as one prefill over the whole text; deeper layers come close.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ from moelora.reference import (
     RATIONAL_GELU_DENOMINATOR,
     RATIONAL_GELU_NUMERATOR,
     ExpertLora,
+    PoolState,
     PromptRouting,
     dora_scale,
+    pool_extend,
+    pool_finish,
+    route_pooled,
 )
 
 # FFN shapes we know: the projections that feed the activation, and the one after it.
@@ -443,7 +451,8 @@ class MiLoraRouter(nn.Module):
     weight [M, H] fp32 (M = the layer's adapted modules, in `module_names` order), pool_weight [H]
     (attention pooling, zero at init: mean pooling), rational_numerator [7] / rational_denominator [5]
     (the Pade activation, initialised to approximate GELU; absent with activation="gelu").
-    `routing` keeps the last prefill's PromptRouting for every decoding step; `calls` counts router runs.
+    `routing` keeps the last prefill's PromptRouting for every decoding step; `pool` (a PoolState, inference
+    only) the running pool of every token run so far, which `extend` grows; `calls` counts router runs.
     """
 
     def __init__(
@@ -469,11 +478,19 @@ class MiLoraRouter(nn.Module):
         else:
             self.rational_numerator = self.rational_denominator = None
         self.routing: PromptRouting | None = None
+        self.pool: PoolState | None = None
         self.calls = 0
 
-    def forward(self, hidden: Tensor, mask: Tensor | None) -> PromptRouting:
-        """Route the prompts: hidden [B, S, H], mask [B, S] or None. Keeps and returns the routing (gates [B, M])."""
+    def forward(self, hidden: Tensor, mask: Tensor | None, keep_pool: bool = False) -> PromptRouting:
+        """Route the prompts: hidden [B, S, H], mask [B, S] or None. Keeps and returns the routing (gates [B, M]).
+
+        keep_pool: also keep the running pool of these prompts, for `extend` (a detached copy: inference only).
+        """
         self.calls += 1
+        self.pool = None
+        if keep_pool:
+            with torch.no_grad():
+                self.pool = pool_extend(None, hidden, mask, self.pooling, self.pool_weight)
         self.routing = ops.prompt_route(
             hidden,
             mask,
@@ -501,8 +518,37 @@ class MiLoraRouter(nn.Module):
             )
         return gates[:, column]
 
+    def extend(self, hidden: Tensor, mask: Tensor | None, reroute: bool) -> PromptRouting | None:
+        """Pool more tokens of the same sequences (hidden [B, S, H], mask [B, S] or None) into the kept pool;
+        reroute: route again from it (on every token so far) and keep that routing.
+
+        The pooled math is the reference's (moelora.reference.pool_extend), whatever the backend; no gradient.
+        """
+        if self.pool is None:
+            raise RuntimeError(
+                "MiLoRA: no routing for this batch yet; run the prompts through the model (prefill) before "
+                "decoding steps or more chunks"
+            )
+        kept = self.pool.count.shape[0]
+        if hidden.shape[0] != kept:
+            raise RuntimeError(
+                f"MiLoRA: the routing was computed for {kept} prompts but this call has {hidden.shape[0]} sequences; "
+                "run the prompts of this batch through the model (prefill) first"
+            )
+        with torch.no_grad():
+            self.pool = pool_extend(self.pool, hidden, mask, self.pooling, self.pool_weight)
+            if not reroute:
+                return None
+            self.calls += 1
+            pooled = pool_finish(self.pool, self.pooling)
+            self.routing = route_pooled(
+                pooled, self.weight, self.rational_numerator, self.rational_denominator, top_k=self.top_k
+            )
+        return self.routing
+
     def clear(self) -> None:
         self.routing = None
+        self.pool = None
 
 
 class MiLoraRouters(nn.Module):

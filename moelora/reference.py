@@ -317,6 +317,24 @@ def pool(hidden: Tensor, mask: Tensor | None, pooling: str, pool_weight: Tensor 
     return h[torch.arange(B, device=h.device), last]
 
 
+def _check_top_k(top_k: int, M: int) -> None:
+    if not 1 <= top_k <= M:
+        raise ValueError(f"prompt_route: top_k must be in [1, {M}] (the number of LoRA modules), got {top_k}")
+
+
+def route_pooled(
+    pooled: Tensor, router_weight: Tensor, numerator: Tensor | None, denominator: Tensor | None, *, top_k: int
+) -> PromptRouting:
+    """MiLoRA's router from pooled prompt states [B, H] (compute dtype): rational activation, softmax, top-k."""
+    _check_top_k(top_k, router_weight.shape[0])
+    dt = pooled.dtype
+    g = F.gelu(pooled) if numerator is None else rational(pooled, numerator.to(dt), denominator.to(dt))
+    probs = torch.softmax(g @ router_weight.to(dt).T, dim=-1)
+    top, indices = torch.topk(probs, top_k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(1, indices, top)
+    return PromptRouting(gates, indices, probs)
+
+
 def prompt_route(
     hidden: Tensor,
     mask: Tensor | None,
@@ -336,16 +354,73 @@ def prompt_route(
         g = rational(pool(hidden)),  p = softmax(g @ router_weight^T),  gates = p on the top-k modules, else 0.
     The gates are not renormalised (design.md: module m adds [m in top-k] * p_m * s * B_m A_m x).
     """
-    M = router_weight.shape[0]
-    if not 1 <= top_k <= M:
-        raise ValueError(f"prompt_route: top_k must be in [1, {M}] (the number of LoRA modules), got {top_k}")
-    dt = compute_dtype(hidden)
+    _check_top_k(top_k, router_weight.shape[0])
     pooled = pool(hidden, mask, pooling, pool_weight)
-    g = F.gelu(pooled) if numerator is None else rational(pooled, numerator.to(dt), denominator.to(dt))
-    probs = torch.softmax(g @ router_weight.to(dt).T, dim=-1)
-    top, indices = torch.topk(probs, top_k, dim=-1)
-    gates = torch.zeros_like(probs).scatter(1, indices, top)
-    return PromptRouting(gates, indices, probs)
+    return route_pooled(pooled, router_weight, numerator, denominator, top_k=top_k)
+
+
+class PoolState(NamedTuple):
+    """A running pool of each sequence's prompt states, extended chunk by chunk (pool_extend), so that a
+    prompt run in several calls on a KV cache pools exactly as one call over all of it. Compute dtype.
+
+    count [B]: prompt tokens pooled so far. total [B, H]: mean: their sum; max: their elementwise max;
+    last: the last one; attention (online softmax): sum of exp(score - peak) * state.
+    peak [B], norm [B] (attention only, else None): the highest score so far, sum of exp(score - peak).
+    """
+
+    count: Tensor
+    total: Tensor
+    peak: Tensor | None = None
+    norm: Tensor | None = None
+
+
+def pool_extend(
+    state: PoolState | None, hidden: Tensor, mask: Tensor | None, pooling: str, pool_weight: Tensor | None = None
+) -> PoolState:
+    """`state` (None: nothing pooled yet) with the prompt tokens of hidden [B, S, H] (mask [B, S] or None) pooled in.
+
+    A sequence may have no prompt token in this chunk (its state is unchanged). No host sync.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pool: pooling must be one of {POOLINGS}, got {pooling!r}")
+    dt = state.total.dtype if state is not None else compute_dtype(hidden)
+    h = hidden.to(dt)
+    B, S, H = h.shape
+    keep = torch.ones(B, S, dtype=torch.bool, device=h.device) if mask is None else mask.to(h.device).bool()
+    if state is None:
+        fill = float("-inf") if pooling == "max" else 0.0
+        start = h.new_full((B, H), fill)
+        peak = h.new_full((B,), float("-inf")) if pooling == "attention" else None
+        state = PoolState(h.new_zeros(B), start, peak, h.new_zeros(B) if pooling == "attention" else None)
+    count = state.count + keep.sum(dim=1).to(dt)
+    if pooling == "mean":
+        return PoolState(count, state.total + (h * keep.unsqueeze(-1)).sum(dim=1))
+    if pooling == "max":
+        chunk = h.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(dim=1)
+        return PoolState(count, torch.maximum(state.total, chunk))
+    if pooling == "last":
+        last = (keep * torch.arange(1, S + 1, device=h.device)).argmax(dim=1)
+        chunk = h[torch.arange(B, device=h.device), last]
+        return PoolState(count, torch.where(keep.any(dim=1, keepdim=True), chunk, state.total))
+    if pool_weight is None:
+        raise ValueError("pool: pooling='attention' needs pool_weight [H]")
+    scores = (h @ pool_weight.to(dt)).masked_fill(~keep, float("-inf"))
+    peak = torch.maximum(state.peak, scores.amax(dim=1))
+    safe = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # no token yet: keep exp() finite
+    rescale = torch.exp(state.peak - safe)  # the old sums, moved to the new peak (0 when there were none)
+    e = torch.exp(scores - safe.unsqueeze(1))  # 0 at non-prompt tokens
+    norm = state.norm * rescale + e.sum(dim=1)
+    total = state.total * rescale.unsqueeze(1) + torch.einsum("bs,bsh->bh", e, h)
+    return PoolState(count, total, peak, norm)
+
+
+def pool_finish(state: PoolState, pooling: str) -> Tensor:
+    """The pooled prompt states [B, H] of `state` (as pool() over every token pooled into it)."""
+    if pooling == "mean":
+        return state.total / state.count.unsqueeze(1)
+    if pooling == "attention":
+        return state.total / state.norm.unsqueeze(1)
+    return state.total
 
 
 def prompt_balance_loss(probs: Tensor) -> Tensor:

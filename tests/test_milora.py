@@ -374,8 +374,8 @@ def test_training_adds_the_prompt_balance_loss_and_reaches_every_router_paramete
     for router in model.milora_routers():
         real = router.forward
 
-        def spy(h, m, real=real):
-            out = real(h, m)
+        def spy(h, m, real=real, **kwargs):
+            out = real(h, m, **kwargs)
             log.append(out.probs)
             return out
 
