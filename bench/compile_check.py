@@ -49,6 +49,7 @@ from triton.runtime.jit import JITFunction, native_specialize_impl
 # Shared memory one block may use, by compute capability (bytes, the opt-in maximum): H100 / H200, A100.
 SHARED_LIMIT = {90: 232448, 80: 166912}
 SHAPE = dict(T=64, H=256, I=704, E=8, k=2, r=16)  # small: the argument types and constexprs matter, not sizes
+DROP = (0.1, 2**40 + 1)  # LoRA dropout (drop_p, drop_seed) of the dropout launches: a drawn seed is int64
 VARIANTS = {  # activation dtype, LoRA / router weight dtype
     "bf16": (torch.bfloat16, torch.bfloat16),
     "bf16+fp32-weights": (torch.bfloat16, torch.float32),
@@ -117,6 +118,7 @@ def _exercise_ffn(ops, ua, gate, up, w, idx, gB, uB, dA, dB, act, g) -> None:
         (ua[:, : E * r], gate, up, w, idx, gB, uB, dA, 2.0, "gelu", True),  # phi-3's shared A
         (ua[:, : E * r], None, up, w, idx, None, uB, dA, 2.0, "gelu_tanh", False),  # phi: ungated
         (ua[:, : E * r], gate, up, w, idx, gB, uB, None, 2.0, "relu", False),
+        (ua, gate, up, w, idx, gB, uB, dA, 2.0, "silu", False, *DROP),  # LoRA dropout of h_j
     ):
         ops.mixlora_ffn(*args)
         grad_zd = torch.randn(T, E * r, generator=g) if args[7] is not None else None
@@ -157,6 +159,12 @@ def _exercise_ops(act_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
     ops.route_shrink(x, router, A_cat, k, 0.0)
     ops.route_shrink(x, router, uA, 0, 0.7)
     ops.route_shrink_backward(w, probs, torch.randn(T, 2 * E * r, generator=g), x, router, A_cat, w, idx, probs, True)
+    ops.rank_shrink(x, A_cat, *DROP)  # LoRA dropout of x
+    ops.rank_shrink_backward(torch.randn(T, 2 * E * r, generator=g), x, A_cat, *DROP)
+    ops.route_shrink(x, router, A_cat, k, 0.0, *DROP)
+    grad_ua = torch.randn(T, 2 * E * r, generator=g)
+    ops.route_shrink_backward(w, probs, grad_ua, x, router, A_cat, w, idx, probs, True, *DROP)
+    triton_backend.dropout_mask(DROP[1], 1, T * I, DROP[0], "cpu")  # the mask alone, as tests reproduce it
     ops.moe_lora(x, w, idx, uA, uB, 2.0)
     u = torch.randn(T, E * r, generator=g)
     ops.moe_lora_backward(act(T, I), x, w, idx, uA, uB, u, u, 2.0)

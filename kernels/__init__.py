@@ -18,6 +18,9 @@
   activation, softmax over the layer's modules, top-k gates; backward.
 - `segmented_lora` (MiLoRA, many tenants): one LoRA and gate per sequence through token -> sequence ->
   LoRA maps, inactive tokens skipped, fixed grids (CUDA-graph capturable); backward.
+- `philox`: moelora.dropout's seeded LoRA-dropout mask (Philox4x32-10) inside a kernel, bit for bit; the
+  shrinks (rank_shrink, route_shrink), their backward and both fused FFN regimes apply it behind a DROPOUT
+  constexpr, forward and backward, without storing a mask.
 No atomics in any forward or backward: results are deterministic. Each is tested against
 moelora.reference under the interpreter in fp32 and fp16. moelora.triton_backend registers them as
 torch.library ops (namespace moelora_triton) behind `MOELORA_BACKEND=triton` (and `auto` on CUDA).

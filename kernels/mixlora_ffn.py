@@ -45,6 +45,12 @@ reaches `tl.dot` through the flat E*r axis tiled by constexpr blocks >= 16, so r
 Expert ranks beyond one block of RANK_CHUNK columns (E*r > 128) are split over a third grid axis, each
 program recomputing h for its chunk: correct, but wasteful at large E*r.
 
+LoRA dropout (DROPOUT constexpr; kernels/philox.py): the shrink reads x through its seeded mask, the forward
+kernel's down shrink reads h_j through its own (hbar sums the undropped h_j), 1 / (1 - p) multiplies the
+accumulated result once; the backward regenerates both masks (grad_x of the LoRA path and grad A in
+moe_lora's expand and wgrad kernels, dAd and the down path's share of D_j here). Without dropout every kernel
+compiles as before (bench.compile_check: same registers and spills).
+
 This is the dense-masked regime: every slot pays E*r rank columns for its r. kernels/mixlora_ffn_sorted.py
 (tokens sorted by their combination of experts) pays r; the triton backend picks between them by shape
 (moelora.triton_backend.ffn_regime), `mixlora_ffn(..., regime=)` here.
@@ -57,6 +63,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from moelora.kernels import philox
 from moelora.kernels.moe_lora import (
     _a_strides,
     _b_strides,
@@ -68,6 +75,8 @@ from moelora.kernels.moe_lora import (
     t_bucket,
 )
 from torch import Tensor
+
+from moelora.dropout import LoraDropout
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -112,7 +121,7 @@ def gpu_configs() -> list[triton.Config]:
     return [triton.Config({"BT": bt, "BI": bi}, num_warps=w, num_stages=st) for bt, bi, w, st in FFN_TILES]
 
 
-_TUNE_KEY = ["T_BUCKET", "I", "N", "K", "GATED", "GATE_LORA", "UP_LORA", "DOWN_LORA", "DOT_DT"]
+_TUNE_KEY = ["T_BUCKET", "I", "N", "K", "GATED", "GATE_LORA", "UP_LORA", "DOWN_LORA", "DOT_DT", "DROPOUT"]
 
 
 @triton.jit
@@ -148,6 +157,13 @@ def _act_grad(z, ACT: tl.constexpr):
         a = tl.maximum(z, 0.0)
         da = tl.where(z > 0.0, 1.0, 0.0)
     return a, da
+
+
+@triton.jit
+def _h_keep(seed, drop_threshold, o_t, j, o_i, K: tl.constexpr, I):
+    """The dropout keep mask [BT, BI] of h_j's tile: element (t * K + j) * I + i of stream H_STREAM; o_t and
+    o_i int64."""
+    return philox._keep(seed, philox.H_STREAM, (o_t[:, None] * K + j) * I + o_i[None, :], drop_threshold)
 
 
 @triton.jit
@@ -219,11 +235,15 @@ def mixlora_ffn_fwd_kernel_shrink(
     stride_we,
     stride_wr,
     stride_wd,
+    seed,  # LoRA dropout of x (kernels/philox.py, stream X_STREAM), read only when DROPOUT
+    drop_threshold,
+    drop_scale,
     BT: tl.constexpr,
     BN: tl.constexpr,
     BD: tl.constexpr,
     PREC: tl.constexpr,
     DOT_DT: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     i_t, i_n = tl.program_id(0), tl.program_id(1)
     o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
@@ -245,8 +265,13 @@ def mixlora_ffn_fwd_kernel_shrink(
             b_w = tl.load(
                 p_w[None, :] + o_d[:, None] * stride_wd, mask=m_d[:, None] & m_n[None, :], other=0.0
             )  # [BD, BN]
+            if DROPOUT:  # drop(x) without its 1 / (1 - p), applied to the sum below
+                b_keep = philox._keep(seed, philox.X_STREAM, o_t[:, None] * D + o_d[None, :], drop_threshold)
+                b_x = tl.where(b_keep, b_x, 0.0)
             b_part = tl.dot(b_x.to(DOT_DT), b_w.to(DOT_DT), acc=b_part, input_precision=PREC)
         b_acc = b_acc + b_part if KCH == 1 else b_part
+    if DROPOUT:
+        b_acc = b_acc * drop_scale
     tl.store(out_ptr + o_t[:, None] * N + o_n[None, :], b_acc, mask=m_t[:, None] & m_n[None, :])
 
 
@@ -290,6 +315,9 @@ def mixlora_ffn_fwd_kernel(
     stride_adr,
     stride_adi,
     T_BUCKET,
+    seed,  # LoRA dropout of h_j (kernels/philox.py, stream H_STREAM), read only when DROPOUT
+    drop_threshold,
+    drop_scale,
     K: tl.constexpr,
     ACT: tl.constexpr,
     GATED: tl.constexpr,
@@ -302,6 +330,7 @@ def mixlora_ffn_fwd_kernel(
     NC: tl.constexpr,
     BT: tl.constexpr,
     BI: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # grid: (token blocks, slices of I, chunks of the E*R rank columns of zd)
     i_t, i_s, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -347,11 +376,15 @@ def mixlora_ffn_fwd_kernel(
                 b_h = _act(b_uu, ACT)
             b_hbar += b_w[:, None] * b_h
             if DOWN_LORA:
+                if DROPOUT:  # the down LoRA reads drop(h_j), hbar h_j; 1 / (1 - p) goes on zd at the end
+                    b_h = tl.where(_h_keep(seed, drop_threshold, o_t, j, o_i, K, I), b_h, 0.0)
                 b_sel = tl.where(e_c[None, :] == b_e[:, None], b_w[:, None] * scaling, 0.0)  # [BT, NC]
                 b_zd += b_sel * tl.dot(b_h.to(DOT_DT), b_ad.to(DOT_DT), input_precision=PREC)
         p_h = hbar_ptr + o_t[:, None] * I + o_i[None, :]
         tl.store(p_h, b_hbar.to(hbar_ptr.dtype.element_ty), mask=m_first[:, None] & m_i[None, :])
     if DOWN_LORA:
+        if DROPOUT:
+            b_zd = b_zd * drop_scale
         p_zd = zd_ptr + i_s.to(tl.int64) * T * N + o_t[:, None] * N + o_c[None, :]
         tl.store(p_zd, b_zd, mask=m_t[:, None] & m_c[None, :])
 
@@ -404,6 +437,12 @@ def _slot_grads(
     N,
     R,
     scaling,
+    j,  # the slot
+    I,
+    seed,
+    drop_threshold,
+    drop_scale,
+    K: tl.constexpr,
     ACT: tl.constexpr,
     GATED: tl.constexpr,
     GATE_LORA: tl.constexpr,
@@ -412,15 +451,21 @@ def _slot_grads(
     BN: tl.constexpr,
     PREC: tl.constexpr,
     DOT_DT: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """One slot, recomputed: h_j, D_j = dhbar + s Ad_e^T q_e (so dw_j = <D_j, h_j> and dh_j = w_j D_j), and the
-    gradients of the pre-activation gate and up rows, dgg and duu. All [BT, BI] fp32."""
+    gradients of the pre-activation gate and up rows, dgg and duu, all [BT, BI] fp32; and h_j as the down LoRA
+    read it (drop(h_j) without its 1 / (1 - p) with DROPOUT, else h_j). With dropout the down path's share of
+    D_j goes through h_j's mask and 1 / (1 - p): D_j = dhbar + keep / (1 - p) * s Ad_e^T q_e, so that
+    <D_j, h_j> = <dhbar, h_j> + <s Ad_e^T q_e, drop(h_j)> is still dw_j."""
     b_gg, b_uu = _slot_pre(
         b_g, b_u, ag_ptr, au_ptr, stride_at,
         bg_ptr, stride_bge, stride_bgi, stride_bgr, bu_ptr, stride_bue, stride_bui, stride_bur,
         o_t, m_t, b_e, o_i, m_i, N, R, scaling, GATE_LORA, UP_LORA, BN, PREC, DOT_DT,
     )  # fmt: skip
     b_D = b_dh
+    if DROPOUT:
+        b_D = tl.zeros_like(b_dh)  # the down path's share alone, masked below
     if DOWN_LORA:
         for i_n in range(0, tl.cdiv(N, BN)):  # D += s q_e @ Ad_e, dense-masked as in _slot_pre
             o_n = i_n * BN + tl.arange(0, BN)  # [BN]
@@ -431,8 +476,14 @@ def _slot_grads(
             p_a = ad_ptr + e_n.to(tl.int64)[:, None] * stride_ade + (o_n % R).to(tl.int64)[:, None] * stride_adr
             b_a = tl.load(p_a + o_i[None, :] * stride_adi, mask=m_n[:, None] & m_i[None, :], other=0.0)  # [BN, BI]
             b_D = tl.dot(b_q.to(DOT_DT), b_a.to(DOT_DT), acc=b_D, input_precision=PREC)
+    if DROPOUT:
+        b_keep = _h_keep(seed, drop_threshold, o_t, j, o_i, K, I)
+        b_D = b_dh + tl.where(b_keep, b_D * drop_scale, 0.0)
     b_h, b_dgg, b_duu = _slot_act_grads(b_gg, b_uu, b_D, b_w, ACT, GATED)
-    return b_h, b_D, b_dgg, b_duu
+    b_hd = b_h
+    if DROPOUT:
+        b_hd = tl.where(b_keep, b_h, 0.0)
+    return b_h, b_D, b_dgg, b_duu, b_hd
 
 
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
@@ -484,6 +535,9 @@ def mixlora_ffn_bwd_kernel_rows(
     stride_das,
     stride_dat,
     T_BUCKET,
+    seed,  # LoRA dropout of h_j (kernels/philox.py, stream H_STREAM), read only when DROPOUT
+    drop_threshold,
+    drop_scale,
     K: tl.constexpr,
     BK: tl.constexpr,
     ACT: tl.constexpr,
@@ -497,6 +551,7 @@ def mixlora_ffn_bwd_kernel_rows(
     NC: tl.constexpr,
     BT: tl.constexpr,
     BI: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # grid: (token blocks, slices of I, chunks of the rank columns of dag/dau)
     i_t, i_s, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -541,12 +596,12 @@ def mixlora_ffn_bwd_kernel_rows(
             b_valid = (b_e >= 0) & (b_e < E)
             b_w = tl.load(weights_ptr + o_t * stride_wt + j * stride_wk, mask=m_t, other=0.0).to(tl.float32)
             b_w = tl.where(b_valid, b_w, 0.0)
-            b_h, b_D, b_dgg, b_duu = _slot_grads(
+            b_h, b_D, b_dgg, b_duu, _ = _slot_grads(
                 b_g, b_u, b_dh, b_e, b_w, ag_ptr, au_ptr, stride_at,
                 bg_ptr, stride_bge, stride_bgi, stride_bgr, bu_ptr, stride_bue, stride_bui, stride_bur,
                 q_ptr, ad_ptr, stride_ade, stride_adr, stride_adi,
-                o_t, m_t, o_i, m_i, N, R, scaling,
-                ACT, GATED, GATE_LORA, UP_LORA, DOWN_LORA, BN, PREC, DOT_DT,
+                o_t, m_t, o_i, m_i, N, R, scaling, j, I, seed, drop_threshold, drop_scale,
+                K, ACT, GATED, GATE_LORA, UP_LORA, DOWN_LORA, BN, PREC, DOT_DT, DROPOUT,
             )  # fmt: skip
             b_dwj = tl.where(b_valid, tl.sum(b_D * b_h, axis=1), 0.0)  # [BT]
             b_dw += tl.where(o_k[None, :] == j, b_dwj[:, None], 0.0)
@@ -617,6 +672,9 @@ def mixlora_ffn_bwd_kernel_cols(
     stride_adr,
     stride_adi,
     T_BUCKET,
+    seed,  # LoRA dropout of h_j (kernels/philox.py, stream H_STREAM), read only when DROPOUT
+    drop_threshold,
+    drop_scale,
     K: tl.constexpr,
     ACT: tl.constexpr,
     GATED: tl.constexpr,
@@ -629,6 +687,7 @@ def mixlora_ffn_bwd_kernel_cols(
     NC: tl.constexpr,
     BT: tl.constexpr,
     BI: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # grid: (blocks of I, slices of T, chunks of the rank rows of the weight gradients)
     i_i, i_s, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -669,12 +728,12 @@ def mixlora_ffn_bwd_kernel_cols(
                 b_e = tl.where((b_e >= 0) & (b_e < E), b_e, -1).to(tl.int32)
                 b_w = tl.load(weights_ptr + o_t * stride_wt + j * stride_wk, mask=m_t, other=0.0).to(tl.float32)
                 b_w = tl.where((b_e >= 0) & (b_e < E), b_w, 0.0)
-                b_h, _, b_dgg, b_duu = _slot_grads(
+                _, _, b_dgg, b_duu, b_h = _slot_grads(
                     b_g, b_u, b_dh, b_e, b_w, ag_ptr, au_ptr, stride_at,
                     bg_ptr, stride_bge, stride_bgi, stride_bgr, bu_ptr, stride_bue, stride_bui, stride_bur,
                     q_ptr, ad_ptr, stride_ade, stride_adr, stride_adi,
-                    o_t, m_t, o_i, m_i, N, R, scaling,
-                    ACT, GATED, GATE_LORA, UP_LORA, DOWN_LORA, BN, PREC, DOT_DT,
+                    o_t, m_t, o_i, m_i, N, R, scaling, j, I, seed, drop_threshold, drop_scale,
+                    K, ACT, GATED, GATE_LORA, UP_LORA, DOWN_LORA, BN, PREC, DOT_DT, DROPOUT,
                 )  # fmt: skip
                 m_sel = m_t[:, None] & m_c[None, :] & (e_c[None, :] == b_e[:, None])  # [BT, NC]
                 o_tc = o_t[:, None] * stride_at + o_c[None, :]
@@ -688,7 +747,7 @@ def mixlora_ffn_bwd_kernel_cols(
                     b_part_dbu = tl.dot(
                         tl.trans(b_l).to(DOT_DT), b_duu.to(DOT_DT), acc=b_part_dbu, input_precision=PREC
                     )
-                if DOWN_LORA:
+                if DOWN_LORA:  # dAd_e += dc_j^T drop(h_j): b_h is h_j as the down LoRA read it
                     b_l = tl.load(q_ptr + o_t[:, None] * N + o_c[None, :], mask=m_sel, other=0.0)
                     b_l = b_l * (b_w * scaling)[:, None]  # dc_j = w_j s q_e
                     b_part_dad = tl.dot(tl.trans(b_l).to(DOT_DT), b_h.to(DOT_DT), acc=b_part_dad, input_precision=PREC)
@@ -703,6 +762,8 @@ def mixlora_ffn_bwd_kernel_cols(
     if UP_LORA:
         tl.store(dbu_ptr + o_ci, b_dbu, mask=m_ci)
     if DOWN_LORA:
+        if DROPOUT:
+            b_dad = b_dad * drop_scale
         tl.store(dad_ptr + o_ci, b_dad, mask=m_ci)
 
 
@@ -759,8 +820,9 @@ def _expand_block(N: int) -> int:
     return n if _interpreting() else min(EXPAND_BLOCK_N, n)
 
 
-def shrink_x(x: Tensor, A: Tensor) -> Tensor:
-    """ua = x [T, D] @ A_all^T with A [E', R, D] (gate and up experts stacked: E' = P*E) -> [T, E'*R] fp32.
+def shrink_x(x: Tensor, A: Tensor, dropout: LoraDropout | None = None) -> Tensor:
+    """ua = x [T, D] @ A_all^T with A [E', R, D] (gate and up experts stacked: E' = P*E) -> [T, E'*R] fp32;
+    with dropout, drop(x) @ A_all^T (x's seeded mask, stream X_STREAM).
 
     One program holds up to SHRINK_BLOCK_N rank columns; with more (MixLoRA gate + up at E=8, r=16 is 256)
     x is read once per SHRINK_BLOCK_N columns. `moelora.kernels.route.route_shrink_fwd` reads it once for
@@ -794,19 +856,27 @@ def shrink_x(x: Tensor, A: Tensor) -> Tensor:
         PREC=prec,
         DOT_DT=dot_dt,
         num_warps=4,
+        **philox.kernel_args(dropout),
     )
     return out
 
 
-def shrink_x_bwd(grad_ua: Tensor, x: Tensor, A: Tensor, grad_x_base: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def shrink_x_bwd(
+    grad_ua: Tensor,
+    x: Tensor,
+    A: Tensor,
+    grad_x_base: Tensor | None = None,
+    dropout: LoraDropout | None = None,
+) -> tuple[Tensor, Tensor]:
     """The backward of shrink_x: grad_x = grad_x_base + grad_ua @ A_all [T, D] (x's dtype, one rounding;
     grad_x_base [T, D] any float dtype: another use of x's gradient, e.g. the router's), grad_A = grad_ua^T @ x
-    (A's dtype)."""
+    (A's dtype). With the forward's dropout: grad_ua @ A_all through x's mask and 1 / (1 - p) (grad_x_base
+    not), grad_A = grad_ua^T @ drop(x)."""
     R = A.shape[1]
     grad_ua = grad_ua.contiguous()
     prec = fp32_dot_precision(x.dtype)
-    grad_x = _expand(grad_ua, A, _a_strides(A), R, x.shape[1], x.dtype, prec, grad_x_base)
-    grad_A = _wgrad(grad_ua, x, _new(A), _a_strides(A), R, prec)
+    grad_x = _expand(grad_ua, A, _a_strides(A), R, x.shape[1], x.dtype, prec, grad_x_base, dropout)
+    grad_A = _wgrad(grad_ua, x, _new(A), _a_strides(A), R, prec, dropout)
     return grad_x, grad_A
 
 
@@ -824,9 +894,10 @@ def _common_args(
     R: int,
     scaling: float,
     act: str,
+    dropout: LoraDropout | None = None,
 ) -> dict:
     """The arguments the three fused kernels share. An absent tensor is replaced by `up` (never read: its
-    constexpr flag is off) with strides 0."""
+    constexpr flag is off) with strides 0. dropout: h_j's seeded mask before the down LoRA (stream H_STREAM)."""
     T, I = up.shape
     g = gate if gate is not None else up
     prec, dot_dt = _dot_mode(up.dtype)
@@ -880,6 +951,7 @@ def _common_args(
         DOT_DT=dot_dt,
         BN=_expand_block(N),
         NC=_rank_chunk(N),
+        **philox.kernel_args(dropout if dA is not None else None),  # only the down LoRA's input h_j is dropped
     )
 
 
@@ -924,12 +996,15 @@ def mixlora_ffn_core_fwd(
     scaling: float,
     act: str,
     shared_a: bool,
+    dropout: LoraDropout | None = None,
 ) -> tuple[Tensor, Tensor]:
     """mixlora_ffn from the gate/up rank-space rows ua (shrink_x or route_shrink) to the down LoRA's shrink.
 
     ua [T, P*E*r] fp32: the gate block then the up block (one block for both when shared_a), [T, 0] without
     gate and up LoRAs. -> hbar [T, I] in up's dtype and zd [T, E*r] fp32 ([T, 0] without a down LoRA), the
     down LoRA's weighted rank-space rows: its delta is down_expand(zd, dB), added to Wd hbar by the caller.
+    dropout: the down LoRA reads drop(h_j) (moelora.dropout, stream H_STREAM, element (t * k + j) * I + i);
+    hbar sums the undropped h_j.
     """
     T, I = up.shape
     E, R = _experts(gB, uB, dA)
@@ -940,7 +1015,7 @@ def mixlora_ffn_core_fwd(
     S = _slices(triton.cdiv(T, NOMINAL_BT), triton.cdiv(I, NOMINAL_BI), chunks, up.device)
     zd_part = torch.empty(S, T, N if dA is not None else 0, dtype=torch.float32, device=up.device)
     mixlora_ffn_fwd_kernel[lambda META: (triton.cdiv(T, META["BT"]), S, chunks)](
-        **_common_args(gate, up, weights, indices, ag, au, gB, uB, dA, E, R, scaling, act),
+        **_common_args(gate, up, weights, indices, ag, au, gB, uB, dA, E, R, scaling, act, dropout),
         hbar_ptr=hbar,
         zd_ptr=zd_part if dA is not None else hbar,
         S=S,
@@ -1015,10 +1090,11 @@ def mixlora_ffn_core_bwd(
     scaling: float,
     act: str,
     shared_a: bool,
+    dropout: LoraDropout | None = None,
 ) -> tuple[Tensor | None, ...]:
     """-> the gradients of (ua, gate, up, weights, gB, uB, dA) of mixlora_ffn_core_fwd; None for an absent input
     (grad_ua is [T, 0] without gate and up LoRAs). grad_zd [T, E*r] fp32 (down_expand_bwd's q = dy_lora @
-    Bd_all^T), or None when zd has no gradient."""
+    Bd_all^T), or None when zd has no gradient. dropout: the forward's (the mask is recomputed)."""
     T, I = up.shape
     E, R = _experts(gB, uB, dA)
     N = E * R
@@ -1027,7 +1103,9 @@ def mixlora_ffn_core_bwd(
     has_down = dA is not None and grad_zd is not None
     q = grad_zd.contiguous() if has_down else ua  # ua stands in, unread, without a down LoRA
     ag, au = _rank_views(ua, gB is not None, uB is not None, shared_a, N)
-    common = _common_args(gate, up, weights, indices, ag, au, gB, uB, dA if has_down else None, E, R, scaling, act)
+    common = _common_args(
+        gate, up, weights, indices, ag, au, gB, uB, dA if has_down else None, E, R, scaling, act, dropout
+    )
     strides = dict(stride_dht=grad_hbar.stride(0), stride_dhi=grad_hbar.stride(1))
 
     # Reductions over I: rank-space gradients of the gate/up LoRA, routing-weight gradients; dG and dU.

@@ -31,6 +31,8 @@ Kernels, in the order they run (ua = x's rank rows [T, P*E*r] fp32, from shrink_
 Reductions over slices of I go through per-slice buffers summed in a fixed order: no atomics anywhere.
 A token naming one expert in two slots (route never does) gets both slots' rank-space results summed in
 the first such slot's columns. Token ids are int64, so gathered row offsets cannot overflow.
+LoRA dropout of h_j as in the dense regime, its mask addressed by each canonical slot's original slot
+(ComboSort.slots; the weight-gradient kernel's pairs carry it already).
 Rank axis: a constexpr block RB >= 16 (tl.dot's K), masked, so r = 4 or 8 needs no padding in memory.
 Dot operands as in the dense regime (16-bit with fp32 accumulate for 16-bit activations, ieee fp32 for
 fp32), except that the down shrink rounds s w_j h_j (not h_j) to 16 bits: the same one rounding per operand.
@@ -45,6 +47,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from moelora.kernels import philox
 from moelora.kernels.mixlora_ffn import (
     ACTIVATIONS,
     NOMINAL_BI,
@@ -60,6 +63,8 @@ from moelora.kernels.moe_lora import autotune_list, t_bucket
 from moelora.kernels.moe_lora_sorted import ExpertSort, sort_by_expert
 from torch import Tensor
 
+from moelora.dropout import LoraDropout
+
 # BT tokens of one combination per block, fixed: the combination sort pads each combination to it, and the
 # padding grows with BT. BT=16, BI=64 at 4 warps is the tile without register spills in every 16-bit variant
 # (sm_90, bench.compile_check: 88-188 registers); BT=32 spilled 8-690 B per thread.
@@ -72,7 +77,7 @@ BLOCK_T = 16
 BLOCK_TILES = [(64, 4), (64, 8), (128, 8)]  # (BI, warps) of the forward and rows backward
 WGRAD_TILES = [(32, 64, 4), (64, 64, 4), (32, 128, 8), (64, 64, 8)]  # (BM pairs per step, BI, warps)
 BLOCK_I_INTERPRET = 32  # under the interpreter: the tests' small I still spans several blocks
-_TUNE_KEY = ["T_BUCKET", "I", "N", "K", "GATED", "GATE_LORA", "UP_LORA", "DOWN_LORA", "DOT_DT"]
+_TUNE_KEY = ["T_BUCKET", "I", "N", "K", "GATED", "GATE_LORA", "UP_LORA", "DOWN_LORA", "DOT_DT", "DROPOUT"]
 
 
 def _interpreting() -> bool:
@@ -177,6 +182,15 @@ def _slot(b_es, b_first, b_ws, j, BK: tl.constexpr):
 
 
 @triton.jit
+def _slot_keep(seed, drop_threshold, slots_ptr, b_tok, m_t, j, o_i, K: tl.constexpr, I):
+    """The dropout keep mask [BT, BI] of canonical slot j's h tile: the mask is defined on the original slots
+    (element (t * K + slot) * I + i of stream H_STREAM), which slots_ptr [T, K] gives per canonical slot."""
+    b_js = tl.load(slots_ptr + b_tok * K + j, mask=m_t, other=0)  # [BT] int64
+    n = (b_tok * K + b_js)[:, None] * I + o_i.to(tl.int64)[None, :]
+    return philox._keep(seed, philox.H_STREAM, n, drop_threshold)
+
+
+@triton.jit
 def _slot_expand(
     acc,  # [BT, BI] fp32
     a_ptr,  # [T, >= N] fp32 rank rows (column stride 1)
@@ -247,6 +261,7 @@ def ffn_sorted_fwd_kernel(
     rows_ptr,  # [P] int64 token per padded row, -1 = padding
     experts_ptr,  # [T, K] int32 canonical experts (ascending; E = unused)
     weights_ptr,  # [T, K] fp32 canonical routing weights
+    slots_ptr,  # [T, K] int64 the original slot of each canonical slot, read only when DROPOUT
     ag_ptr,  # [T, >= N] fp32 (row stride stride_at)
     au_ptr,
     bg_ptr,  # [N, I] gate B rows (expert, rank)
@@ -273,6 +288,9 @@ def ffn_sorted_fwd_kernel(
     stride_bui,
     stride_adn,
     stride_adi,
+    seed,  # LoRA dropout of h_j (kernels/philox.py, stream H_STREAM), read only when DROPOUT
+    drop_threshold,
+    drop_scale,
     K: tl.constexpr,
     ACT: tl.constexpr,
     GATED: tl.constexpr,
@@ -286,6 +304,7 @@ def ffn_sorted_fwd_kernel(
     BK: tl.constexpr,
     BT: tl.constexpr,
     BI: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # grid: (padded blocks of BT tokens of one expert combination, slices of I)
     i_s = tl.program_id(1)
@@ -338,12 +357,17 @@ def ffn_sorted_fwd_kernel(
                 b_hbar += b_w[:, None] * b_h
                 if DOWN_LORA:  # zd's slot-j columns += s w h Ad_e^T
                     b_ad = _slot_columns(ad_ptr, stride_adn, stride_adi, col, e, o_i, m_i, o_c, E, R, RB, DOT_DT)
+                    if DROPOUT:  # the down LoRA reads drop(h_j), hbar h_j; 1 / (1 - p) goes on zd at the end
+                        b_keep = _slot_keep(seed, drop_threshold, slots_ptr, b_tok, m_t, j, o_i, K, I)
+                        b_h = tl.where(b_keep, b_h, 0.0)
                     b_hw = (b_w * scaling)[:, None] * b_h
                     b_part = tl.dot(b_hw.to(DOT_DT), b_ad, acc=b_part, input_precision=PREC)
             p_h = hbar_ptr + b_tok[:, None] * I + o_i[None, :]
             tl.store(p_h, b_hbar.to(hbar_ptr.dtype.element_ty), mask=m_ti)
         b_zd = b_zd + b_part if KCH == 1 else b_part
     if DOWN_LORA:
+        if DROPOUT:
+            b_zd = b_zd * drop_scale
         zd_s = zd_ptr + i_s.to(tl.int64) * T * N
         _store_slot_columns(zd_s, N, b_zd, b_tok, m_t, experts_ptr, tok0, o_c, E, R, RB, K)
 
@@ -359,6 +383,7 @@ def ffn_sorted_bwd_kernel_rows(
     rows_ptr,  # [P] int64
     experts_ptr,  # [T, K] int32
     weights_ptr,  # [T, K] fp32 canonical
+    slots_ptr,  # [T, K] int64 original slots, read only when DROPOUT
     ag_ptr,  # [T, >= N] fp32
     au_ptr,
     q_ptr,  # [T, N] fp32 contiguous: dy_lora @ Bd_all, read only when DOWN_LORA
@@ -393,6 +418,9 @@ def ffn_sorted_bwd_kernel_rows(
     stride_adi,
     stride_das,
     stride_dat,
+    seed,  # LoRA dropout of h_j (kernels/philox.py, stream H_STREAM), read only when DROPOUT
+    drop_threshold,
+    drop_scale,
     K: tl.constexpr,
     BK: tl.constexpr,
     ACT: tl.constexpr,
@@ -406,6 +434,7 @@ def ffn_sorted_bwd_kernel_rows(
     KR: tl.constexpr,
     BT: tl.constexpr,
     BI: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # grid: (padded blocks, slices of I)
     i_s = tl.program_id(1)
@@ -459,10 +488,18 @@ def ffn_sorted_bwd_kernel_rows(
                         b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
                     )  # fmt: skip
                 if DOWN_LORA:  # D = dhbar + s q_e Ad_e
-                    b_D = _slot_expand(
-                        b_D, q_ptr, N, ad_ptr, stride_adn, stride_adi,
-                        b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
-                    )  # fmt: skip
+                    if DROPOUT:  # through h_j's mask: D = dhbar + keep / (1 - p) s q_e Ad_e (as the dense regime)
+                        b_D = _slot_expand(
+                            tl.zeros_like(b_dh), q_ptr, N, ad_ptr, stride_adn, stride_adi,
+                            b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
+                        )  # fmt: skip
+                        b_keep = _slot_keep(seed, drop_threshold, slots_ptr, b_tok, m_t, j, o_i, K, I)
+                        b_D = b_dh + tl.where(b_keep, b_D * drop_scale, 0.0)
+                    else:
+                        b_D = _slot_expand(
+                            b_D, q_ptr, N, ad_ptr, stride_adn, stride_adi,
+                            b_tok, m_t, e, o_r, o_i, m_i, E, R, scaling, PREC, DOT_DT,
+                        )  # fmt: skip
                 b_h, b_dgg, b_duu = _slot_act_grads(b_gg, b_uu, b_D, b_w, ACT, GATED)
                 b_dwj = tl.where(e < E, tl.sum(b_D * b_h, axis=1), 0.0)  # [BT]
                 b_dw += tl.where(o_k[None, :] == j, b_dwj[:, None], 0.0)
@@ -534,6 +571,9 @@ def ffn_sorted_bwd_kernel_wgrad(
     stride_bui,
     stride_adn,
     stride_adi,
+    seed,  # LoRA dropout of h_j (kernels/philox.py, stream H_STREAM), read only when DROPOUT
+    drop_threshold,
+    drop_scale,
     K: tl.constexpr,
     ACT: tl.constexpr,
     GATED: tl.constexpr,
@@ -545,6 +585,7 @@ def ffn_sorted_bwd_kernel_wgrad(
     RB: tl.constexpr,
     BM: tl.constexpr,
     BI: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # grid: (blocks of I, experts). Each program owns expert e's R rows of the three weight gradients on its
     # columns and loops over e's contiguous sorted pairs, gathering their tokens' rows: a per-expert reduction
@@ -608,13 +649,19 @@ def ffn_sorted_bwd_kernel_wgrad(
             if DOWN_LORA:  # D = dhbar + s q_e Ad_e
                 b_q = tl.load(q_ptr + b_tok[:, None] * N + rows[None, :], mask=m_mr, other=0.0)
                 b_q = (b_q * scaling).to(DOT_DT)
-                b_D = tl.dot(b_q, b_ad, acc=b_D, input_precision=PREC)
+                if DROPOUT:  # through h_j's mask, element (pair p = t * K + j) * I + i
+                    b_keep = philox._keep(seed, philox.H_STREAM, b_p[:, None] * I + o_i[None, :], drop_threshold)
+                    b_D += tl.where(b_keep, tl.dot(b_q, b_ad, input_precision=PREC) * drop_scale, 0.0)
+                else:
+                    b_D = tl.dot(b_q, b_ad, acc=b_D, input_precision=PREC)
             b_h, b_dgg, b_duu = _slot_act_grads(b_gg, b_uu, b_D, b_w, ACT, GATED)
             if GATE_LORA:  # dBg_e += (s a_g,e)^T dgg
                 b_part_dbg = tl.dot(tl.trans(b_ag), b_dgg.to(DOT_DT), acc=b_part_dbg, input_precision=PREC)
             if UP_LORA:
                 b_part_dbu = tl.dot(tl.trans(b_au), b_duu.to(DOT_DT), acc=b_part_dbu, input_precision=PREC)
             if DOWN_LORA:  # dAd_e += (s q_e)^T (w h): dc_j = w_j s q_e
+                if DROPOUT:  # drop(h_j) without its 1 / (1 - p), applied to dAd at the end
+                    b_h = tl.where(b_keep, b_h, 0.0)
                 b_part_dad = tl.dot(
                     tl.trans(b_q), (b_w[:, None] * b_h).to(DOT_DT), acc=b_part_dad, input_precision=PREC
                 )
@@ -628,6 +675,8 @@ def ffn_sorted_bwd_kernel_wgrad(
     if UP_LORA:
         tl.store(dbu_ptr + o_ri, b_dbu, mask=m_ri)
     if DOWN_LORA:
+        if DROPOUT:
+            b_dad = b_dad * drop_scale
         tl.store(dad_ptr + o_ri, b_dad, mask=m_ri)
 
 
@@ -650,8 +699,10 @@ def _kernel_args(
     R: int,
     scaling: float,
     act: str,
+    dropout: LoraDropout | None = None,
 ) -> dict:
-    """The arguments the two block kernels share; an absent tensor is replaced by `up` (never read)."""
+    """The arguments the two block kernels share; an absent tensor is replaced by `up` (never read). dropout: h_j's
+    seeded mask before the down LoRA (stream H_STREAM, on the original slots)."""
     T, I = up.shape
     K = sort.experts.shape[1]
     g = gate if gate is not None else up
@@ -664,6 +715,7 @@ def _kernel_args(
         rows_ptr=sort.rows,
         experts_ptr=sort.experts,
         weights_ptr=sort.weights,
+        slots_ptr=sort.slots,
         ag_ptr=ag,
         au_ptr=au,
         bg_ptr=bg_,
@@ -699,6 +751,7 @@ def _kernel_args(
         BK=triton.next_power_of_2(K),
         BT=BLOCK_T,
         T_BUCKET=t_bucket(T),
+        **philox.kernel_args(dropout if ad is not None else None),  # only the down LoRA's input h_j is dropped
     )
 
 
@@ -732,6 +785,7 @@ def sorted_ffn_weight_grads(
     R: int,
     scaling: float,
     act: str,
+    dropout: LoraDropout | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The fused FFN's weight gradients per expert over its (token, slot) pairs: K = r per pair.
 
@@ -799,6 +853,7 @@ def sorted_ffn_weight_grads(
         DOT_DT=dot_dt,
         RB=max(16, triton.next_power_of_2(R)),
         T_BUCKET=t_bucket(T),
+        **philox.kernel_args(dropout if ad is not None else None),  # only the down LoRA's input h_j is dropped
     )
     return outs["bg"], outs["bu"], outs["ad"]
 
@@ -815,6 +870,7 @@ def mixlora_ffn_sorted_core_fwd(
     scaling: float,
     act: str,
     shared_a: bool,
+    dropout: LoraDropout | None = None,
 ) -> tuple[Tensor, Tensor]:
     """kernels.mixlora_ffn.mixlora_ffn_core_fwd in the combination-sorted regime: same arguments, same results.
 
@@ -834,7 +890,7 @@ def mixlora_ffn_sorted_core_fwd(
     dot_dt = _dot_mode(up.dtype)[1]
     bg, bu, ad = _rows(gB, N, True, dot_dt, T), _rows(uB, N, True, dot_dt, T), _rows(dA, N, False, dot_dt, T)
     ffn_sorted_fwd_kernel[(n_blocks, S)](
-        **_kernel_args(gate, up, sort, ag, au, bg, bu, ad, E, R, scaling, act),
+        **_kernel_args(gate, up, sort, ag, au, bg, bu, ad, E, R, scaling, act, dropout),
         hbar_ptr=hbar,
         zd_ptr=zd_part if dA is not None else hbar,
         S=S,
@@ -857,6 +913,7 @@ def mixlora_ffn_sorted_core_bwd(
     scaling: float,
     act: str,
     shared_a: bool,
+    dropout: LoraDropout | None = None,
 ) -> tuple[Tensor | None, ...]:
     """kernels.mixlora_ffn.mixlora_ffn_core_bwd in the combination-sorted regime: the gradients of (ua, gate,
     up, weights, gB, uB, dA); None for an absent input."""
@@ -883,7 +940,7 @@ def mixlora_ffn_sorted_core_bwd(
     grad_gate = torch.empty(T, I, dtype=gate.dtype, device=dev) if gate is not None else None
     grad_up = torch.empty(T, I, dtype=up.dtype, device=dev)
     ffn_sorted_bwd_kernel_rows[(n_blocks, S)](
-        **_kernel_args(gate, up, sort, ag, au, bg, bu, ad, E, R, scaling, act),
+        **_kernel_args(gate, up, sort, ag, au, bg, bu, ad, E, R, scaling, act, dropout),
         dh_ptr=grad_hbar,
         q_ptr=q,
         dg_ptr=grad_gate if gate is not None else grad_up,
@@ -906,7 +963,7 @@ def mixlora_ffn_sorted_core_bwd(
     dbg, dbu, dad = sorted_ffn_weight_grads(
         gate, up, grad_hbar, weights,
         ag if gB is not None else None, au if uB is not None else None, q if has_down else None,
-        bg, bu, ad, sort_by_expert(indices, E), E, R, scaling, act,
+        bg, bu, ad, sort_by_expert(indices, E), E, R, scaling, act, dropout,
     )  # fmt: skip
     grad_gB = dbg.view(E, R, I).transpose(1, 2).to(gB.dtype).contiguous() if dbg is not None else None
     grad_uB = dbu.view(E, R, I).transpose(1, 2).to(uB.dtype).contiguous() if dbu is not None else None

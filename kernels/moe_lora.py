@@ -20,7 +20,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from moelora.kernels import philox
 from torch import Tensor
+
+from moelora.dropout import LoraDropout
 
 PIN_CONFIG_ENV = "MOELORA_TRITON_PIN_CONFIG"  # "1": each kernel's first (pinned) tile, no autotuning
 
@@ -145,7 +148,7 @@ def moe_lora_fwd_kernel_shrink(
         tl.store(gated_ptr + o_out, b_acc * b_gate * scaling, mask=m_tn)
 
 
-@triton.autotune(configs=autotune_list(gpu_configs(EXPAND_TILES, ("BT", "BC"))), key=[*_KEY, "C"])
+@triton.autotune(configs=autotune_list(gpu_configs(EXPAND_TILES, ("BT", "BC"))), key=[*_KEY, "C", "DROPOUT"])
 @triton.jit
 def moe_lora_fwd_kernel_expand(
     v_ptr,  # [T, N] fp32 gated rank-space activations, N = E*R
@@ -165,12 +168,16 @@ def moe_lora_fwd_kernel_expand(
     stride_bt,
     stride_bc,
     T_BUCKET,  # autotune key only
+    seed,  # LoRA dropout (kernels/philox.py), read only when DROPOUT: y's dropout mask of stream X_STREAM
+    drop_threshold,
+    drop_scale,
     BT: tl.constexpr,
     BC: tl.constexpr,
     BN: tl.constexpr,
     FP32: tl.constexpr,
     FP32_PREC: tl.constexpr,
     HAS_BASE: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     i_t, i_c = tl.program_id(0), tl.program_id(1)
     o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # [BT]
@@ -199,6 +206,9 @@ def moe_lora_fwd_kernel_expand(
         b_acc = b_acc + b_part if KCH == 1 else b_part
 
     m_tc = m_t[:, None] & m_c[None, :]
+    if DROPOUT:  # grad_x of a dropped LoRA input [T, C]: through x's mask, before base (the router's part) joins
+        b_keep = philox._keep(seed, philox.X_STREAM, o_t[:, None] * C + o_c[None, :], drop_threshold)
+        b_acc = tl.where(b_keep, b_acc * drop_scale, 0.0)
     if HAS_BASE:
         p_b = base_ptr + o_t[:, None] * stride_bt + o_c[None, :] * stride_bc
         b_acc += tl.load(p_b, mask=m_tc, other=0.0).to(tl.float32)
@@ -206,7 +216,7 @@ def moe_lora_fwd_kernel_expand(
     tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_tc)
 
 
-@triton.autotune(configs=autotune_list(gpu_configs(WGRAD_TILES, ("BC", "BT"))), key=[*_KEY, "C"])
+@triton.autotune(configs=autotune_list(gpu_configs(WGRAD_TILES, ("BC", "BT"))), key=[*_KEY, "C", "DROPOUT"])
 @triton.jit
 def moe_lora_bwd_kernel_wgrad(
     lhs_ptr,  # [T, N] fp32: du (grad of A) or v (grad of B)
@@ -223,11 +233,15 @@ def moe_lora_bwd_kernel_wgrad(
     stride_gr,
     stride_gc,
     T_BUCKET,  # autotune key only
+    seed,  # LoRA dropout (kernels/philox.py), read only when DROPOUT: rhs is x, dropped with stream X_STREAM
+    drop_threshold,
+    drop_scale,
     BN: tl.constexpr,
     BC: tl.constexpr,
     BT: tl.constexpr,
     FP32: tl.constexpr,
     FP32_PREC: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # g[n, c] = sum_t lhs[t, n] * rhs[t, c]: each program owns its output tile and loops over all tokens,
     # so no split-K and no atomics.
@@ -253,11 +267,16 @@ def moe_lora_bwd_kernel_wgrad(
                 mask=m_t[:, None] & m_c[None, :],
                 other=0.0,
             )  # [BT, BC]
+            if DROPOUT:  # drop(x) without its 1 / (1 - p), applied to the sum below
+                b_keep = philox._keep(seed, philox.X_STREAM, o_t[:, None] * C + o_c[None, :], drop_threshold)
+                b_r = tl.where(b_keep, b_r, 0.0)
             if FP32:
                 b_part = tl.dot(b_l, b_r.to(tl.float32), acc=b_part, input_precision=FP32_PREC)  # [BN, BT] @ [BT, BC]
             else:
                 b_part = tl.dot(b_l.to(b_r.dtype), b_r, acc=b_part)
         b_acc = b_acc + b_part if KCH == 1 else b_part
+    if DROPOUT:
+        b_acc = b_acc * drop_scale
 
     p_g = g_ptr + (o_n // R).to(tl.int64)[:, None] * stride_ge + (o_n % R).to(tl.int64)[:, None] * stride_gr
     tl.store(p_g + o_c[None, :] * stride_gc, b_acc.to(g_ptr.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
@@ -362,10 +381,12 @@ def _expand(
     dtype: torch.dtype,
     fp32_prec: str,
     base: Tensor | None = None,
+    dropout: LoraDropout | None = None,
 ) -> Tensor:
     """v [T, E*R] fp32 times w seen as [E*R, C] through w_strides (expert, rank, column), plus base [T, C] (any
     float dtype and strides) when given, summed in fp32 -> [T, C] in dtype, rounded once; fp32_prec as in
-    _shrink."""
+    _shrink. dropout: the product is the gradient of a dropped LoRA input x [T, C]: it goes through x's mask
+    (stream X_STREAM) and 1 / (1 - p) before base is added."""
     T, N = v.shape
     y = torch.empty(T, C, dtype=dtype, device=v.device)
     moe_lora_fwd_kernel_expand[lambda META: (triton.cdiv(T, META["BT"]), triton.cdiv(C, META["BC"]))](
@@ -390,13 +411,22 @@ def _expand(
         FP32=w.dtype == torch.float32,
         FP32_PREC=fp32_prec,
         HAS_BASE=base is not None,
+        **philox.kernel_args(dropout),
     )
     return y
 
 
-def _wgrad(lhs: Tensor, rhs: Tensor, grad: Tensor, g_strides: tuple[int, int, int], R: int, fp32_prec: str) -> Tensor:
+def _wgrad(
+    lhs: Tensor,
+    rhs: Tensor,
+    grad: Tensor,
+    g_strides: tuple[int, int, int],
+    R: int,
+    fp32_prec: str,
+    dropout: LoraDropout | None = None,
+) -> Tensor:
     """grad seen as [E*R, C] through g_strides <- lhs^T @ rhs; lhs [T, E*R] fp32, rhs [T, C]; fp32_prec as in
-    _shrink."""
+    _shrink. dropout: rhs is a LoRA input x dropped with it (stream X_STREAM): lhs^T @ drop(x)."""
     T, N = lhs.shape
     C = rhs.shape[1]
     BN = _rank_block(N, WGRAD_BLOCK_N)
@@ -418,6 +448,7 @@ def _wgrad(lhs: Tensor, rhs: Tensor, grad: Tensor, g_strides: tuple[int, int, in
         BN=BN,
         FP32=rhs.dtype == torch.float32,
         FP32_PREC=fp32_prec,
+        **philox.kernel_args(dropout),
     )
     return grad
 

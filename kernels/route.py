@@ -8,7 +8,8 @@ grad_router are then two GEMMs, left to torch. CUDA tensors; CPU tensors under T
 `route_shrink` is the dense-masked regime's first step (design.md, op 2): the same routing plus every
 expert's LoRA shrink ua = x @ A_all^T (MixLoRA's gate and up A stacked, up to ROUTE_SHRINK_MAX_N = 256
 rank columns) from ONE read of x, each tile of x feeding both dots. mixlora_ffn's fused FFN then starts
-from ua. Its backward is route_bwd plus the shrink's (moe_lora's expand and wgrad kernels). Large E*r
+from ua. Its backward is route_bwd plus the shrink's (moe_lora's expand and wgrad kernels). With LoRA dropout
+the shrink reads each tile of x through its seeded mask (kernels/philox.py) and the router the tile itself. Large E*r
 takes the sorted path instead (kernels/moe_lora_sorted.py: sort_by_expert, no host sync).
 """
 
@@ -19,10 +20,12 @@ import os
 import torch
 import triton
 import triton.language as tl
+from moelora.kernels import philox
 from moelora.kernels.mixlora_ffn import _dot_mode, dot_operand, shrink_x_bwd
 from moelora.kernels.moe_lora import autotune_list, fp32_dot_precision, t_bucket
 from torch import Tensor
 
+from moelora.dropout import LoraDropout
 from moelora.reference import Routing, compute_dtype
 
 # One pinned config: routing is memory-bound (E is small), and a multi-config autotune crashes the
@@ -167,7 +170,7 @@ def route_fwd_kernel(
     _select(b_l, o_t64, m_t, weights_ptr, indices_ptr, probs_ptr, top_p, E, K, TOP_P, DT, BT, BE, BK)
 
 
-@triton.autotune(configs=_route_shrink_configs(), key=["T_BUCKET", "H", "N", "E", "K", "DOT_DT"])
+@triton.autotune(configs=_route_shrink_configs(), key=["T_BUCKET", "H", "N", "E", "K", "DOT_DT", "DROPOUT"])
 @triton.jit
 def route_shrink_fwd_kernel(
     x_ptr,  # [T, H] fp16 / bf16 / fp32
@@ -191,6 +194,9 @@ def route_shrink_fwd_kernel(
     stride_ar,
     stride_ah,
     T_BUCKET,
+    seed,  # LoRA dropout of x (kernels/philox.py, stream X_STREAM), read only when DROPOUT
+    drop_threshold,
+    drop_scale,
     K: tl.constexpr,
     TOP_P: tl.constexpr,
     PREC: tl.constexpr,
@@ -201,11 +207,14 @@ def route_shrink_fwd_kernel(
     BE: tl.constexpr,
     BK: tl.constexpr,
     BN: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # x @ [Wr | A_all]^T: each tile of x is loaded once and feeds both dots. The router's dot has fp32 operands
     # (the reference routes in fp32): tf32x3 tensor-core passes for 16-bit x, which tf32 holds exactly, so only
     # the router weight's lo half rounds (ieee, on the FMA units, read x at 0.05 of an H200's copy bandwidth
     # in this kernel and 0.06 in route_fwd_kernel); the shrink's dot takes 16-bit operands for 16-bit x.
+    # With DROPOUT the shrink reads the tile through x's dropout mask (1 / (1 - p) applied to ua at the end)
+    # and the router the tile itself: still one read of x.
     i_t = tl.program_id(0)
     o_t = i_t * BT + tl.arange(0, BT)  # [BT]
     m_t = o_t < T
@@ -239,9 +248,14 @@ def route_shrink_fwd_kernel(
             b_a = tl.load(
                 p_a[None, :] + o_h[:, None] * stride_ah, mask=m_h[:, None] & m_n[None, :], other=0.0
             )  # [BH, BN]
+            if DROPOUT:
+                b_keep = philox._keep(seed, philox.X_STREAM, o_t64[:, None] * H + o_h[None, :], drop_threshold)
+                b_x = tl.where(b_keep, b_x, 0.0)
             b_part_u = tl.dot(b_x.to(DOT_DT), b_a.to(DOT_DT), acc=b_part_u, input_precision=PREC)  # [BT, BN]
         b_l = b_l + b_part_l if KCH == 1 else b_part_l
         b_u = b_u + b_part_u if KCH == 1 else b_part_u
+    if DROPOUT:
+        b_u = b_u * drop_scale
 
     tl.store(ua_ptr + o_t64[:, None] * N + o_n[None, :], b_u, mask=m_t[:, None] & m_n[None, :])
     _select(b_l, o_t64, m_t, weights_ptr, indices_ptr, probs_ptr, top_p, E, K, TOP_P, tl.float32, BT, BE, BK)
@@ -400,9 +414,10 @@ def route_bwd(
 
 
 def route_shrink_fwd(
-    x: Tensor, router_weight: Tensor, A: Tensor, k: int, top_p: float | None
+    x: Tensor, router_weight: Tensor, A: Tensor, k: int, top_p: float | None, dropout: LoraDropout | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """route_fwd and ua = x @ A_all^T [T, E'*R] fp32 (A [E', R, H]) from one read of x; E'*R <= ROUTE_SHRINK_MAX_N."""
+    """route_fwd and ua = x @ A_all^T [T, E'*R] fp32 (A [E', R, H]) from one read of x; E'*R <= ROUTE_SHRINK_MAX_N.
+    dropout: ua = drop(x) @ A_all^T with x's seeded mask (moelora.dropout, stream X_STREAM); the router reads x."""
     T, H = x.shape
     E = router_weight.shape[0]
     N = A.shape[0] * A.shape[1]
@@ -446,6 +461,7 @@ def route_shrink_fwd(
         BE=_pad(E),
         BK=triton.next_power_of_2(k),
         BN=_pad(N),
+        **philox.kernel_args(dropout),
     )
     return weights, indices, probs, ua
 
@@ -461,8 +477,10 @@ def route_shrink_bwd(
     indices: Tensor,
     probs: Tensor,
     renormalized: bool,
+    dropout: LoraDropout | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> grad_x [T, H] (x's dtype), grad_router [E, H], grad_A [E', R, H] (contiguous, A's dtype).
+    """-> grad_x [T, H] (x's dtype), grad_router [E, H], grad_A [E', R, H] (contiguous, A's dtype); with the
+    forward's dropout, the LoRA part of grad_x goes through x's mask and grad_A = grad_ua^T @ drop(x).
 
     grad_x = grad_logits @ Wr + grad_ua @ A_all: the router's part in the compute dtype, added to the LoRA's in
     the epilogue of its expand before the one rounding to x's dtype (shrink_x_bwd: moe_lora's expand and wgrad
@@ -471,7 +489,7 @@ def route_shrink_bwd(
     grad_logits = _logits_grad(grad_weights, grad_probs, weights, indices, probs, renormalized)
     dt = grad_logits.dtype
     grad_router = (grad_logits.t() @ x.to(dt)).to(router_weight.dtype)  # [E, H]
-    grad_x, grad_A = shrink_x_bwd(grad_ua, x, A, grad_x_base=grad_logits @ router_weight.to(dt))
+    grad_x, grad_A = shrink_x_bwd(grad_ua, x, A, grad_x_base=grad_logits @ router_weight.to(dt), dropout=dropout)
     return grad_x, grad_router, grad_A
 
 

@@ -6,15 +6,18 @@ is one `torch.library.custom_op` (namespace moelora_triton) with a fake kernel, 
 model through them as opaque calls; the autograd Functions below call the forward and backward ops.
 
 MixLoRA's FFN runs three ops: the gate/up shrink `rank_shrink` (or `route_shrink`, the router fused with it:
-one read of x for both, what `routed_mixlora_ffn` and so MixLoraFFN use when no dropout separates the
-router's input from the LoRAs'), then `mixlora_ffn` from the rank-space rows to hbar and the down LoRA's
-rank-space rows zd, then `down_expand`: Wd hbar + zd @ Bd_all in one pass, rounded once. The frozen down
-projection runs between the last two, on hbar, outside the ops (so a quantised base layer still works).
+one read of x for both, what `routed_mixlora_ffn` and so MixLoraFFN use), then `mixlora_ffn` from the
+rank-space rows to hbar and the down LoRA's rank-space rows zd, then `down_expand`: Wd hbar + zd @ Bd_all in
+one pass, rounded once. The frozen down projection runs between the last two, on hbar, outside the ops (so a
+quantised base layer still works). LoRA dropout (moelora.dropout, training with lora_dropout > 0) runs inside
+the kernels from (drop_p, drop_seed) op arguments: the shrinks read x through its seeded mask (the router
+reads x itself, in the same pass), the down LoRA each h_j through its own; the backward regenerates both
+masks, none is stored. `dropout_mask` gives the mask the kernels use.
 
 What the kernels do not cover goes to the reference, as in the cpu backend: DoRA (supports_dora = False),
-activations other than SiLU, GELU (erf or tanh) and ReLU, dropout on h_j (training with lora_dropout > 0
-on the down projection), float64 tensors, and empty batches. `lora` (one dense LoRA) is the reference's
-two GEMMs. MiLoRA's `prompt_route` and `segmented_lora` are kernels too (fp64: the reference).
+activations other than SiLU, GELU (erf or tanh) and ReLU, float64 tensors, and empty batches. `lora` (one
+dense LoRA) is the reference's two GEMMs. MiLoRA's `prompt_route` and `segmented_lora` are kernels too (fp64:
+the reference).
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from torch import Tensor
 
 from moelora import reference
 from moelora.activations import activation_name
+from moelora.dropout import LoraDropout
 from moelora.kernels import mixlora_ffn as _ffn_kernels
 from moelora.kernels import mixlora_ffn_sorted as _ffn_sorted_kernels
 from moelora.kernels import moe_lora as _moe_lora_kernels
 from moelora.kernels import moe_lora_sorted as _sorted_kernels
+from moelora.kernels import philox as _philox
 from moelora.kernels import prompt_route as _prompt_route_kernels
 from moelora.kernels import route as _route_kernels
 from moelora.kernels import segmented_lora as _segmented_kernels
@@ -166,38 +171,48 @@ def _(grad_y, x, weights, indices, A, B, u, order, offsets, scaling):
     )
 
 
+def _dropout(p: float, seed: int) -> LoraDropout | None:
+    """The ops' (drop_p, drop_seed) pair as the kernels take it: p == 0 is no dropout."""
+    return LoraDropout(p, seed) if p > 0.0 else None
+
+
 @torch.library.custom_op("moelora_triton::rank_shrink", mutates_args=())
-def _rank_shrink_op(x: Tensor, A: Tensor) -> Tensor:
-    """ua = x @ A_all^T [T, E'*r] fp32, A [E', r, H]: the gate and up LoRAs' shrink, one read of x."""
-    return _ffn_kernels.shrink_x(x, A)
+def _rank_shrink_op(x: Tensor, A: Tensor, drop_p: float = 0.0, drop_seed: int = 0) -> Tensor:
+    """ua = drop(x) @ A_all^T [T, E'*r] fp32, A [E', r, H]: the gate and up LoRAs' shrink, one read of x; drop is
+    LoRA dropout with (drop_p, drop_seed) (moelora.dropout, stream X_STREAM), none at drop_p = 0."""
+    return _ffn_kernels.shrink_x(x, A, _dropout(drop_p, drop_seed))
 
 
 @_rank_shrink_op.register_fake
-def _(x, A):
+def _(x, A, drop_p=0.0, drop_seed=0):
     return x.new_empty(x.shape[0], A.shape[0] * A.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("moelora_triton::rank_shrink_backward", mutates_args=())
-def _rank_shrink_backward_op(grad_ua: Tensor, x: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
-    return _ffn_kernels.shrink_x_bwd(grad_ua, x, A)
+def _rank_shrink_backward_op(
+    grad_ua: Tensor, x: Tensor, A: Tensor, drop_p: float = 0.0, drop_seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    return _ffn_kernels.shrink_x_bwd(grad_ua, x, A, dropout=_dropout(drop_p, drop_seed))
 
 
 @_rank_shrink_backward_op.register_fake
-def _(grad_ua, x, A):
+def _(grad_ua, x, A, drop_p=0.0, drop_seed=0):
     return x.new_empty(x.shape), A.new_empty(A.shape)
 
 
 @torch.library.custom_op("moelora_triton::route_shrink", mutates_args=())
 def _route_shrink_op(
-    x: Tensor, router_weight: Tensor, A: Tensor, top_k: int, top_p: float
+    x: Tensor, router_weight: Tensor, A: Tensor, top_k: int, top_p: float, drop_p: float = 0.0, drop_seed: int = 0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """route (top_k > 0: top-k renormalised; 0: top-p) and rank_shrink from one read of x."""
+    """route (top_k > 0: top-k renormalised; 0: top-p) and rank_shrink from one read of x; the router reads x,
+    the shrink drop(x) (as rank_shrink)."""
     k = top_k if top_k > 0 else router_weight.shape[0]
-    return _route_kernels.route_shrink_fwd(x, router_weight, A, k, top_p if top_k == 0 else None)
+    top = top_p if top_k == 0 else None
+    return _route_kernels.route_shrink_fwd(x, router_weight, A, k, top, _dropout(drop_p, drop_seed))
 
 
 @_route_shrink_op.register_fake
-def _(x, router_weight, A, top_k, top_p):
+def _(x, router_weight, A, top_k, top_p, drop_p=0.0, drop_seed=0):
     k = top_k if top_k > 0 else router_weight.shape[0]
     T, E = x.shape[0], router_weight.shape[0]
     f32 = dict(dtype=torch.float32)
@@ -221,14 +236,17 @@ def _route_shrink_backward_op(
     indices: Tensor,
     probs: Tensor,
     renormalized: bool,
+    drop_p: float = 0.0,
+    drop_seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _route_kernels.route_shrink_bwd(
-        grad_weights, grad_probs, grad_ua, x, router_weight, A, weights, indices, probs, renormalized
-    )
+        grad_weights, grad_probs, grad_ua, x, router_weight, A, weights, indices, probs, renormalized,
+        _dropout(drop_p, drop_seed),
+    )  # fmt: skip
 
 
 @_route_shrink_backward_op.register_fake
-def _(grad_weights, grad_probs, grad_ua, x, router_weight, A, weights, indices, probs, renormalized):
+def _(grad_weights, grad_probs, grad_ua, x, router_weight, A, weights, indices, probs, renormalized, *drop):
     return x.new_empty(x.shape), router_weight.new_empty(router_weight.shape), A.new_empty(A.shape)
 
 
@@ -286,15 +304,18 @@ def _mixlora_ffn_op(
     scaling: float,
     act: str,
     shared_a: bool,
+    drop_p: float = 0.0,
+    drop_seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """From ua (rank_shrink or route_shrink) -> hbar [T, I] (up's dtype) and zd [T, E*r] fp32 ([T, 0] without
-    a down LoRA): the down LoRA's weighted rank-space rows, which down_expand turns into its delta."""
+    a down LoRA): the down LoRA's weighted rank-space rows, which down_expand turns into its delta. With
+    drop_p > 0 the down LoRA reads each h_j through LoRA dropout (moelora.dropout, stream H_STREAM); hbar not."""
     core = _ffn_core(up, weights, gB, uB, dA)
-    return core.fwd(ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a)
+    return core.fwd(ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a, _dropout(drop_p, drop_seed))
 
 
 @_mixlora_ffn_op.register_fake
-def _(ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a):
+def _(ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a, drop_p=0.0, drop_seed=0):
     T, I = up.shape
     rank_columns = dA.shape[0] * dA.shape[1] if dA is not None else 0
     return up.new_empty(T, I), up.new_empty(T, rank_columns, dtype=torch.float32)
@@ -315,17 +336,20 @@ def _mixlora_ffn_backward_op(
     scaling: float,
     act: str,
     shared_a: bool,
+    drop_p: float = 0.0,
+    drop_seed: int = 0,
 ) -> list[Tensor]:
     """-> grads of (ua, gate, up, weights, gB, uB, dA); an absent input's is a 1-d empty tensor. grad_zd: from
-    down_expand_backward, None without a down LoRA."""
+    down_expand_backward, None without a down LoRA. (drop_p, drop_seed): the forward's."""
     grads = _ffn_core(up, weights, gB, uB, dA).bwd(
-        grad_hbar, grad_zd, ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a
-    )
+        grad_hbar, grad_zd, ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a,
+        _dropout(drop_p, drop_seed),
+    )  # fmt: skip
     return [_none(g, up) for g in grads]
 
 
 @_mixlora_ffn_backward_op.register_fake
-def _(grad_hbar, grad_zd, ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a):
+def _(grad_hbar, grad_zd, ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a, *drop):
     return [t.new_empty(t.shape) if t is not None else up.new_empty(0) for t in (ua, gate, up, weights, gB, uB, dA)]
 
 
@@ -355,6 +379,14 @@ def _(grad_y, zd, dB, activation_dtype):
 
 _ops = torch.ops.moelora_triton
 supports_dora = False
+
+
+def dropout_mask(seed: int, stream: int, numel: int, p: float, device: torch.device | str) -> Tensor:
+    """The keep mask (bool [numel]) the kernels apply for LoRA dropout (seed, stream, p), computed by their own
+    Philox helper (kernels/philox.py): bitwise moelora.dropout.dropout_mask."""
+    return _philox.dropout_mask(seed, stream, numel, p, device)
+
+
 lora = reference.lora  # a dense LoRA is two cuBLAS GEMMs already
 
 
@@ -438,22 +470,24 @@ def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, 
 
 class _RankShrink(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, A):
+    def forward(ctx, x, A, drop_p, drop_seed):
         ctx.save_for_backward(x, A)
-        return _ops.rank_shrink(x, A)
+        ctx.drop = (drop_p, drop_seed)
+        return _ops.rank_shrink(x, A, drop_p, drop_seed)
 
     @staticmethod
     def backward(ctx, grad_ua):
         x, A = ctx.saved_tensors
-        return _ops.rank_shrink_backward(grad_ua, x, A)
+        return *_ops.rank_shrink_backward(grad_ua, x, A, *ctx.drop), None, None
 
 
 class _RouteShrink(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, router_weight, A, top_k, top_p):
-        weights, indices, probs, ua = _ops.route_shrink(x, router_weight, A, top_k, top_p)
+    def forward(ctx, x, router_weight, A, top_k, top_p, drop_p, drop_seed):
+        weights, indices, probs, ua = _ops.route_shrink(x, router_weight, A, top_k, top_p, drop_p, drop_seed)
         ctx.save_for_backward(x, router_weight, A, weights, indices, probs)
         ctx.renormalized = top_k > 0
+        ctx.drop = (drop_p, drop_seed)
         ctx.mark_non_differentiable(indices)
         return weights, indices, probs, ua
 
@@ -471,16 +505,18 @@ class _RouteShrink(torch.autograd.Function):
             indices,
             probs,
             ctx.renormalized,
+            *ctx.drop,
         )
-        return grad_x, grad_router, grad_A, None, None
+        return grad_x, grad_router, grad_A, None, None, None, None
 
 
 class _MixLoraFfn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a):
-        hbar, zd = _ops.mixlora_ffn(ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a)
+    def forward(ctx, ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a, drop_p, drop_seed):
+        args = (scaling, act, shared_a, drop_p, drop_seed)
+        hbar, zd = _ops.mixlora_ffn(ua, gate, up, weights, indices, gB, uB, dA, *args)
         ctx.save_for_backward(ua, gate, up, weights, indices, gB, uB, dA)
-        ctx.args = (scaling, act, shared_a)
+        ctx.args = args
         return hbar, zd
 
     @staticmethod
@@ -490,7 +526,7 @@ class _MixLoraFfn(torch.autograd.Function):
             grad_hbar, grad_zd if dA is not None else None, ua, gate, up, weights, indices, gB, uB, dA, *ctx.args
         )
         grad_ua, grad_gate, grad_up, grad_w, *lora_grads = (_or_none(g) for g in grads)
-        return (grad_ua, grad_gate, grad_up, grad_w, None, *lora_grads, None, None, None)
+        return (grad_ua, grad_gate, grad_up, grad_w, None, *lora_grads, None, None, None, None, None)
 
 
 class _DownExpand(torch.autograd.Function):
@@ -511,10 +547,10 @@ class _DownExpand(torch.autograd.Function):
 
 
 def _kernels_take(act_name: str | None, up: Tensor, loras: list[ExpertLora | None], dora_only: dict) -> bool:
-    """Whether the fused kernels cover this call (else the reference runs it); see the module docstring."""
+    """Whether the fused kernels cover this call (else the reference runs it); see the module docstring. LoRA
+    dropout (dora_only["dropout"]) runs inside the kernels."""
     return not (
         act_name is None
-        or dora_only.get("dropout") is not None
         or all(p is None for p in loras)
         or any(p is not None and p.magnitude is not None for p in loras)
         or up.dtype not in _KERNEL_DTYPES
@@ -534,12 +570,15 @@ def _ffn_from_ua(
     scaling: float,
     act_name: str,
     down_bias: Tensor | None,
+    drop: tuple[float, int],
 ) -> Tensor:
-    """The fused FFN from the gate/up rank-space rows on; the frozen down projection runs once, on hbar."""
+    """The fused FFN from the gate/up rank-space rows on; the frozen down projection runs once, on hbar. drop:
+    (p, seed) of LoRA dropout, (0.0, 0) without."""
     down_lora = loras[2]
     gB, uB = (lo.B if lo is not None else None for lo in loras[:2])
     dA = down_lora.A if down_lora is not None else None
-    hbar, zd = _MixLoraFfn.apply(ua, gate, up, weights, indices, gB, uB, dA, float(scaling), act_name, shared_a)
+    args = (float(scaling), act_name, shared_a, *drop)
+    hbar, zd = _MixLoraFfn.apply(ua, gate, up, weights, indices, gB, uB, dA, *args)
     base = down_proj(hbar)
     if down_bias is None and base.dtype == up.dtype:
         if down_lora is None:
@@ -552,6 +591,19 @@ def _ffn_from_ua(
     if down_lora is not None:
         y = y + _DownExpand.apply(zd, down_lora.B, None, up.dtype)
     return y.to(up.dtype)
+
+
+def _drop_args(dora_only: dict) -> tuple[float, int]:
+    """(p, seed) of the call's LoRA dropout (moelora.dropout.LoraDropout in dora_only["dropout"]), (0.0, 0)
+    without: the ops' drop_p and drop_seed."""
+    dropout = dora_only.get("dropout")
+    if dropout is not None and not isinstance(dropout, LoraDropout):
+        raise TypeError(f"mixlora_ffn: dropout must be a moelora.dropout.LoraDropout, got {type(dropout).__name__}")
+    if dropout is None or dropout.p == 0.0:
+        return 0.0, 0
+    if not 0 <= dropout.seed < 2**63:
+        raise ValueError(f"mixlora_ffn: dropout.seed must be in [0, 2^63) for the Triton ops, got {dropout.seed}")
+    return float(dropout.p), int(dropout.seed)
 
 
 def _gate_up_a(loras: list[ExpertLora | None]) -> tuple[Tensor | None, bool]:
@@ -601,8 +653,9 @@ def mixlora_ffn(
     pairs = {p: (lo.A, lo.B) if lo is not None else None for p, lo in zip(("gate", "up", "down"), loras, strict=True)}
     _ffn_kernels.check_inputs(x, gate, up, weights, indices, pairs, act_name)
     A, shared_a = _gate_up_a(loras)
-    ua = _RankShrink.apply(x, A) if A is not None else x.new_empty(x.shape[0], 0, dtype=torch.float32)
-    return _ffn_from_ua(ua, shared_a, gate, up, weights, indices, loras, down_proj, scaling, act_name, down_bias)
+    drop = _drop_args(dora_only)
+    ua = _RankShrink.apply(x, A, *drop) if A is not None else x.new_empty(x.shape[0], 0, dtype=torch.float32)
+    return _ffn_from_ua(ua, shared_a, gate, up, weights, indices, loras, down_proj, scaling, act_name, down_bias, drop)
 
 
 def routed_mixlora_ffn(
@@ -653,8 +706,9 @@ def routed_mixlora_ffn(
     _route_kernels.check_inputs(x, router_weight, top_k, top_p)
     pairs = {p: (lo.A, lo.B) if lo is not None else None for p, lo in zip(("gate", "up", "down"), loras, strict=True)}
     _ffn_kernels.check_inputs(x, gate, up, None, None, pairs, act_name)
-    weights, indices, probs, ua = _RouteShrink.apply(x, router_weight, A, top_k or 0, float(top_p or 0.0))
-    y = _ffn_from_ua(ua, shared_a, gate, up, weights, indices, loras, down_proj, scaling, act_name, down_bias)
+    drop = _drop_args(dora_only)
+    weights, indices, probs, ua = _RouteShrink.apply(x, router_weight, A, top_k or 0, float(top_p or 0.0), *drop)
+    y = _ffn_from_ua(ua, shared_a, gate, up, weights, indices, loras, down_proj, scaling, act_name, down_bias, drop)
     return y, Routing(weights, indices, probs)
 
 

@@ -187,7 +187,8 @@ def _ffn(impl, d: dict, act, **extra) -> dict:
 
 
 def check_backend_ffn() -> dict[str, list[str]]:
-    """The backend's mixlora_ffn: down bias counted sum_j w_j times, HF activation modules, fallbacks."""
+    """The backend's mixlora_ffn: down bias counted sum_j w_j times, HF activation modules, LoRA dropout (inside
+    the kernels), fallbacks."""
     from transformers.activations import ACT2FN
 
     from moelora import triton_backend
@@ -202,16 +203,20 @@ def check_backend_ffn() -> dict[str, list[str]]:
         out[f"ffn-{act_name}-{'gated' if gated else 'ungated'}"] = failures + _compare(
             _ffn(triton_backend, d, act), _ffn(reference, d, act)
         )
-    # Fallbacks: these run the reference itself, so the results are bitwise equal to it.
+    # LoRA dropout runs in the kernels (no fallback: a spy on the reference says so), masks as the reference's
     d = _ffn_inputs(True, g)
-    fallbacks = {
-        "quick_gelu": dict(act=ACT2FN["quick_gelu"]),
-        "dropout": dict(act=F.silu, dropout=LoraDropout(0.5, 7)),
-    }
-    for name, kw in fallbacks.items():
-        failures = [] if triton_backend.activation_name(kw["act"]) is None or name != "quick_gelu" else ["has a kernel"]
-        got, want = _ffn(triton_backend, d, **kw), _ffn(reference, d, **kw)
-        out[f"fallback-{name}"] = failures + [n for n in want if not torch.equal(got[n], want[n])]
+    reference_ffn, reference_calls = reference.mixlora_ffn, []
+    reference.mixlora_ffn = lambda *a, **kw: reference_calls.append(1) or reference_ffn(*a, **kw)
+    try:
+        got = _ffn(triton_backend, d, F.silu, dropout=LoraDropout(0.5, 7))
+    finally:
+        reference.mixlora_ffn = reference_ffn
+    failures = [f"the reference ran {len(reference_calls)} times"] if reference_calls else []
+    out["ffn-dropout"] = failures + _compare(got, _ffn(reference, d, F.silu, dropout=LoraDropout(0.5, 7)))
+    # Fallbacks: these run the reference itself, so the results are bitwise equal to it.
+    got, want = _ffn(triton_backend, d, ACT2FN["quick_gelu"]), _ffn(reference, d, ACT2FN["quick_gelu"])
+    failures = ["quick_gelu has a kernel"] if triton_backend.activation_name(ACT2FN["quick_gelu"]) is not None else []
+    out["fallback-quick_gelu"] = failures + [n for n in want if not torch.equal(got[n], want[n])]
     d64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in d.items()}
     d64["loras"] = {p: ExpertLora(lo.A.double(), lo.B.double()) for p, lo in d["loras"].items()}
     got, want = _ffn(triton_backend, d64, F.silu), _ffn(reference, d64, F.silu)
@@ -320,6 +325,16 @@ def check_compile() -> dict[str, list[str]]:
         "down_expand": (ops.down_expand.default, (zd, dB, base, torch.float32)),
         "down_expand-delta": (ops.down_expand.default, (zd, dB, None, torch.float32)),
         "down_expand-bwd": (ops.down_expand_backward.default, (torch.randn_like(base), zd, dB, torch.float32)),
+        # LoRA dropout's (drop_p, drop_seed), a seed past 2^32 as LoraDropout.draw gives
+        "rank_shrink-dropout": (ops.rank_shrink.default, (x, A_cat, 0.3, 2**40 + 3)),
+        "rank_shrink-dropout-bwd": (ops.rank_shrink_backward.default, (torch.randn_like(ua), x, A_cat, 0.3, 2**40)),
+        "route_shrink-dropout": (ops.route_shrink.default, (x, router, A_cat, 2, 0.0, 0.3, 2**40 + 3)),
+        "route_shrink-dropout-bwd": (
+            ops.route_shrink_backward.default,
+            (*rs_grads, x, router, A_cat, rs_w, rs_idx, rs_probs, True, 0.3, 2**40 + 3),
+        ),
+        "ffn-dropout": (ops.mixlora_ffn.default, (*ffn_args, 0.3, 2**40 + 3)),
+        "ffn-dropout-bwd": (ops.mixlora_ffn_backward.default, (*grads_out, *ffn_args, 0.3, 2**40 + 3)),
     }
     hidden, num = torch.randn(3, 5, 12, generator=g), torch.tensor(reference.RATIONAL_GELU_NUMERATOR)
     den, pool_w = torch.tensor(reference.RATIONAL_GELU_DENOMINATOR), torch.randn(12, generator=g)
@@ -446,8 +461,8 @@ WORKER_CASES = [
     "ffn-gelu-gated",
     "ffn-gelu_pytorch_tanh-ungated",
     "ffn-relu-gated",
+    "ffn-dropout",
     "fallback-quick_gelu",
-    "fallback-dropout",
     "fallback-fp64",
     "route-top_k",
     "route-top_p",
@@ -461,6 +476,8 @@ WORKER_CASES = [
             *("route_shrink", "route_shrink-top-p", "route_shrink-bwd"),
             *("ffn", "ffn-shared-a", "ffn-ungated", "ffn-bwd", "ffn-sorted", "ffn-sorted-bwd"),
             *("down_expand", "down_expand-delta", "down_expand-bwd"),
+            *("rank_shrink-dropout", "rank_shrink-dropout-bwd", "route_shrink-dropout", "route_shrink-dropout-bwd"),
+            *("ffn-dropout", "ffn-dropout-bwd"),
             *("prompt_route", "prompt_route-bwd", "segmented_lora", "segmented_lora-bwd"),
         )
     ),

@@ -6,8 +6,8 @@ Two levels, fp32 and fp16, forward and every gradient, with NaN-poisoned allocat
   may err by twice PyTorch's own error at the test dtype plus 4 ulps);
 - the triton backend's routed_mixlora_ffn (route_shrink, then the fused FFN from its rank-space rows) against
   the reference route + mixlora_ffn: llama-style, phi-3's shared gate/up A, phi's ungated fc1/fc2, top-p,
-  partial LoRAs; a counter on route_shrink_fwd says which path ran (fused at <= 256 rank columns, apart above
-  that, without gate/up LoRAs, and with dropout on the LoRA input).
+  partial LoRAs, LoRA dropout (a seeded LoraDropout on both sides); a counter on route_shrink_fwd says which
+  path ran (fused at <= 256 rank columns, with or without dropout; apart above that and without gate/up LoRAs).
 
 Kernels run in a subprocess worker (this file as a script), as in the other Triton test files.
 """
@@ -127,16 +127,16 @@ def check_weights_cast_once() -> list[str]:
 # --- backend level ------------------------------------------------------------------------------------------------
 
 FFN_CASES = [
-    # id, family, E, r, k (None = top-p 0.6), loras, expected path
-    ("llama-E4-r8-k2", "gated", 4, 8, 2, "gate,up,down", "fused"),
-    ("llama-E8-r16-k2", "gated", 8, 16, 2, "gate,up,down", "fused"),  # MixLoRA's shape: 256 rank columns
-    ("llama-topp", "gated", 4, 4, None, "gate,up,down", "fused"),
-    ("phi3-shared-A", "shared", 4, 8, 2, "gate,up,down", "fused"),
-    ("phi-ungated", "ungated", 4, 8, 2, "up,down", "fused"),
-    ("llama-up-only", "gated", 4, 8, 1, "up", "fused"),
-    ("llama-down-only", "gated", 4, 8, 2, "down", "apart"),  # no gate/up shrink to fuse with
-    ("llama-E16-r16", "gated", 16, 16, 2, "gate,up,down", "apart"),  # 512 rank columns: route + mixlora_ffn
-    ("llama-lora-dropout", "gated", 4, 8, 2, "gate,up,down", "dropout"),
+    # id, family, E, r, k (None = top-p 0.6), loras, LoRA dropout, expected path
+    ("llama-E4-r8-k2", "gated", 4, 8, 2, "gate,up,down", False, "fused"),
+    ("llama-E8-r16-k2", "gated", 8, 16, 2, "gate,up,down", False, "fused"),  # MixLoRA's shape: 256 rank columns
+    ("llama-topp", "gated", 4, 4, None, "gate,up,down", False, "fused"),
+    ("phi3-shared-A", "shared", 4, 8, 2, "gate,up,down", False, "fused"),
+    ("phi-ungated", "ungated", 4, 8, 2, "up,down", False, "fused"),
+    ("llama-up-only", "gated", 4, 8, 1, "up", False, "fused"),
+    ("llama-down-only", "gated", 4, 8, 2, "down", False, "apart"),  # no gate/up shrink to fuse with
+    ("llama-E16-r16", "gated", 16, 16, 2, "gate,up,down", False, "apart"),  # 512 rank columns: route + mixlora_ffn
+    ("llama-lora-dropout", "gated", 4, 8, 2, "gate,up,down", True, "fused"),  # the masks run inside the kernels
 ]
 FFN_ACT = {"gated": F.silu, "shared": F.silu, "ungated": torch.nn.GELU(approximate="tanh")}
 
@@ -178,11 +178,7 @@ def _run_ffn(impl, d, family, k, dtype, dropout_input: bool):
     top = dict(top_k=k, top_p=None if k is not None else 0.6)
     if dropout_input:  # what the layer passes in training with lora_dropout > 0: a seeded dropout
         kw["dropout"] = LoraDropout(0.25, 11)
-    if dropout_input and impl is not reference:
-        from moelora import ops
-
-        y, routing = ops.routed_mixlora_ffn(x, leaves["router"], gate, up, **top, **kw)
-    elif impl is reference:
+    if impl is reference:
         routing = reference.route(x, leaves["router"], **top)
         y = reference.mixlora_ffn(x, gate, up, routing.weights, routing.indices, **kw)
     else:
@@ -194,7 +190,7 @@ def _run_ffn(impl, d, family, k, dtype, dropout_input: bool):
     return named
 
 
-def check_ffn(family, E, r, k, loras, path, dtype_name) -> list[str]:
+def check_ffn(family, E, r, k, loras, dropout, path, dtype_name) -> list[str]:
     import moelora.kernels.route as route_kernels
 
     from moelora import set_backend, triton_backend
@@ -211,15 +207,14 @@ def check_ffn(family, E, r, k, loras, path, dtype_name) -> list[str]:
 
     route_kernels.route_shrink_fwd = counting
     try:
-        dropout = path == "dropout"
         want = _run_ffn(reference, {n: t.double() for n, t in d.items()}, family, k, torch.float64, dropout)
         torch_lp = _run_ffn(reference, d, family, k, dtype, dropout)
         with nan_empty(), set_backend("triton"):
-            got = _run_ffn(triton_backend, d, family, k, dtype, path == "dropout")
+            got = _run_ffn(triton_backend, d, family, k, dtype, dropout)
     finally:
         route_kernels.route_shrink_fwd = fused_fwd
     failures = []
-    ran = "fused" if calls else ("dropout" if path == "dropout" else "apart")
+    ran = "fused" if calls else "apart"
     if ran != path:
         failures.append(f"expected the {path} path, ran {ran} (route_shrink_fwd called {len(calls)} times)")
     keys = [n for n in want if want[n] is not None]
