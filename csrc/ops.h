@@ -22,7 +22,7 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
                                            const c10::optional<Tensor>& up_A, const c10::optional<Tensor>& up_B,
                                            const c10::optional<Tensor>& down_A,
                                            const c10::optional<Tensor>& down_B, int64_t num_experts, double scaling,
-                                           std::string act_name);
+                                           std::string act_name, double dropout_p, int64_t seed);
 std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10::optional<Tensor>& grad_y_lora,
                                              const Tensor& x, const c10::optional<Tensor>& gate, const Tensor& up,
                                              const Tensor& weights, const Tensor& indices,
@@ -30,6 +30,7 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
                                              const c10::optional<Tensor>& gate_B, const c10::optional<Tensor>& up_A,
                                              const c10::optional<Tensor>& up_B, const c10::optional<Tensor>& down_A,
                                              const c10::optional<Tensor>& down_B, int64_t num_experts,
-                                             double scaling, std::string act_name);
+                                             double scaling, std::string act_name, double dropout_p, int64_t seed);
+Tensor dropout_mask_cpu(int64_t seed, int64_t stream, int64_t numel, double p);
 
 }  // namespace moelora

@@ -14,11 +14,14 @@ TORCH_LIBRARY(moelora, m) {
   m.def(
       "mixlora_ffn(Tensor x, Tensor? gate, Tensor up, Tensor weights, Tensor indices, Tensor? gate_A, "
       "Tensor? gate_B, Tensor? up_A, Tensor? up_B, Tensor? down_A, Tensor? down_B, int num_experts, "
-      "float scaling, str act) -> (Tensor, Tensor)");
+      "float scaling, str act, float dropout_p=0., int seed=0) -> (Tensor, Tensor)");
   m.def(
       "mixlora_ffn_backward(Tensor grad_hbar, Tensor? grad_y_lora, Tensor x, Tensor? gate, Tensor up, "
       "Tensor weights, Tensor indices, Tensor? gate_A, Tensor? gate_B, Tensor? up_A, Tensor? up_B, "
-      "Tensor? down_A, Tensor? down_B, int num_experts, float scaling, str act) -> Tensor[]");
+      "Tensor? down_A, Tensor? down_B, int num_experts, float scaling, str act, float dropout_p=0., int seed=0) -> "
+      "Tensor[]");
+  // The LoRA dropout mask of (seed, stream, p) as bool [numel]: what mixlora_ffn's dropout_p, seed used.
+  m.def("dropout_mask(int seed, int stream, int numel, float p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moelora, CPU, m) {
@@ -29,3 +32,6 @@ TORCH_LIBRARY_IMPL(moelora, CPU, m) {
   m.impl("mixlora_ffn", &moelora::mixlora_ffn_cpu);
   m.impl("mixlora_ffn_backward", &moelora::mixlora_ffn_backward_cpu);
 }
+
+// No tensor argument to dispatch on: the one kernel serves every dispatch key (it makes a CPU tensor).
+TORCH_LIBRARY_IMPL(moelora, CompositeExplicitAutograd, m) { m.impl("dropout_mask", &moelora::dropout_mask_cpu); }

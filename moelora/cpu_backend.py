@@ -3,7 +3,9 @@
 Importing this module loads the extension moelora._C; it raises ImportError when the extension was not
 built (no compiler at install time), and moelora.backend then keeps the reference. The C++ ops compute in
 fp32 (fp64 for fp64 inputs), like the reference. What they do not cover falls back to the reference:
-DoRA (supports_dora = False) and activations other than SiLU, GELU (erf or tanh) and ReLU.
+DoRA (supports_dora = False) and activations other than SiLU, GELU (erf or tanh) and ReLU. LoRA dropout
+(moelora.dropout) runs inside the C++ FFN from (p, seed): its Philox mask is made where it is used, in the
+forward and again in the backward, and `dropout_mask` gives the same mask outside the kernel.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor
 
 from moelora import reference
 from moelora.activations import activation_name
+from moelora.dropout import LoraDropout
 from moelora.reference import ExpertLora, Routing
 
 _spec = importlib.util.find_spec("moelora._C")
@@ -50,7 +53,9 @@ def _moe_lora_backward_fake(grad_y, x, weights, indices, A, B, scaling):
 
 
 @torch.library.register_fake("moelora::mixlora_ffn")
-def _mixlora_ffn_fake(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, num_experts, scaling, act):
+def _mixlora_ffn_fake(
+    x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, num_experts, scaling, act, dropout_p=0.0, seed=0
+):
     dt = reference.compute_dtype(up)
     hidden = dB.shape[1] if dB is not None else 0
     return up.new_empty(up.shape, dtype=dt), up.new_empty(up.shape[0], hidden, dtype=dt)
@@ -63,8 +68,28 @@ def _mixlora_ffn_backward_fake(grad_hbar, grad_y_lora, x, gate, up, weights, ind
     return [torch.empty_like(t) if t is not None else none for t in like]
 
 
+@torch.library.register_fake("moelora::dropout_mask")
+def _dropout_mask_fake(seed, stream, numel, p):
+    return torch.empty(numel, dtype=torch.bool)
+
+
 supports_dora = False
 lora = reference.lora  # a dense LoRA is two ATen GEMMs already
+
+
+def _seed_arg(seed: int) -> int:
+    """A seed in [0, 2^64) as the schema's int64: the same 64 bits (C++ reads them back as uint64)."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"dropout seed must be in [0, 2^64), got {seed}")
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def dropout_mask(seed: int, stream: int, numel: int, p: float) -> Tensor:
+    """The keep mask (bool [numel]) that mixlora_ffn's dropout with (p, seed) applies to `stream`, made in C++:
+    bitwise moelora.dropout.dropout_mask(seed, stream, numel, p)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_mask: p must be in [0, 1), got {p!r}")
+    return _ops.dropout_mask(_seed_arg(seed), stream, numel, float(p))
 
 
 class _Route(torch.autograd.Function):
@@ -116,12 +141,12 @@ def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, 
 
 class _MixLoraFfn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, num_experts, scaling, act):
+    def forward(ctx, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, num_experts, scaling, act, p, seed):
         hbar, y_lora = _ops.mixlora_ffn(
-            x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, num_experts, scaling, act
+            x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, num_experts, scaling, act, p, seed
         )
         ctx.save_for_backward(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB)
-        ctx.args = (num_experts, scaling, act)
+        ctx.args = (num_experts, scaling, act, p, seed)  # the backward makes the dropout masks again
         ctx.mark_non_differentiable(indices)
         return hbar, y_lora
 
@@ -137,7 +162,7 @@ class _MixLoraFfn(torch.autograd.Function):
         grad_x, grad_gate, grad_up, grad_w, *lora_grads = (
             None if g.dim() == 1 and g.numel() == 0 else g for g in grads
         )
-        return (grad_x, grad_gate, grad_up, grad_w, None, *lora_grads, None, None, None)
+        return (grad_x, grad_gate, grad_up, grad_w, None, *lora_grads, None, None, None, None, None)
 
 
 def mixlora_ffn(
@@ -154,16 +179,19 @@ def mixlora_ffn(
     act: Callable[[Tensor], Tensor],
     scaling: float,
     down_bias: Tensor | None = None,
+    dropout: LoraDropout | None = None,
     **dora_only: Tensor | None,
 ) -> Tensor:
-    """moelora.reference.mixlora_ffn with the rank-r work, activation and weighted sum in C++.
+    """moelora.reference.mixlora_ffn with the rank-r work, activation, weighted sum and LoRA dropout in C++.
 
-    The frozen down projection runs here, once, on hbar (so a quantised base layer still works).
+    The frozen down projection runs here, once, on hbar (so a quantised base layer still works). With
+    `dropout`, x is dropped for the gate/up shrinks and each h_j for the down shrink by the Philox masks of
+    moelora.dropout (rebuild them with `dropout_mask`); the router and hbar see them undropped.
     """
     act_name = activation_name(act)
     loras = [gate_lora, up_lora, down_lora]
-    if act_name is None or dora_only.get("dropout") is not None or all(p is None for p in loras):
-        # Not covered in C++: another activation, dropout on h_j (training with lora_dropout > 0).
+    if act_name is None or all(p is None for p in loras):
+        # Not covered in C++: another activation; without any LoRA there is nothing to fuse.
         return reference.mixlora_ffn(
             x,
             gate,
@@ -177,11 +205,13 @@ def mixlora_ffn(
             act=act,
             scaling=scaling,
             down_bias=down_bias,
+            dropout=dropout,
             **dora_only,
         )
     E = next(p.A.shape[0] for p in loras if p is not None)
     flat = [t for p in loras for t in ((p.A, p.B) if p is not None else (None, None))]
-    hbar, y_lora = _MixLoraFfn.apply(x, gate, up, weights, indices, *flat, E, float(scaling), act_name)
+    p, seed = (float(dropout.p), _seed_arg(dropout.seed)) if dropout is not None else (0.0, 0)
+    hbar, y_lora = _MixLoraFfn.apply(x, gate, up, weights, indices, *flat, E, float(scaling), act_name, p, seed)
     y = down_proj(hbar.to(up.dtype)).to(hbar.dtype)
     if down_bias is not None:
         y = y + (weights.to(hbar.dtype).sum(dim=-1, keepdim=True) - 1.0) * down_bias.to(hbar.dtype)
