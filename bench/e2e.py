@@ -43,6 +43,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import moelora
 from bench.fused import backend_name, fused_missing
+from bench.model import ModelInputs, make_inputs
 from bench.providers import mixlora_pkg_missing
 from moelora import formats
 from moelora.config import LLAMA_PROJECTIONS
@@ -86,26 +87,6 @@ class E2eShape:
 
     def label(self) -> str:
         return "-".join(f"{f}{getattr(self, f)}" for f in ("B", "S", "P", "N", "H", "I", "L", "V"))
-
-
-@dataclass
-class E2eInputs:
-    shape: E2eShape
-    dtype: torch.dtype
-    device: torch.device
-    seed: int
-    ids: Tensor  # [B, S] training batch; labels = ids
-    prompt: Tensor  # [B, P]
-
-
-def make_inputs(
-    shape: E2eShape, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
-) -> E2eInputs:
-    g = torch.Generator().manual_seed(seed)
-    # Token ids from 3 up: 0, 1, 2 are pad, bos and eos.
-    ids = torch.randint(3, shape.V, (shape.B, shape.S), generator=g).to(device)
-    prompt = torch.randint(3, shape.V, (shape.B, shape.P), generator=g).to(device)
-    return E2eInputs(shape, dtype, torch.device(device), seed, ids, prompt)
 
 
 def family(name: str) -> str | None:
@@ -158,7 +139,7 @@ def llama_config(shape: E2eShape, layers: int | None = None) -> LlamaConfig:
     )
 
 
-def build_llama(inp: E2eInputs, layers: int | None = None) -> LlamaForCausalLM:
+def build_llama(inp: ModelInputs, layers: int | None = None) -> LlamaForCausalLM:
     """The seeded llama on inp.device in inp.dtype (initialised there: no fp32 copy of a 7B model on the
     host), frozen, in eval mode."""
     torch.manual_seed(inp.seed)
@@ -226,7 +207,7 @@ class PkgModel(nn.Module):
         return self.llama.get_input_embeddings()
 
 
-def _build_pkg(inp: E2eInputs, layers: int, zero_b: bool) -> PkgModel:
+def _build_pkg(inp: ModelInputs, layers: int, zero_b: bool) -> PkgModel:
     import mixlora
 
     cfg = mixlora.MixLoraConfig.from_config(
@@ -252,7 +233,7 @@ def _redraw_lora_b(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, device=p.device) * 0.02)
 
 
-def build(name: str, inp: E2eInputs, zero_b: bool = False, layers: int | None = None) -> nn.Module:
+def build(name: str, inp: ModelInputs, zero_b: bool = False, layers: int | None = None) -> nn.Module:
     """Provider `name`'s model in eval mode: fresh adapters (zero_b: B = 0, the base's outputs) or random
     non-zero ones; mixlora-pkg and the moelora MixLoRA providers get the same tensors."""
     layers = layers or inp.shape.L
@@ -304,7 +285,7 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def step(name: str, inp: E2eInputs, mode: str) -> Callable[[], object]:
+def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
     """One timed unit of provider `name` in `mode`; the model (and optimiser) is built here, untimed."""
     if mode not in MODES:
         raise ValueError(f"e2e: mode must be one of {MODES}, got {mode!r}")
@@ -358,13 +339,13 @@ def parity_keys(name: str) -> tuple[str, ...]:
     return ("base",)
 
 
-def _logits(name: str, inp: E2eInputs, ids: Tensor, zero_b: bool) -> Tensor:
+def _logits(name: str, inp: ModelInputs, ids: Tensor, zero_b: bool) -> Tensor:
     model = build(name, inp, zero_b=zero_b, layers=min(inp.shape.L, PARITY_LAYERS))
     with torch.no_grad(), backend_for(name, inp.device)():
         return model(input_ids=ids).logits.float()
 
 
-def outputs(name: str, inp: E2eInputs, with_grads: bool = False) -> dict[str, Tensor]:
+def outputs(name: str, inp: ModelInputs, with_grads: bool = False) -> dict[str, Tensor]:
     """Parity's outputs, eval mode: "reference" gives the oracle of every key (the llama alone, and
     moelora-mixlora-reference / moelora-milora-reference with random adapters)."""
     if with_grads:

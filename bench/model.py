@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +59,7 @@ class ModelShape:
 
 @dataclass
 class ModelInputs:
-    shape: ModelShape
+    shape: Any  # ModelShape, or the e2e suite's E2eShape: anything with B, S, P and V
     dtype: torch.dtype
     device: torch.device
     seed: int
@@ -67,7 +68,7 @@ class ModelInputs:
 
 
 def make_inputs(
-    shape: ModelShape, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+    shape: Any, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
 ) -> ModelInputs:
     g = torch.Generator().manual_seed(seed)
     # Token ids from 3 up: 0, 1, 2 are pad, bos and eos.

@@ -31,7 +31,7 @@ def _ran() -> list[str]:
 
 
 @pytest.fixture
-def tiny_e2e_inputs() -> e2e.E2eInputs:
+def tiny_e2e_inputs() -> e2e.ModelInputs:
     return e2e.make_inputs(tiny_shape(E2E))
 
 
@@ -66,7 +66,7 @@ def test_every_provider_and_mode_end_to_end(tmp_path, capsys):
     assert header in printed and "Throughput, tokens per second" in printed
 
 
-def _parity(provider: str, inp: e2e.E2eInputs):
+def _parity(provider: str, inp: e2e.ModelInputs):
     """As the runner checks: the reference's outputs on the keys `provider` is compared on."""
     want = {k: v for k, v in E2E.outputs("reference", inp, False).items() if k in E2E.parity_keys(provider)}
     return check_parity(E2E, provider, inp, False, want)
