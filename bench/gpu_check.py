@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -178,9 +179,7 @@ def _run_moe_lora(impl, d, cast):
 def _run_moe_lora_sorted(impl, d, cast):
     """moe_lora's sorted regime at the parity shape, whatever its E*r (the backend picks it only above 256)."""
     if impl is not reference:
-        from moelora.kernels import moe_lora_sorted
-
-        impl = SimpleNamespace(moe_lora=moe_lora_sorted.moe_lora_sorted)
+        impl = SimpleNamespace(moe_lora=functools.partial(impl.moe_lora, regime="sorted"))
     return _run_moe_lora(impl, d, cast)
 
 
@@ -635,8 +634,7 @@ def regime_timings(
     where the dense-masked regime (every token computes E*r rank columns) stops paying; the backend switches
     above E*r = 256 (moelora.triton_backend.DENSE_MAX_RANK_COLUMNS) whatever T. Appends to `rows` and calls
     `checkpoint` after every row, as ffn_timings."""
-    from moelora.kernels import moe_lora as dense_kernels
-    from moelora.kernels import moe_lora_sorted as sorted_kernels
+    from moelora import triton_backend
 
     H, I, k, r = dims["H"], dims["I"], dims["k"], dims["r"]
     for T, E in ((T, E) for T in Ts for E in Es):
@@ -649,7 +647,8 @@ def regime_timings(
         dy = torch.randn(T, I, generator=g).to(device=device, dtype=dtype)
         row: dict[str, Any] = dict(T=T, H=H, I=I, E=E, k=k, r=r, ms={})
         args, leaves = (x, w, routing.indices, A, B, 2.0), (x, w, A, B)
-        for name, fn in (("dense", dense_kernels.moe_lora), ("sorted", sorted_kernels.moe_lora_sorted)):
+        for name in ("dense", "sorted"):
+            fn = functools.partial(triton_backend.moe_lora, regime=name)
 
             def fwd(fn=fn, args=args):
                 with torch.no_grad():

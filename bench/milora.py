@@ -32,7 +32,7 @@ Providers (`PROVIDERS[name][mode](inputs)` returns the timed callable, None wher
     milora              our path: per projection ONE segmented_lora call over the B stacked adapters, gates
                         and the "unselected module -> LoRA -1" maps cached (no router, no host sync at decode);
                         through moelora.ops under the fused backend when it has the op, else
-                        moelora.kernels called directly on CUDA, else moelora.ops (the reference fallback)
+                        moelora.triton_backend called directly on CUDA, else moelora.ops (the reference fallback)
     milora-loop         PEFT's mixed-batch way: per projection, a Python loop over the sequences whose module
                         fires, each adding g * s * B_b(A_b x[rows]) to its own rows (gates as Python floats)
     mixlora-style       decode only: per-token routing at every step (fp32 router GEMM with each token's
@@ -189,8 +189,8 @@ def _no_delta(m: str, h: Tensor) -> None:
 def milora_op(op: str, device: torch.device) -> tuple[Callable[..., Any], str]:
     """(callable, what it is) for op "segmented_lora" or "prompt_route" on `device`.
 
-    moelora.ops under the fused backend when that backend implements the op; else, on CUDA, the Triton
-    kernel of moelora.kernels called directly (written, not yet registered); else moelora.ops under the
+    moelora.ops under the fused backend when that backend implements the op; else, on CUDA, the Triton op of
+    moelora.triton_backend called directly; else moelora.ops under the
     current backend, which falls back to the reference. Resolved here, in the untimed set-up."""
     try:
         name = fused_backend(device)
@@ -209,11 +209,11 @@ def milora_op(op: str, device: torch.device) -> tuple[Callable[..., Any], str]:
             return run, f"moelora.ops.{op} under backend {name}"
     if device.type == "cuda":
         try:
-            module = importlib.import_module(f"moelora.kernels.{op}")
+            module = importlib.import_module("moelora.triton_backend")
         except ImportError as exc:
-            why = f"moelora.kernels.{op} not importable: {exc}"
+            why = f"moelora.triton_backend not importable: {exc}"
         else:
-            return getattr(module, op), f"moelora.kernels.{op} (Triton, called directly: not registered in a backend)"
+            return getattr(module, op), f"moelora.triton_backend.{op} (Triton, called directly)"
     else:
         why = "no fused CPU version"
     return getattr(ops, op), f"moelora.ops.{op} -> the reference ({why})"

@@ -21,9 +21,13 @@
 - `philox`: moelora.dropout's seeded LoRA-dropout mask (Philox4x32-10) inside a kernel, bit for bit; the
   shrinks (rank_shrink, route_shrink), their backward and both fused FFN regimes apply it behind a DROPOUT
   constexpr, forward and backward, without storing a mask.
-No atomics in any forward or backward: results are deterministic. Each is tested against
-moelora.reference under the interpreter in fp32 and fp16. moelora.triton_backend registers them as
-torch.library ops (namespace moelora_triton) behind `MOELORA_BACKEND=triton` (and `auto` on CUDA).
+- `_common`: the JIT helpers and tiling rules the FFN files and `route` share (activations, dot modes,
+  slicing of reductions).
+Each file holds kernels and their launchers (plain functions on tensors, shapes in their docstrings) and
+the input checks of its op; no autograd. moelora.triton_backend registers the launchers as torch.library
+ops (namespace moelora_triton) with fake kernels and autograd, behind `MOELORA_BACKEND=triton` (and `auto`
+on CUDA); the tests run those ops against moelora.reference under the interpreter in fp32 and fp16.
+No atomics in any forward or backward: results are deterministic.
 Run on a GPU once (H200, 2026-12-04: bench/results/gpu-check-cuda-nvidia-h200-2026-12-04.md): bf16 and fp16
 parity and bitwise repeat runs pass; speed is short of issue 3's goals at T = 8192. The kernel files never
 import transformers.

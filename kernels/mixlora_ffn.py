@@ -53,17 +53,34 @@ compiles as before (bench.compile_check: same registers and spills).
 
 This is the dense-masked regime: every slot pays E*r rank columns for its r. kernels/mixlora_ffn_sorted.py
 (tokens sorted by their combination of experts) pays r; the triton backend picks between them by shape
-(moelora.triton_backend.ffn_regime), `mixlora_ffn(..., regime=)` here.
+(moelora.triton_backend.ffn_regime, or MOELORA_FFN_REGIME).
+
+Launchers only (shrink_x, mixlora_ffn_core_fwd / _bwd, down_expand / down_expand_bwd; shapes in their
+docstrings), the shared A of gate and up (stack_gate_up_a) and check_inputs. The ops (rank_shrink,
+mixlora_ffn, down_expand and their backward), their fake kernels and autograd are moelora.triton_backend's;
+its mixlora_ffn and routed_mixlora_ffn run them. The JIT helpers shared with the sorted regime and route.py
+(activations, dot modes, slicing) are kernels/_common.py.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 from moelora.kernels import philox
+from moelora.kernels._common import (
+    ACTIVATIONS,
+    NOMINAL_BI,
+    NOMINAL_BT,
+    _act,
+    _dot_mode,
+    _experts,
+    _interpreting,
+    _rank_views,
+    _slices,
+    _slot_act_grads,
+    dot_operand,
+)
 from moelora.kernels.moe_lora import (
     _a_strides,
     _b_strides,
@@ -78,23 +95,13 @@ from torch import Tensor
 
 from moelora.dropout import LoraDropout
 
-ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-
 RANK_CHUNK = 128  # rank-space columns one program accumulates in registers ([BT, 128] fp32 per target)
 EXPAND_BLOCK_N = 64  # K-block of the dense-masked expand GEMMs
 SHRINK_BLOCK_T = 32
 SHRINK_BLOCK_N = 128
 SHRINK_BLOCK_D = 64
-NOMINAL_BT = 32  # the token block the slice counts are computed with (the tuned one may differ)
-NOMINAL_BI = 64
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-_TORCH_DTYPES = {v: k for k, v in _TL_DTYPES.items()}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs() -> list[triton.Config]:
@@ -122,41 +129,6 @@ def gpu_configs() -> list[triton.Config]:
 
 
 _TUNE_KEY = ["T_BUCKET", "I", "N", "K", "GATED", "GATE_LORA", "UP_LORA", "DOWN_LORA", "DOT_DT", "DROPOUT"]
-
-
-@triton.jit
-def _act(z, ACT: tl.constexpr):
-    if ACT == 0:  # silu
-        a = z * tl.sigmoid(z)
-    elif ACT == 1:  # gelu, erf
-        a = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    elif ACT == 2:  # gelu, tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
-        a = z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
-    else:  # relu
-        a = tl.maximum(z, 0.0)
-    return a
-
-
-@triton.jit
-def _act_grad(z, ACT: tl.constexpr):
-    """(act(z), act'(z)); relu' is 0 at 0, as torch's."""
-    if ACT == 0:
-        sg = tl.sigmoid(z)
-        a = z * sg
-        da = sg * (1.0 + z * (1.0 - sg))
-    elif ACT == 1:
-        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
-        a = z * cdf
-        da = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-    elif ACT == 2:
-        # 0.5 (1 + tanh(u)) = sigmoid(2u), u = c (z + 0.044715 z^3); d/dz = sg (1 - sg) 2c (1 + 3 * 0.044715 z^2)
-        sg = tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
-        a = z * sg
-        da = sg + z * sg * (1.0 - sg) * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
-    else:
-        a = tl.maximum(z, 0.0)
-        da = tl.where(z > 0.0, 1.0, 0.0)
-    return a, da
 
 
 @triton.jit
@@ -387,24 +359,6 @@ def mixlora_ffn_fwd_kernel(
             b_zd = b_zd * drop_scale
         p_zd = zd_ptr + i_s.to(tl.int64) * T * N + o_t[:, None] * N + o_c[None, :]
         tl.store(p_zd, b_zd, mask=m_t[:, None] & m_c[None, :])
-
-
-@triton.jit
-def _slot_act_grads(b_gg, b_uu, b_D, b_w, ACT: tl.constexpr, GATED: tl.constexpr):
-    """From a slot's pre-activation gate and up rows and D_j (dh_j = w_j D_j): h_j and the gradients of the
-    pre-activation rows, dgg and duu. All [BT, BI] fp32; b_w [BT]."""
-    b_dhj = b_w[:, None] * b_D
-    if GATED:
-        b_a, b_da = _act_grad(b_gg, ACT)
-        b_h = b_a * b_uu
-        b_dgg = b_dhj * b_uu * b_da
-        b_duu = b_dhj * b_a
-    else:
-        b_a, b_da = _act_grad(b_uu, ACT)
-        b_h = b_a
-        b_dgg = b_dhj  # unused: an ungated FFN has no G
-        b_duu = b_dhj * b_da
-    return b_h, b_dgg, b_duu
 
 
 @triton.jit
@@ -767,49 +721,6 @@ def mixlora_ffn_bwd_kernel_cols(
         tl.store(dad_ptr + o_ci, b_dad, mask=m_ci)
 
 
-def _dot_mode(dtype: torch.dtype) -> tuple[str, tl.dtype]:
-    """(PREC, DOT_DT) of every tl.dot: ieee fp32 for fp32 activations (and for bf16 under the interpreter,
-    whose bf16 dots are wrong); otherwise 16-bit operands with fp32 accumulate (PREC is then moot)."""
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting()):
-        return "ieee", tl.float32
-    return "tf32", _TL_DTYPES[dtype]
-
-
-# From this many tokens the LoRA weights a kernel rounds to 16-bit dot operands are rounded once, on the host,
-# instead of by every program that loads them: each token block re-reads every weight it uses, from L2 (the
-# sorted FFN's fp32 B and Ad rows are ~4x its G/U bytes per block at I = 11008, k = 2, r = 16; the shrinks
-# re-read A_all per block of x). The cast reads each weight once more; below a few blocks it would not pay.
-# torch's .to and Triton's .to both round to nearest even: the same operands, the same results. Not timed
-# on a GPU yet.
-CAST_WEIGHTS_MIN_T = 256
-
-
-def dot_operand_dtype(w: Tensor, dot_dt: tl.dtype, T: int) -> torch.dtype:
-    """The dtype a LoRA weight goes to the kernels in: the 16-bit dot dtype DOT_DT when T >= CAST_WEIGHTS_MIN_T
-    and w is wider (rounded once, here), w's own otherwise (the kernels round it as they load it)."""
-    dt = _TORCH_DTYPES[dot_dt]
-    return dt if T >= CAST_WEIGHTS_MIN_T and w.dtype.itemsize > dt.itemsize else w.dtype
-
-
-def dot_operand(w: Tensor | None, dot_dt: tl.dtype, T: int) -> Tensor | None:
-    """w in dot_operand_dtype, its layout kept (the kernels take its strides)."""
-    return None if w is None else w.to(dot_operand_dtype(w, dot_dt, T))
-
-
-def _target_programs(device: torch.device) -> int:
-    """Programs worth having in flight: twice the SMs on a GPU; 4 under the interpreter, so that the tests'
-    small shapes still split the reductions over several slices."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def _slices(parallel_blocks: int, reduced_blocks: int, chunks: int, device: torch.device) -> int:
-    """How many slices to split a reduction axis into: 1 when the other axes fill the device (training
-    sizes), more at decode sizes, where one program per token block would leave most SMs idle."""
-    return max(1, min(reduced_blocks, triton.cdiv(_target_programs(device), parallel_blocks * chunks)))
-
-
 def _rank_chunk(N: int) -> int:
     return min(RANK_CHUNK, max(16, triton.next_power_of_2(N)))
 
@@ -960,22 +871,6 @@ def _new(like: Tensor) -> Tensor:
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
 
-def _experts(gB: Tensor | None, uB: Tensor | None, dA: Tensor | None) -> tuple[int, int]:
-    """(E, R) from the first LoRA present: gB, uB [E, I, R], dA [E, R, I]."""
-    if gB is not None or uB is not None:
-        B = gB if gB is not None else uB
-        return B.shape[0], B.shape[2]
-    return dA.shape[0], dA.shape[1]
-
-
-def _rank_views(ua: Tensor, has_gate: bool, has_up: bool, shared_a: bool, N: int) -> tuple[Tensor, Tensor]:
-    """The gate and up column blocks of ua [T, P*N] (ua itself stands in for an absent one). shared_a: gate
-    and up LoRAs share one A (phi-3's fused gate_up_proj), so both read ua's only block."""
-    ag = ua[:, :N] if has_gate else ua
-    au = ua[:, N * (has_gate and not shared_a) :] if has_up else ua
-    return ag, au
-
-
 def stack_gate_up_a(gA: Tensor | None, uA: Tensor | None) -> tuple[Tensor | None, bool]:
     """The A of shrink_x / route_shrink: gate's and up's stacked [P*E, R, H] (a differentiable cat), the one A
     they share (gA is uA: phi-3's fused gate_up_proj, shrunk once), or None without either; and whether shared."""
@@ -1045,35 +940,6 @@ def down_expand_bwd(grad_y: Tensor, zd: Tensor, dB: Tensor, activation_dtype: to
     grad_dB = _new(dB)
     _wgrad(zd, grad_y, grad_dB, _b_strides(grad_dB), R, prec)
     return q, grad_dB
-
-
-def mixlora_ffn_fwd(
-    x: Tensor,
-    gate: Tensor | None,
-    up: Tensor,
-    weights: Tensor,
-    indices: Tensor,
-    gA: Tensor | None,
-    gB: Tensor | None,
-    uA: Tensor | None,
-    uB: Tensor | None,
-    dA: Tensor | None,
-    dB: Tensor | None,
-    scaling: float,
-    act: str,
-    regime: str = "dense",
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> hbar [T, I] in up's dtype, y_lora [T, H] fp32 ([T, 0] without a down LoRA), and what the backward
-    keeps: ua [T, P*E*r] fp32 (x's rank-space rows for the gate and up LoRA), zd [T, E*r] fp32 ([T, 0])."""
-    A, shared_a = stack_gate_up_a(gA, uA)
-    ua = shrink_x(x, A) if A is not None else x.new_empty(x.shape[0], 0, dtype=torch.float32)
-    core_fwd = _core(regime)[0]
-    hbar, zd = core_fwd(ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a)
-    # fp32, so that the caller adds it to Wd hbar before the one rounding to the model dtype, as the reference
-    y_lora = (
-        down_expand(zd, dB, None, up.dtype) if dA is not None else up.new_empty(up.shape[0], 0, dtype=torch.float32)
-    )
-    return hbar, y_lora, ua, zd
 
 
 def mixlora_ffn_core_bwd(
@@ -1169,80 +1035,6 @@ def mixlora_ffn_core_bwd(
     return grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA
 
 
-def mixlora_ffn_bwd(
-    grad_hbar: Tensor,
-    grad_y_lora: Tensor | None,
-    x: Tensor,
-    gate: Tensor | None,
-    up: Tensor,
-    weights: Tensor,
-    indices: Tensor,
-    gA: Tensor | None,
-    gB: Tensor | None,
-    uA: Tensor | None,
-    uB: Tensor | None,
-    dA: Tensor | None,
-    dB: Tensor | None,
-    ua: Tensor,
-    zd: Tensor,
-    scaling: float,
-    act: str,
-    regime: str = "dense",
-) -> tuple[Tensor | None, ...]:
-    """-> the gradients of (x, gate, up, weights, gA, gB, uA, uB, dA, dB); None for an absent input. When gA
-    is uA (one shared A), its whole gradient is returned as gA's and uA's is None (autograd adds them)."""
-    A, shared_a = stack_gate_up_a(gA, uA)
-    grad_zd, grad_dB = None, None
-    if dB is not None:
-        if dA is not None and grad_y_lora is not None:
-            grad_zd, grad_dB = down_expand_bwd(grad_y_lora, zd, dB, up.dtype)
-        else:
-            grad_dB = _new(dB).zero_()
-    grad_ua, grad_gate, grad_up, grad_w, grad_gB, grad_uB, grad_dA = _core(regime)[1](
-        grad_hbar, grad_zd, ua, gate, up, weights, indices, gB, uB, dA, scaling, act, shared_a
-    )
-    if A is None:
-        grad_x, grad_gA, grad_uA = torch.zeros_like(x), None, None
-    else:
-        grad_x, grad_A = shrink_x_bwd(grad_ua, x, A)
-        E = A.shape[0] if shared_a or gA is None or uA is None else gA.shape[0]
-        grad_gA = grad_A[:E] if gA is not None else None
-        grad_uA = None if shared_a else (grad_A[-E:] if uA is not None else None)
-    return grad_x, grad_gate, grad_up, grad_w, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB
-
-
-def _core(regime: str) -> tuple:
-    """(core_fwd, core_bwd) of a regime: "dense" (this module) or "sorted" (kernels/mixlora_ffn_sorted.py,
-    imported here rather than at the top because it builds on this module's helpers)."""
-    if regime == "dense":
-        return mixlora_ffn_core_fwd, mixlora_ffn_core_bwd
-    if regime == "sorted":
-        from moelora.kernels import mixlora_ffn_sorted
-
-        return mixlora_ffn_sorted.mixlora_ffn_sorted_core_fwd, mixlora_ffn_sorted.mixlora_ffn_sorted_core_bwd
-    raise ValueError(f"mixlora_ffn: regime must be 'dense' or 'sorted', got {regime!r}")
-
-
-class MixLoraFfnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act, regime):
-        hbar, y_lora, ua, zd = mixlora_ffn_fwd(
-            x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, scaling, act, regime
-        )
-        ctx.save_for_backward(x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd)
-        ctx.scaling, ctx.act, ctx.regime = scaling, act, regime
-        return hbar, y_lora
-
-    @staticmethod
-    def backward(ctx, grad_hbar, grad_y_lora):
-        x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd = ctx.saved_tensors
-        grads = mixlora_ffn_bwd(
-            grad_hbar, grad_y_lora, x, gate, up, weights, indices, gA, gB, uA, uB, dA, dB, ua, zd,
-            ctx.scaling, ctx.act, ctx.regime,
-        )  # fmt: skip
-        return (*grads[:4], None, *grads[4:], None, None, None)
-
-
 def check_inputs(
     x: Tensor,
     gate: Tensor | None,
@@ -1318,53 +1110,3 @@ def check_inputs(
             raise ValueError(f"mixlora_ffn: indices must lie in [-1, E={E}), got values in [{lo}, {hi}]")
     if up.device.type != "cuda" and not _interpreting():
         raise ValueError(f"mixlora_ffn: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {up.device}")
-
-
-def mixlora_ffn(
-    x: Tensor,
-    gate: Tensor | None,
-    up: Tensor,
-    weights: Tensor,
-    indices: Tensor,
-    *,
-    gate_lora: tuple[Tensor, Tensor] | None,
-    up_lora: tuple[Tensor, Tensor] | None,
-    down_lora: tuple[Tensor, Tensor] | None,
-    scaling: float,
-    act: str = "silu",
-    regime: str = "dense",
-) -> tuple[Tensor, Tensor]:
-    """The fused part of a MixLoRA FFN: hbar = sum_j w_j h_j and the down-LoRA delta, from the base G and U.
-
-    Args:
-        x: [T, H] the LoRA input (dropout applied), float16 / bfloat16 / float32, any strides.
-        gate: [T, I] the base G = Wg x (x's dtype, any strides), or None for an ungated FFN (h = act(U + dU)).
-        up: [T, I] the base U = Wu x.
-        weights: [T, k] routing weights (fp32 in practice).
-        indices: [T, k] int32 / int64 expert ids, -1 = unused slot (adds nothing, zero weight gradient).
-        gate_lora, up_lora: (A [E, r, H], B [E, I, r]) or None (that projection stays the base).
-        down_lora: (A [E, r, I], B [E, H_out, r]) or None. At least one of the three LoRAs is required.
-        scaling: s (lora_alpha / r).
-        act: "silu", "gelu" (erf), "gelu_tanh" or "relu".
-        regime: "dense" (every slot's rank work masked over all E*r columns, no sort) or "sorted" (tokens sorted
-            by their combination of experts: k*r rank columns per token; kernels/mixlora_ffn_sorted.py).
-    Returns:
-        hbar [T, I] in up's dtype: run the frozen down projection on it once;
-        y_lora [T, H_out] fp32 (sum_j w_j s Bd_e Ad_e h_j), or [T, 0] without a down LoRA.
-        y = down_proj(hbar) + y_lora; a down bias b then counts once, where the per-expert formula counts it
-        sum_j w_j times: add (sum_j w_j - 1) * b for the exact MixLoRA output.
-    Differentiable in x, gate, up, weights and every A, B; the backward recomputes h.
-    """
-    loras = {"gate": gate_lora, "up": up_lora, "down": down_lora}
-    _core(regime)
-    check_inputs(x, gate, up, weights, indices, loras, act)
-    T = up.shape[0]
-    H_out = down_lora[1].shape[1] if down_lora is not None else 0
-    if T == 0:
-        return up.new_zeros(0, up.shape[1]), up.new_zeros(0, H_out, dtype=torch.float32)
-    flat = [t for lo in loras.values() for t in (lo[:2] if lo is not None else (None, None))]
-    args = (x, gate, up, weights, indices, *flat, float(scaling), act, regime)
-    inputs = [x, gate, up, weights, *flat]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return MixLoraFfnFunction.apply(*args)
-    return mixlora_ffn_fwd(*args)[:2]

@@ -41,14 +41,13 @@ fp32), except that the down shrink rounds s w_j h_j (not h_j) to 16 bits: the sa
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from moelora.kernels import philox
-from moelora.kernels.mixlora_ffn import (
+from moelora.kernels._common import (
     ACTIVATIONS,
     NOMINAL_BI,
     _act,
@@ -78,10 +77,6 @@ BLOCK_TILES = [(64, 4), (64, 8), (128, 8)]  # (BI, warps) of the forward and row
 WGRAD_TILES = [(32, 64, 4), (64, 64, 4), (32, 128, 8), (64, 64, 8)]  # (BM pairs per step, BI, warps)
 BLOCK_I_INTERPRET = 32  # under the interpreter: the tests' small I still spans several blocks
 _TUNE_KEY = ["T_BUCKET", "I", "N", "K", "GATED", "GATE_LORA", "UP_LORA", "DOWN_LORA", "DOT_DT", "DROPOUT"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def block_gpu_configs() -> list[triton.Config]:

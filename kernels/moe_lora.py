@@ -11,6 +11,9 @@ The rank r never reaches `tl.dot` alone: every GEMM tiles the flat E*r axis with
 and masks the tail, so r = 4 or 8 needs no padding and 16-bit dots stay legal on the GPU. Expert weights
 are addressed in place through (expert, rank, column) strides: no permuted copies of A or B.
 The rank-space tensors u, v, dv, du stay in fp32 (design.md, op 2).
+
+Launchers only (moe_lora_fwd, moe_lora_bwd; shapes in their docstrings) and check_inputs: the op, its
+autograd and its fake kernel are moelora.triton_backend's moe_lora.
 """
 
 from __future__ import annotations
@@ -503,24 +506,8 @@ def moe_lora_bwd(
     return grad_x, grad_w, grad_A, grad_B
 
 
-class MoeLoraFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weights, indices, A, B, scaling):
-        y, u, v = moe_lora_fwd(x, weights, indices, A, B, scaling, save_u=True)
-        ctx.save_for_backward(x, weights, indices, A, B, u, v)
-        ctx.scaling = scaling
-        ctx.mark_non_differentiable(indices)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weights, indices, A, B, u, v = ctx.saved_tensors
-        grad_x, grad_w, grad_A, grad_B = moe_lora_bwd(dy, x, weights, indices, A, B, u, v, ctx.scaling)
-        return grad_x, grad_w, None, grad_A, grad_B, None
-
-
 def check_inputs(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor) -> None:
-    """Raise ValueError / TypeError for arguments `moe_lora` cannot run."""
+    """Raise ValueError / TypeError for arguments the moe_lora kernels (either regime) cannot run."""
     for name, t, dims in (("x", x, 2), ("weights", weights, 2), ("indices", indices, 2), ("A", A, 3), ("B", B, 3)):
         if not isinstance(t, Tensor):
             raise TypeError(f"moe_lora: {name} must be a Tensor, got {type(t).__name__}")
@@ -551,26 +538,3 @@ def check_inputs(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tens
         lo, hi = int(indices.min()), int(indices.max())
         if lo < -1 or hi >= E:
             raise ValueError(f"moe_lora: indices must lie in [-1, E={E}), got values in [{lo}, {hi}]")
-
-
-def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
-    """Gathered per-expert LoRA, dense-masked: y[t] = sum_j weights[t, j] * s * B[e] A[e] x[t], e = indices[t, j].
-
-    Args:
-        x: [T, in] float16 / bfloat16 / float32.
-        weights: [T, k] routing weights (fp32 in practice; any of the float dtypes above).
-        indices: [T, k] int32 / int64 expert ids, -1 = unused slot (contributes nothing).
-        A: [E, r, in] LoRA down projections.
-        B: [E, out, r] LoRA up projections.
-        scaling: s (lora_alpha / r).
-    Returns:
-        [T, out] in x's dtype. Rank-space activations [T, E*r] are fp32. Differentiable in x, weights, A, B.
-    Meant for small E*r (<= 256 or so): every token computes every expert's r columns.
-    """
-    check_inputs(x, weights, indices, A, B)
-    if x.shape[0] == 0:
-        return x.new_zeros(0, B.shape[1])
-    scaling = float(scaling)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, A, B)):
-        return MoeLoraFunction.apply(x, weights, indices, A, B, scaling)
-    return moe_lora_fwd(x, weights, indices, A, B, scaling, save_u=False)[0]

@@ -35,6 +35,10 @@ or 8 needs no padding in memory. Expert weights are addressed in place through s
 fp32 accumulation when x (dy), A and B share one 16-bit dtype; otherwise fp32 operands, "ieee" for fp32
 activations and "tf32x3" for 16-bit ones (moe_lora.fp32_dot_precision). CUDA tensors; CPU tensors under
 TRITON_INTERPRET=1 (tested there in fp32 and fp16); bf16 / fp16 parity passed on an H200 (2026-12-04).
+
+Launchers only (sort_by_expert, moe_lora_sorted_fwd, moe_lora_sorted_bwd): the op, its autograd and its fake
+kernel are moelora.triton_backend's moe_lora (regime "sorted"), which checks the inputs with moe_lora's
+check_inputs.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from moelora.kernels.moe_lora import _use_fp32, check_inputs, fp32_dot_precision
+from moelora.kernels.moe_lora import _use_fp32, fp32_dot_precision
 from torch import Tensor
 
 # One pinned config per kernel: multi-config autotune crashes the Triton interpreter. BLOCK_M = 32 sorted
@@ -428,43 +432,3 @@ def moe_lora_sorted_bwd(
     grad_B = _new_like(B)
     _wgrad(u, scaling, dy, weights, sort, grad_B, (grad_B.stride(0), grad_B.stride(2), grad_B.stride(1)), fp32)
     return grad_x, grad_w, grad_A, grad_B
-
-
-class MoeLoraSortedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weights, indices, A, B, scaling):
-        y, u, sort = moe_lora_sorted_fwd(x, weights, indices, A, B, scaling, save=True)
-        ctx.save_for_backward(x, weights, indices, A, B, u, sort.order, sort.offsets)
-        ctx.scaling = scaling
-        ctx.mark_non_differentiable(indices)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weights, indices, A, B, u, order, offsets = ctx.saved_tensors
-        sort = ExpertSort(order, offsets)
-        grad_x, grad_w, grad_A, grad_B = moe_lora_sorted_bwd(dy, x, weights, indices, A, B, u, sort, ctx.scaling)
-        return grad_x, grad_w, None, grad_A, grad_B, None
-
-
-def moe_lora_sorted(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
-    """Gathered per-expert LoRA, sorted: y[t] = sum_j weights[t, j] * s * B[e] A[e] x[t], e = indices[t, j].
-
-    Args:
-        x: [T, in] float16 / bfloat16 / float32.
-        weights: [T, k] routing weights (fp32 in practice; any of the float dtypes above).
-        indices: [T, k] int32 / int64 expert ids, -1 = unused slot (contributes nothing).
-        A: [E, r, in] LoRA down projections.
-        B: [E, out, r] LoRA up projections.
-        scaling: s (lora_alpha / r).
-    Returns:
-        [T, out] in x's dtype. Rank-space activations [T*k, r] are fp32. Differentiable in x, weights, A, B.
-    Meant for large E*r (> 256): each (token, slot) pair computes its own expert's r columns only.
-    """
-    check_inputs(x, weights, indices, A, B)
-    if x.shape[0] == 0:
-        return x.new_zeros(0, B.shape[1])
-    scaling = float(scaling)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, A, B)):
-        return MoeLoraSortedFunction.apply(x, weights, indices, A, B, scaling)
-    return moe_lora_sorted_fwd(x, weights, indices, A, B, scaling, save=False)[0]

@@ -16,6 +16,9 @@ No host sync. An all-padding sequence (a mask row of zeros) is where the referen
 the zero vector, so its routing is that of g = rational(0) = numerator[0] (GELU: 0) in every feature, and
 its hidden states get zero gradient. The model layer checks for empty prompts once at prefill.
 CUDA tensors; CPU tensors under TRITON_INTERPRET=1 (tested there in fp32 and fp16; never run on a GPU yet).
+
+Launchers only (prompt_route_fwd / prompt_route_bwd) and check_inputs: the op, its autograd and fake kernel
+are moelora.triton_backend's prompt_route.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moelora.reference import POOLINGS, PromptRouting
+from moelora.reference import POOLINGS
 
 # One pinned config (a multi-config autotune crashes the interpreter). The router is a few reductions over
 # [B, S, H] with B small, memory-bound: blocks are sized for coalesced H loads, not tuned on a GPU yet.
@@ -658,28 +661,6 @@ def prompt_route_bwd(
     return d_hidden, d_router, d_num, d_den, d_pool_weight
 
 
-class PromptRouteFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, mask, router_weight, numerator, denominator, pool_weight, top_k: int, pooling: str):
-        gates, indices, probs, pooled, scores, lse = prompt_route_fwd(
-            hidden, mask, router_weight, numerator, denominator, pool_weight, top_k, pooling
-        )
-        ctx.save_for_backward(
-            hidden, mask, router_weight, numerator, denominator, pool_weight, indices, probs, pooled, scores, lse
-        )
-        ctx.pooling = pooling
-        ctx.mark_non_differentiable(indices)
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: its kernel read is skipped
-        return gates, indices, probs
-
-    @staticmethod
-    def backward(ctx, grad_gates: Tensor | None, _grad_indices: Tensor | None, grad_probs: Tensor | None):
-        d_hidden, d_router, d_num, d_den, d_pool_weight = prompt_route_bwd(
-            grad_gates, grad_probs, *ctx.saved_tensors, ctx.pooling
-        )
-        return d_hidden, None, d_router, d_num, d_den, d_pool_weight, None, None
-
-
 def check_inputs(
     hidden: Tensor,
     mask: Tensor | None,
@@ -690,7 +671,7 @@ def check_inputs(
     pooling: str,
     pool_weight: Tensor | None,
 ) -> None:
-    """Raise ValueError / TypeError for arguments `prompt_route` cannot run; no host sync."""
+    """Raise ValueError / TypeError for arguments the prompt_route kernels cannot run; no host sync."""
     if pooling not in POOLINGS:
         raise ValueError(f"prompt_route: pooling must be one of {POOLINGS}, got {pooling!r}")
     if (numerator is None) != (denominator is None):
@@ -740,40 +721,3 @@ def check_inputs(
         raise ValueError(
             f"prompt_route: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}"
         )
-
-
-def prompt_route(
-    hidden: Tensor,
-    mask: Tensor | None,
-    router_weight: Tensor,
-    numerator: Tensor | None,
-    denominator: Tensor | None,
-    *,
-    top_k: int,
-    pooling: str = "attention",
-    pool_weight: Tensor | None = None,
-) -> PromptRouting:
-    """`moelora.reference.prompt_route` in Triton: pool the prompt, rational activation, softmax, top-k.
-
-    Args:
-        hidden: [B, S, H] float16 / bfloat16 / float32, the states entering the layer (any strides).
-        mask: [B, S] bool / integer / float, nonzero = prompt token (left or right padding), or None.
-        router_weight: [M, H] float, 1 <= M <= 64 (MiLoRA: the 7 projections).
-        numerator: [m + 1] rational a_0..a_m (MiLoRA: 7); denominator: [n] b_1..b_n (MiLoRA: 5); both
-            None: exact (erf) GELU instead of the rational.
-        top_k: int in 1..M.
-        pooling: "attention" (softmax over the prompt of hidden @ pool_weight), "mean", "last" or "max".
-        pool_weight: [H], needed by "attention" pooling only.
-    Returns:
-        PromptRouting(gates [B, M] fp32: p on the top-k modules and 0 elsewhere, not renormalised;
-        indices [B, top_k] int64, most probable first, ties to the lower index; probs [B, M] fp32).
-    fp32 math throughout. Differentiable in hidden, router_weight, numerator, denominator and pool_weight
-    through gates and probs. No host sync: an all-padding sequence pools to zeros (the reference raises).
-    """
-    check_inputs(hidden, mask, router_weight, numerator, denominator, top_k, pooling, pool_weight)
-    if pooling != "attention":
-        pool_weight = None
-    gates, indices, probs = PromptRouteFunction.apply(
-        hidden, mask, router_weight, numerator, denominator, pool_weight, top_k, pooling
-    )
-    return PromptRouting(gates, indices, probs)

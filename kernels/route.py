@@ -11,6 +11,10 @@ rank columns) from ONE read of x, each tile of x feeding both dots. mixlora_ffn'
 from ua. Its backward is route_bwd plus the shrink's (moe_lora's expand and wgrad kernels). With LoRA dropout
 the shrink reads each tile of x through its seeded mask (kernels/philox.py) and the router the tile itself. Large E*r
 takes the sorted path instead (kernels/moe_lora_sorted.py: sort_by_expert, no host sync).
+
+Launchers only (route_fwd / route_bwd, route_shrink_fwd / route_shrink_bwd; shapes in their docstrings) and
+check_inputs: the ops, their autograd and fake kernels are in moelora.triton_backend (route, and
+routed_mixlora_ffn for route_shrink).
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import torch
 import triton
 import triton.language as tl
 from moelora.kernels import philox
-from moelora.kernels.mixlora_ffn import _dot_mode, dot_operand, shrink_x_bwd
+from moelora.kernels._common import _dot_mode, dot_operand
+from moelora.kernels.mixlora_ffn import shrink_x_bwd
 from moelora.kernels.moe_lora import autotune_list, fp32_dot_precision, t_bucket
 from torch import Tensor
 
 from moelora.dropout import LoraDropout
-from moelora.reference import Routing, compute_dtype
+from moelora.reference import compute_dtype
 
 # One pinned config: routing is memory-bound (E is small), and a multi-config autotune crashes the
 # interpreter. BT >= 16 and BH >= 16 because tl.dot needs 16 on the GPU.
@@ -493,29 +498,8 @@ def route_shrink_bwd(
     return grad_x, grad_router, grad_A
 
 
-class RouteFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, router_weight: Tensor, top_k: int | None, top_p: float | None):
-        k = top_k if top_k is not None else router_weight.shape[0]
-        weights, indices, probs = route_fwd(x, router_weight, k, top_p)
-        ctx.save_for_backward(x, router_weight, weights, indices, probs)
-        ctx.renormalized = top_k is not None
-        ctx.mark_non_differentiable(indices)
-        return weights, indices, probs
-
-    @staticmethod
-    def backward(ctx, grad_weights: Tensor | None, _grad_indices: Tensor | None, grad_probs: Tensor | None):
-        x, router_weight, weights, indices, probs = ctx.saved_tensors
-        if grad_weights is None:
-            grad_weights = torch.zeros_like(weights)
-        grad_x, grad_router = route_bwd(
-            grad_weights, grad_probs, x, router_weight, weights, indices, probs, ctx.renormalized
-        )
-        return grad_x, grad_router, None, None
-
-
 def check_inputs(x: Tensor, router_weight: Tensor, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError / TypeError for arguments `route` cannot run; the device last, after the arguments."""
+    """Raise ValueError / TypeError for arguments the route kernels cannot run; the device last, after the arguments."""
     if (top_k is None) == (top_p is None):
         raise ValueError("route: pass exactly one of top_k and top_p")
     if x.dim() != 2:
@@ -538,18 +522,3 @@ def check_inputs(x: Tensor, router_weight: Tensor, top_k: int | None, top_p: flo
         raise ValueError(f"route: top_p must be in (0, 1], got {top_p!r}")
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"route: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
-
-
-def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: float | None = None) -> Routing:
-    """`moelora.reference.route` in Triton: logits, softmax, top-k renormalised or top-p not renormalised.
-
-    x [T, H] fp16 / bf16 / fp32 / fp64; router_weight [E, H] any float dtype, same device. Exactly one of
-    top_k (int in 1..E) and top_p (float in (0, 1]). Computes in fp32 (fp64 for fp64 x), ties to the
-    lower expert index. Returns Routing(weights, indices, probs):
-    top-k: weights [T, top_k] summing to 1, indices [T, top_k] int64, in descending probability;
-    top-p: weights [T, E] (0 in unused slots), indices [T, E] int64 (-1 in unused slots);
-    probs [T, E]. weights and probs are fp32 (fp64 for fp64 x); gradients flow to x and router_weight.
-    """
-    check_inputs(x, router_weight, top_k, top_p)
-    weights, indices, probs = RouteFunction.apply(x, router_weight, top_k, None if top_p is None else float(top_p))
-    return Routing(weights, indices, probs)

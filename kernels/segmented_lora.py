@@ -26,6 +26,9 @@ MiLoRA's unselected gates are constant zeros of the top-k scatter, so the differ
 parameter there. Token/sequence ids out of range (checked on CPU tensors, not on CUDA, which would need a
 host sync) count as "no LoRA". CUDA tensors; CPU tensors under TRITON_INTERPRET=1 (tested there in fp32 and
 fp16; never run on a GPU yet).
+
+Launchers only (segmented_lora_fwd / segmented_lora_bwd, shapes in their docstrings) and check_inputs: the op,
+its autograd and fake kernel are moelora.triton_backend's segmented_lora.
 """
 
 from __future__ import annotations
@@ -490,26 +493,10 @@ def segmented_lora_bwd(
     return grad_x, grad_gate, grad_A, grad_B, grad_scaling
 
 
-class SegmentedLoraFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, token_seq, seq_lora, seq_gate, A, B, scaling):
-        y, u = segmented_lora_fwd(x, token_seq, seq_lora, seq_gate, A, B, scaling)
-        ctx.save_for_backward(x, token_seq, seq_lora, seq_gate, A, B, scaling, u)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, token_seq, seq_lora, seq_gate, A, B, scaling, u = ctx.saved_tensors
-        grad_x, grad_gate, grad_A, grad_B, grad_scaling = segmented_lora_bwd(
-            dy, x, token_seq, seq_lora, seq_gate, A, B, scaling, u
-        )
-        return grad_x, None, None, grad_gate.to(seq_gate.dtype), grad_A, grad_B, grad_scaling.to(scaling.dtype)
-
-
 def check_inputs(
     x: Tensor, token_seq: Tensor, seq_lora: Tensor, seq_gate: Tensor, A: Tensor, B: Tensor, scaling: Tensor
 ) -> None:
-    """Raise ValueError / TypeError for arguments `segmented_lora` cannot run."""
+    """Raise ValueError / TypeError for arguments the segmented_lora kernels cannot run."""
     named = [("x", x, 2), ("token_seq", token_seq, 1), ("seq_lora", seq_lora, 1), ("seq_gate", seq_gate, 1)]
     named += [("A", A, 3), ("B", B, 3), ("scaling", scaling, 1)]
     for name, t, dims in named:
@@ -558,35 +545,3 @@ def check_inputs(
         raise ValueError(
             f"segmented_lora: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}"
         )
-
-
-def segmented_lora(
-    x: Tensor,
-    token_seq: Tensor,
-    seq_lora: Tensor,
-    seq_gate: Tensor,
-    A: Tensor,
-    B: Tensor,
-    scaling: Tensor,
-) -> Tensor:
-    """`moelora.reference.segmented_lora` in Triton: y[t] = seq_gate[s] * scaling[a] * B[a] A[a] x[t].
-
-    Args:
-        x: [T, in] float16 / bfloat16 / float32 (any strides).
-        token_seq: [T] int32 / int64, the sequence of each token (vLLM's token -> request map).
-        seq_lora: [n_seq] int32 / int64, the LoRA of each sequence; -1 = none.
-        seq_gate: [n_seq] float32, MiLoRA's p_m of the sequence (or 1); 0 = skipped (see below).
-        A: [n_lora, r, in], B: [n_lora, out, r] float16 / bfloat16 / float32; smaller ranks zero-padded to r.
-        scaling: [n_lora] float32, each LoRA's alpha / r.
-    Returns:
-        [T, out] in x's dtype; zeros for tokens whose LoRA is -1 or whose gate is 0, which cost no GEMM work.
-    Rank-space activations are fp32. No host sync on CUDA, fixed grids: CUDA-graph capturable.
-    Differentiable in x, seq_gate, A, B and scaling; a gate of exactly 0 gets gradient 0 (the reference:
-    scaling * sum <dy, B A x>), see the module docstring. Deterministic backward, no atomics.
-    """
-    check_inputs(x, token_seq, seq_lora, seq_gate, A, B, scaling)
-    if x.shape[0] == 0:
-        return x.new_zeros(0, B.shape[1])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, seq_gate, A, B, scaling)):
-        return SegmentedLoraFunction.apply(x, token_seq, seq_lora, seq_gate, A, B, scaling)
-    return segmented_lora_fwd(x, token_seq, seq_lora, seq_gate, A, B, scaling)[0]

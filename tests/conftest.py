@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _triton_worker
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -56,3 +57,10 @@ def _reference_backend():
     """Tests run the reference backend unless they pick another; TF32 stays off for references."""
     with moelora.set_backend("reference"):
         yield
+
+
+@pytest.fixture(scope="module")
+def worker_results(request) -> dict[str, list[str]]:
+    """The Triton test module's interpreter worker, run once per module (tests/_triton_worker.py)."""
+    timeout = getattr(request.module, "WORKER_TIMEOUT", _triton_worker.DEFAULT_TIMEOUT)
+    return _triton_worker.worker_results(request.module.__file__, timeout)

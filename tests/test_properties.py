@@ -85,8 +85,7 @@ def load_backend(name: str) -> object:
 
         return cpu_backend
     try:
-        import moelora.kernels.moe_lora as tm
-        import moelora.kernels.route as tr
+        import moelora.kernels
     except ModuleNotFoundError:  # a source checkout without `pip install -e .`: map kernels/ as pyproject does
         import importlib.util
 
@@ -96,14 +95,9 @@ def load_backend(name: str) -> object:
         )
         sys.modules["moelora.kernels"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["moelora.kernels"])
-        import moelora.kernels.moe_lora as tm
-        import moelora.kernels.route as tr
+    from moelora import triton_backend  # the ops models run: route and moe_lora (kernels/ has launchers only)
 
-    class Triton:
-        route = staticmethod(tr.route)
-        moe_lora = staticmethod(tm.moe_lora)
-
-    return Triton
+    return triton_backend
 
 
 def cpu_built() -> bool:

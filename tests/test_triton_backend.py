@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _triton_worker import serve
 from conftest import VOCAB, randomize_adapters, tiny_model
 
 import moelora
@@ -33,6 +34,8 @@ from moelora.dropout import LoraDropout
 from moelora.reference import ExpertLora
 
 pytest.importorskip("triton")
+
+WORKER_TIMEOUT = 900  # seconds: the interpreter worker (tests/_triton_worker.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 # One BLAS / OpenMP thread: the interpreter runs one program at a time anyway, and idle numpy / torch
@@ -445,16 +448,6 @@ def worker() -> dict[str, list[str]]:
     return results | check_backend_ffn() | check_ops() | check_compile() | check_milora()
 
 
-@pytest.fixture(scope="module")
-def worker_results() -> dict[str, list[str]]:
-    proc = subprocess.run(
-        [sys.executable, __file__], env=WORKER_ENV, capture_output=True, text=True, timeout=900, cwd=ROOT
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 WORKER_CASES = [
     *MODELS,
     "ffn-silu-gated",
@@ -640,4 +633,4 @@ def test_gpu_check_forces_each_autotune_config():
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker()))
+    serve(worker)

@@ -22,13 +22,10 @@ import os
 if __name__ == "__main__":  # the worker, before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _triton_worker import serve
 from poison import nan_empty
 from tolerance import tolerance_failure
 
@@ -38,6 +35,8 @@ from moelora import dropout as seeded_dropout
 from moelora import reference
 from moelora.dropout import H_STREAM, X_STREAM, LoraDropout
 from moelora.reference import ExpertLora
+
+WORKER_TIMEOUT = 1500  # seconds: the interpreter worker (tests/_triton_worker.py)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 T, H, I = 37, 20, 28  # not multiples of any block size
@@ -255,15 +254,6 @@ def worker() -> dict[str, list[str]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def worker_results() -> dict[str, list[str]]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=1500)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("case", [c[0] for c in MASK_CASES])
 def test_triton_mask_is_the_reference_mask(worker_results, case):
     failures = worker_results[f"mask-{case}"]
@@ -296,4 +286,4 @@ def test_kernel_args_reject_a_seed_the_ops_cannot_carry():
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker()))
+    serve(worker)

@@ -23,13 +23,10 @@ import os
 if __name__ == "__main__":  # the worker, before triton is imported; the pytest process stays uninterpreted
     os.environ["TRITON_INTERPRET"] = "1"
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _triton_worker import serve
 from poison import nan_empty
 from tolerance import tolerance_failure
 
@@ -268,15 +265,6 @@ def worker() -> dict[str, list[str]]:
     return results
 
 
-@pytest.fixture(scope="module")
-def worker_results() -> dict[str, list[str]]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize(
     "name", [pytest.param(f"{case_id(*c[:-1])}-{d}", id=f"{case_id(*c[:-1])}-{d}") for c in CASES for d in c[-1]]
 )
@@ -292,4 +280,4 @@ def test_worker_check(worker_results, check):
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker()))
+    serve(worker)

@@ -1,13 +1,14 @@
 """Triton moe_lora (dense-masked) under the Triton CPU interpreter against moelora.reference.moe_lora.
 
+Through the production op, moelora.triton_backend.moe_lora, with the dense-masked regime forced (the backend
+takes it up to 256 rank columns E*r; here at any E*r).
+
 Forward and the gradients of x, weights, A and B, fp32 and fp16 (bf16 math is broken in the interpreter:
 checked on a GPU only). Tolerances follow flash-attn's rule: both the kernel and PyTorch at the test dtype
 are compared with an fp64 reference, and the kernel may err by twice PyTorch's own error plus 4 ulps of
 the test dtype (relative to the largest value).
 
-The kernel runs in a subprocess worker (this file run as a script): `import moelora` (conftest) already
-imports triton, and TRITON_INTERPRET must be set before that for triton's own jit helpers (tl.zeros, ...)
-to be interpreted. The worker also keeps an interpreter segfault from killing the pytest process.
+The kernel runs in the interpreter worker (tests/_triton_worker.py: this file run as a script).
 """
 
 from __future__ import annotations
@@ -17,20 +18,17 @@ import os
 if __name__ == "__main__":  # the child, before triton is imported; the pytest process itself stays uninterpreted
     os.environ["TRITON_INTERPRET"] = "1"
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
+from _triton_worker import serve
 from poison import nan_empty
 from tolerance import tolerance_failure
 
 pytest.importorskip("triton")
 
-from moelora.kernels.moe_lora import moe_lora
+from moelora.kernels.moe_lora import check_inputs
 
-from moelora import reference
+from moelora import reference, triton_backend
 
 IN, OUT = 20, 36  # not multiples of any block size
 SCALING = 2.0
@@ -49,6 +47,10 @@ def make_routing(T: int, E: int, k: int, kind: str, g: torch.Generator) -> tuple
         indices[torch.rand(T, k, generator=g) < 0.3] = -1
     weights = torch.rand(T, k, generator=g) + 0.1
     return weights, indices
+
+
+def moe_lora(x, weights, indices, A, B, scaling):
+    return triton_backend.moe_lora(x, weights, indices, A, B, scaling, regime="dense")
 
 
 def run(fn, x, weights, indices, A, B, upstream):
@@ -108,7 +110,7 @@ def check_case(T, E, r, k, kind, dtype_name) -> list[str]:
 
 
 def check_no_grad_int32() -> list[str]:
-    """Inference path (no autograd, u not stored) with int32 indices."""
+    """Inference (no autograd) with int32 indices."""
     g = torch.Generator().manual_seed(0)
     weights, indices = make_routing(7, 4, 2, "unused-slots", g)
     x, A, B = torch.randn(7, IN, generator=g), torch.randn(4, 8, IN, generator=g), torch.randn(4, OUT, 8, generator=g)
@@ -123,15 +125,6 @@ def worker() -> dict[str, list[str]]:
     results = {case_id(*c, d): check_case(*c, d) for c in CASES for d in DTYPES}
     results["no-grad-int32"] = check_no_grad_int32()
     return results
-
-
-@pytest.fixture(scope="module")
-def worker_results() -> dict[str, list[str]]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -180,10 +173,20 @@ BAD = [
 
 @pytest.mark.parametrize(("change", "error", "match"), [pytest.param(*b[1:], id=b[0]) for b in BAD])
 def test_bad_inputs(change, error, match):
+    """The kernels' checks; the backend runs them before any launch, except on an x the kernels do not take
+    (an integer or fp64 x goes to the reference: test_fp64_runs_the_reference)."""
     args = {**_good(), **change}
     with pytest.raises(error, match=match):
-        moe_lora(args["x"], args["weights"], args["indices"], args["A"], args["B"], SCALING)
+        check_inputs(*args.values())
+    if args["x"].dtype in (torch.float16, torch.bfloat16, torch.float32):
+        with pytest.raises(error, match=match):
+            moe_lora(*args.values(), SCALING)
+
+
+def test_fp64_runs_the_reference():
+    args = {**_good(), "x": torch.randn(5, IN, dtype=torch.float64)}
+    assert torch.equal(moe_lora(*args.values(), SCALING), reference.moe_lora(*args.values(), SCALING))
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker()))
+    serve(worker)

@@ -3,12 +3,11 @@
 Forward and the gradients of x, weights, A and B, fp32 and fp16 (bf16 math is broken in the interpreter:
 checked on a GPU only). Tolerances follow flash-attn's rule: both the kernel and PyTorch at the test dtype
 are compared with an fp64 reference, and the kernel may err by twice PyTorch's own error plus 4 ulps of
-the test dtype (relative to the largest value). Also: `sort_by_expert` against a plain Python oracle, the
+the test dtype (relative to the largest value). Through the production op, moelora.triton_backend.moe_lora,
+with the sorted regime forced. Also: `sort_by_expert` against a plain Python oracle, the
 sorted regime against the dense-masked one, bitwise-equal reruns, and the input errors of `moe_lora`.
 
-The kernels run in a subprocess worker (this file run as a script): `import moelora` (conftest) already
-imports triton, and TRITON_INTERPRET must be set before that for triton's own jit helpers (tl.zeros, ...)
-to be interpreted. The worker also keeps an interpreter segfault from killing the pytest process.
+The kernels run in the interpreter worker (tests/_triton_worker.py: this file run as a script).
 """
 
 from __future__ import annotations
@@ -18,22 +17,18 @@ import os
 if __name__ == "__main__":  # the child, before triton is imported; the pytest process itself stays uninterpreted
     os.environ["TRITON_INTERPRET"] = "1"
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
+from _triton_worker import serve
 from poison import nan_empty
 from tolerance import tolerance_failure
 
 pytest.importorskip("triton")
 
-from moelora.kernels import moe_lora_sorted as sorted_module
-from moelora.kernels.moe_lora import moe_lora
-from moelora.kernels.moe_lora_sorted import moe_lora_sorted, moe_lora_sorted_bwd, moe_lora_sorted_fwd, sort_by_expert
+from moelora.kernels.moe_lora import check_inputs
+from moelora.kernels.moe_lora_sorted import moe_lora_sorted_bwd, moe_lora_sorted_fwd, sort_by_expert
 
-from moelora import reference
+from moelora import reference, triton_backend
 
 IN, OUT = 20, 36  # not multiples of any block size
 SCALING = 2.0
@@ -64,6 +59,16 @@ def make_inputs(T, E, r, k, kind, dtype, seed):
     B = (torch.randn(E, OUT, r, generator=g, dtype=torch.float64) / r**0.5).to(dtype)
     upstream = torch.randn(T, OUT, generator=g, dtype=torch.float64).to(dtype)
     return x, weights, indices, A, B, upstream
+
+
+def moe_lora(x, weights, indices, A, B, scaling):
+    """The production op in the dense-masked regime."""
+    return triton_backend.moe_lora(x, weights, indices, A, B, scaling, regime="dense")
+
+
+def moe_lora_sorted(x, weights, indices, A, B, scaling):
+    """The production op in the sorted regime (the backend takes it above 256 rank columns; here at any E*r)."""
+    return triton_backend.moe_lora(x, weights, indices, A, B, scaling, regime="sorted")
 
 
 def leaves(*ts):
@@ -120,25 +125,19 @@ def check_case(T, E, r, k, kind, dtype_name) -> list[str]:
 
 
 def check_no_grad() -> list[str]:
-    """Inference path: no autograd, u not stored (the host function is called with save=False)."""
-    saves = []
-
-    def spy(*args, **kwargs):
-        saves.append(kwargs["save"])
-        return moe_lora_sorted_fwd(*args, **kwargs)
-
+    """Inference: the op without autograd matches the reference; the launcher with save=False stores no u and
+    writes the same y, bitwise, as with save=True."""
     x, weights, indices, A, B, _ = make_inputs(63, 16, 16, 2, "unused-slots", torch.float32, 0)
-    sorted_module.moe_lora_sorted_fwd = spy
-    try:
-        with torch.no_grad(), nan_empty():
-            got = moe_lora_sorted(x, weights, indices, A, B, SCALING)
-        run(moe_lora_sorted, x, weights, indices, A, B, torch.ones(63, OUT))
-    finally:
-        sorted_module.moe_lora_sorted_fwd = moe_lora_sorted_fwd
+    with torch.no_grad(), nan_empty():
+        got = moe_lora_sorted(x, weights, indices, A, B, SCALING)
+        y_lean, u_lean, _ = moe_lora_sorted_fwd(x, weights, indices, A, B, SCALING, save=False)
+        y_saved, u_saved, _ = moe_lora_sorted_fwd(x, weights, indices, A, B, SCALING, save=True)
     want = reference.moe_lora(x, weights, indices, A, B, SCALING)
     err = (got - want).abs().max().item() / want.abs().max().item()
     failures = [] if err < 1e-5 else [f"relative error {err:.3g}"]
-    return failures + ([] if saves == [False, True] else [f"save flags {saves}, want [False, True]"])
+    if u_lean is not None or u_saved is None or not torch.equal(y_lean, y_saved):
+        failures.append("save=False: u stored, or y differs from save=True's")
+    return failures
 
 
 def check_matches_dense() -> list[str]:
@@ -190,15 +189,6 @@ def worker() -> dict[str, list[str]]:
     ]:
         results[name] = check()
     return results
-
-
-@pytest.fixture(scope="module")
-def worker_results() -> dict[str, list[str]]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -267,13 +257,21 @@ def _good():
 
 @pytest.mark.parametrize("change", [pytest.param(b[1], id=b[0]) for b in BAD])
 def test_bad_inputs_match_dense(change):
+    """Both regimes raise what the kernels' checks raise; fp64, which the kernels refuse, runs the reference in
+    both."""
     args = {**_good(), **change}
-    with pytest.raises((TypeError, ValueError)) as dense:
-        moe_lora(args["x"], args["weights"], args["indices"], args["A"], args["B"], SCALING)
-    with pytest.raises(dense.type) as got:
-        moe_lora_sorted(args["x"], args["weights"], args["indices"], args["A"], args["B"], SCALING)
-    assert str(got.value) == str(dense.value)
+    with pytest.raises((TypeError, ValueError)) as checked:
+        check_inputs(*args.values())
+    if args["x"].dtype == torch.float64:
+        want = reference.moe_lora(*args.values(), SCALING)
+        assert torch.equal(moe_lora(*args.values(), SCALING), want)
+        assert torch.equal(moe_lora_sorted(*args.values(), SCALING), want)
+        return
+    for fn in (moe_lora, moe_lora_sorted):
+        with pytest.raises(checked.type) as got:
+            fn(*args.values(), SCALING)
+        assert str(got.value) == str(checked.value)
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker()))
+    serve(worker)

@@ -1,4 +1,5 @@
-"""Triton prompt_route (MiLoRA's router) under the Triton CPU interpreter against moelora.reference.prompt_route.
+"""Triton prompt_route (MiLoRA's router) under the Triton CPU interpreter against moelora.reference.prompt_route,
+through the production op moelora.triton_backend.prompt_route.
 
 Forward (gates, indices, probs) and the gradients of hidden, router_weight, numerator, denominator and
 pool_weight, fp32 and fp16 hidden states (router parameters fp32, as the model keeps them; bf16 math is
@@ -20,20 +21,19 @@ import os
 if __name__ == "__main__":  # the child, before triton is imported; the pytest process itself stays uninterpreted
     os.environ["TRITON_INTERPRET"] = "1"
 
-import json
-import subprocess
-import sys
 import zlib
 
 import pytest
 import torch
+from _triton_worker import serve
 from poison import nan_empty
 
 pytest.importorskip("triton")
 
-from moelora.kernels.prompt_route import prompt_route
+from moelora.kernels.prompt_route import check_inputs
 
 from moelora import reference
+from moelora.triton_backend import prompt_route
 
 GRAD_NAMES = ("hidden", "router_weight", "numerator", "denominator", "pool_weight")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -268,15 +268,6 @@ def worker() -> dict[str, list[str]]:
     return results
 
 
-@pytest.fixture(scope="module")
-def worker_results() -> dict[str, list[str]]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("name", list(TABLE))
 def test_matches_reference(worker_results, name):
     failures = worker_results[name]
@@ -338,8 +329,17 @@ def test_bad_inputs(change, error, match):
     if os.environ.get("TRITON_INTERPRET") == "1" and match == "need CUDA tensors":
         pytest.skip("the interpreter runs CPU tensors")
     with pytest.raises(error, match=match):
-        prompt_route(hidden, mask, router, num, den, **args)
+        check_inputs(hidden, mask, router, num, den, args["top_k"], args["pooling"], args["pool_weight"])
+    if hidden.dtype in (torch.float16, torch.bfloat16, torch.float32):  # else the backend runs the reference
+        with pytest.raises(error, match=match):
+            prompt_route(hidden, mask, router, num, den, **args)
+
+
+def test_fp64_runs_the_reference():
+    args = _good(hidden=torch.randn(2, 5, 20, dtype=torch.float64))
+    got, want = prompt_route(**args), reference.prompt_route(**args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker()))
+    serve(worker)

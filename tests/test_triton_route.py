@@ -1,5 +1,8 @@
 """Triton `route` against `moelora.reference.route`, on CPU tensors through the Triton interpreter.
 
+Through the production op, moelora.triton_backend.route (its input checks included; T = 0 goes to the
+reference there without a launch).
+
 Forward (weights, indices, probs) and the gradients of x and the router weight, fp32 and fp16 inputs
 (bf16 math is broken in the interpreter: checked on a GPU only); tolerances follow each output's dtype.
 
@@ -16,11 +19,11 @@ import os
 if __name__ == "__main__":  # the child, before triton is imported; the pytest process itself stays uninterpreted
     os.environ["TRITON_INTERPRET"] = "1"
 
-import subprocess
 import sys
 
 import pytest
 import torch
+from _triton_worker import run_script
 
 pytest.importorskip("triton")
 
@@ -80,7 +83,7 @@ def _inputs(s: dict, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _run_case(s: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(actual, expected) for every output and gradient of one case."""
-    from moelora.kernels.route import route
+    from moelora.triton_backend import route
 
     g = torch.Generator().manual_seed(1000 * s["T"] + 10 * s["H"] + s["E"])
     x, w = _inputs(s, g)
@@ -116,10 +119,9 @@ def _child(path: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
+    """The tensors themselves (not a failure list): the worker saves them, the tests compare them."""
     path = tmp_path_factory.mktemp("triton_route") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    run_script(__file__, str(path))
     return torch.load(path)
 
 
@@ -165,7 +167,7 @@ def test_route_matches_reference(results, case_id):
     ],
 )
 def test_route_bad_arguments(x, w, kwargs, error, match):
-    from moelora.kernels.route import route
+    from moelora.triton_backend import route
 
     with pytest.raises(error, match=match):
         route(torch.randn(x), torch.randn(w), **kwargs)
@@ -173,7 +175,7 @@ def test_route_bad_arguments(x, w, kwargs, error, match):
 
 @pytest.mark.parametrize("bad", ["x", "router_weight"])
 def test_route_rejects_integer_inputs(bad):
-    from moelora.kernels.route import route
+    from moelora.triton_backend import route
 
     x, w = torch.randn(4, 8), torch.randn(3, 8)
     with pytest.raises(TypeError, match=bad):
@@ -181,7 +183,7 @@ def test_route_rejects_integer_inputs(bad):
 
 
 def test_route_rejects_mixed_devices():
-    from moelora.kernels.route import route
+    from moelora.triton_backend import route
 
     with pytest.raises(ValueError, match="router_weight is on meta"):
         route(torch.randn(4, 8), torch.randn(3, 8, device="meta"), top_k=1)

@@ -19,13 +19,10 @@ import os
 if __name__ == "__main__":  # the child, before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _triton_worker import serve
 from poison import nan_empty
 from tolerance import tolerance_failure
 
@@ -34,6 +31,8 @@ pytest.importorskip("triton")
 from moelora import reference
 from moelora.dropout import LoraDropout
 from moelora.reference import ExpertLora
+
+WORKER_TIMEOUT = 900  # seconds: the interpreter worker (tests/_triton_worker.py)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 H, I = 20, 28  # not multiples of any block size
@@ -105,21 +104,21 @@ def check_kernel(T, E, r, P, k, dtype_name) -> list[str]:
 def check_weights_cast_once() -> list[str]:
     """fp16 x, fp32 A: A rounded to fp16 once on the host (from CAST_WEIGHTS_MIN_T tokens) gives the kernel's
     outputs bitwise as rounding it in the kernel."""
-    from moelora.kernels import mixlora_ffn as ffn_kernels
+    from moelora.kernels import _common
     from moelora.kernels.route import route_shrink_fwd
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(63, H, generator=g).half()
     router = torch.randn(8, H, generator=g) * 0.5
     A = torch.randn(16, 16, H, generator=g) / H**0.5
-    default = ffn_kernels.CAST_WEIGHTS_MIN_T
+    default = _common.CAST_WEIGHTS_MIN_T
     runs = []
     try:
         for min_t in (0, 1 << 30):  # always cast on the host; never
-            ffn_kernels.CAST_WEIGHTS_MIN_T = min_t
+            _common.CAST_WEIGHTS_MIN_T = min_t
             runs.append(route_shrink_fwd(x, router, A, 2, None))
     finally:
-        ffn_kernels.CAST_WEIGHTS_MIN_T = default
+        _common.CAST_WEIGHTS_MIN_T = default
     names = ("weights", "indices", "probs", "ua")
     return [f"{n} differs" for n, a, b in zip(names, *runs, strict=True) if not torch.equal(a, b)]
 
@@ -236,15 +235,6 @@ def worker() -> dict[str, list[str]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def worker_results() -> dict[str, list[str]]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("case", [c[0] for c in KERNEL_CASES])
 def test_route_shrink_kernel_matches_reference(worker_results, case, dtype_name):
@@ -273,4 +263,4 @@ def test_route_shrink_rejects_too_many_rank_columns():
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker()))
+    serve(worker)

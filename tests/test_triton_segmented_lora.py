@@ -1,5 +1,5 @@
 """Triton segmented_lora (multi-tenant LoRA through token -> sequence maps) under the Triton CPU interpreter,
-against moelora.reference.segmented_lora.
+against moelora.reference.segmented_lora, through the production op moelora.triton_backend.segmented_lora.
 
 Forward and the gradients of x, seq_gate, A, B and scaling, fp32 and fp16 (bf16 math is broken in the
 interpreter: checked on a GPU only). T in {1, 7, 40}, up to 8 sequences, 1, 3 or 8 LoRAs, r in {8, 16, 32}
@@ -23,20 +23,18 @@ import os
 if __name__ == "__main__":  # the child, before triton is imported; the pytest process itself stays uninterpreted
     os.environ["TRITON_INTERPRET"] = "1"
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
+from _triton_worker import serve
 from poison import nan_empty
 from tolerance import tolerance_failure
 
 pytest.importorskip("triton")
 
-from moelora.kernels.segmented_lora import segmented_lora
+from moelora.kernels.segmented_lora import check_inputs
 
 from moelora import reference
+from moelora.triton_backend import segmented_lora
 
 NAMES = ("y", "grad_x", "grad_seq_gate", "grad_A", "grad_B", "grad_scaling")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -161,15 +159,6 @@ def worker() -> dict[str, list[str]]:
     return results
 
 
-@pytest.fixture(scope="module")
-def worker_results() -> dict[str, list[str]]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("case", [pytest.param(c, id=case_id(*c)) for c in CASES])
 def test_matches_reference(worker_results, case):
     failures = worker_results[case_id(*case)]
@@ -220,11 +209,22 @@ BAD = [
 
 @pytest.mark.parametrize(("change", "error", "match"), [pytest.param(*b[1:], id=b[0]) for b in BAD])
 def test_bad_inputs(change, error, match):
+    """The kernels' checks; the backend runs them before any launch, except on an x the kernels do not take
+    (an integer or fp64 x goes to the reference: test_fp64_runs_the_reference)."""
     if os.environ.get("TRITON_INTERPRET") == "1" and match == "need CUDA tensors":
         pytest.skip("the interpreter runs CPU tensors")
+    args = _good(**change)
     with pytest.raises(error, match=match):
-        segmented_lora(**_good(**change))
+        check_inputs(**args)
+    if args["x"].dtype in (torch.float16, torch.bfloat16, torch.float32):
+        with pytest.raises(error, match=match):
+            segmented_lora(**args)
+
+
+def test_fp64_runs_the_reference():
+    args = _good(x=torch.randn(5, 20, dtype=torch.float64))
+    assert torch.equal(segmented_lora(**args), reference.segmented_lora(**args))
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker()))
+    serve(worker)
