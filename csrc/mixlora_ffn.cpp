@@ -3,7 +3,33 @@
 // The frozen projections stay outside (the caller runs Wg, Wu on x and Wd once on hbar, so a quantised base
 // works). Per expert the gathered rows go through ATen GEMMs for the rank-r work and one fused, vectorised
 // row loop for the activation, the product and the weighted sum: h exists only for one expert's rows at a
-// time, never as [T, k, I]. The backward recomputes h rather than storing it.
+// time, never as [T, k, I]. The backward recomputes h rather than storing it, in the same pass as its own
+// row loop.
+//
+// Threads: each chunk of an expert's rows is cut into blocks of BLOCK rows that the threads share; a block runs
+// its gather, rank-r GEMMs, row loop and scatter on one thread (ATen GEMMs called inside a parallel region run
+// single-threaded). The backward's weight gradients, sums over the chunk's rows, run after its blocks as one
+// multi-threaded GEMM each. Blocks depend on the chunk only, so results are bitwise the same for any thread count.
+//
+// Where the time went (issue 20, profiled 2026-12-05 on the 2-core AMD EPYC VM, busy: load average 5-12 from
+// other sessions, so per-thread CPU time at 1 thread and shares, medians of 20-30 calls; small preset, T=512,
+// H=512, I=1408, E=8, k=2, r=16, fp32, fwd+bwd of route + FFN, 75-86 ms of CPU per call): the op's backward
+// took 28% of the call and its forward 11%, the rest being the frozen GEMMs and autograd. Inside the backward,
+// per call: gate/up weight-grad GEMMs 5.1 ms, down LoRA backward (gather of dy, 6 small GEMMs, 4 temporaries)
+// 4.9, backward row loop 4.4, recompute row loop 3.8, recompute expand 1.9, setup (sort, zeroed grads) 1.4;
+// forward: row loop 3.7, gate/up expand 1.6, down shrink 0.9, gate/up shrink 0.7, index_add 0.7. The row loops
+// are bound by memory (about 28 bytes per element at ~11 GB/s), not by the activation; smaller chunks
+// (16-128 rows, buffers in L2) did not change them. With 2 threads every ATen call was its own fork-join:
+// on the busy VM index_add_ (scatter_add_) took 10-20x its 1-thread time and the small MKL GEMMs 5-10x, so
+// the op scaled far worse than dense LoRA's few large GEMMs (fwd+bwd 1.69x dense LoRA on a quiet VM vs 1.13x
+// at 1 thread). Changes, each measured against the previous build in interleaved runs:
+// - one backward pass for recompute + backward (q = (Bd^T dy) Ad does not depend on h): the backward op's
+//   1-thread CPU time 24.0 -> 17.8 ms, fused/lora fwd+bwd at 1 thread 1.22-1.27x -> 1.12-1.21x;
+// - add_rows instead of index_add_ (no scatter_add_, the routing-weight scale folded in);
+// - blocks of 32 rows per thread instead of threads inside each ATen call: at 2 threads (VM load 8-12, two
+//   rounds) fused/lora fwd+bwd at T=512 1.52x/1.60x -> 1.56x/0.99x, at T=128 1.81x/2.80x -> 1.50x/1.35x; the
+//   1-thread cost grows (32-row GEMMs: the backward op 17.8 -> 21.9 ms), so where 1 thread matters BLOCK is the
+//   knob.
 //
 // LoRA dropout (dropout_p > 0, moelora/dropout.py) is made from (seed, element index) where it is used and never
 // stored: x is dropped in each expert's gathered rows of x (the chunk buffer the gate/up shrinks read, so no
@@ -13,6 +39,8 @@
 // grad into h_j from the down LoRA (through the h mask).
 #include "ops.h"
 #include "philox.h"
+
+#include <ATen/ThreadLocalState.h>
 
 namespace moelora {
 
@@ -28,6 +56,8 @@ bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined();
 // 2.9 MB at I = 2816), so that no [n_e, I] tensor is allocated and page-faulted per expert (fresh 46 MB
 // allocations cost more here than the arithmetic on them).
 constexpr int64_t CHUNK = 256;
+// Rows per block, the unit of work of one thread (see the top of this file).
+constexpr int64_t BLOCK = 32;
 
 // The frozen projections' LoRA delta of one chunk, B (A xe), written into `out` [m, I]; the rank-space
 // activations A xe [m, r] are returned (the backward needs them).
@@ -43,13 +73,13 @@ Tensor grad_buffer(const c10::optional<Tensor>& t, at::ScalarType dt) {
 }
 
 // One expert's rows: h[n] = act(G[t] + s dG[n]) * (U[t] + s dU[n]) (GATED false: act(U[t] + s dU[n])),
-// and with ACC hbar[t] += w[n] h[n] (the backward's recompute needs h only); with DROP the row written is the
-// down shrink's input drop(h[n]) = h[n] * f (f: drop_factors of the h mask), while hbar sums the undropped h.
+// and hbar[t] += w[n] h[n]; with DROP the row written is the down shrink's input drop(h[n]) = h[n] * f
+// (f: drop_factors of the h mask), while hbar sums the undropped h.
 // Rows of one expert are distinct tokens, so rows run in parallel without races. The branches are template
 // arguments: a branch inside the inner loop stops gcc from vectorising it. The outputs (and f) are __restrict:
 // with DROP the loop has one pointer more, and gcc's runtime alias checks (at most 10) no longer covered it,
 // so it ran scalar (2x slower).
-template <Act act, typename T, bool GATED, bool ACC, bool DROP>
+template <Act act, typename T, bool GATED, bool DROP>
 MOELORA_VECTOR_CLONES void ffn_row_forward(const T* g_row, const T* u_row, const T* dg_row, const T* du_row, T s,
                                            T wr, int64_t I, const T* __restrict f, T* __restrict h_row,
                                            T* __restrict hbar_row) {
@@ -66,12 +96,12 @@ MOELORA_VECTOR_CLONES void ffn_row_forward(const T* g_row, const T* u_row, const
     } else {
       h_row[i] = v;
     }
-    if constexpr (ACC) hbar_row[i] += wr * v;
+    hbar_row[i] += wr * v;
   }
 }
 
 // pair[r] = t * k + j is row r's (token, slot) pair, so its h mask starts at element pair[r] * I.
-template <Act act, typename T, bool GATED, bool ACC, bool DROP>
+template <Act act, typename T, bool GATED, bool DROP>
 void ffn_rows_forward(const T* G, const T* U, const T* dG, const T* dU, const int64_t* tok, const int64_t* pair,
                       const T* w, T s, int64_t n, int64_t I, const DropSpec& drop, T* h, T* hbar) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
@@ -82,14 +112,14 @@ void ffn_rows_forward(const T* G, const T* U, const T* dG, const T* dU, const in
         for (int64_t lo = 0; lo < I; lo += kDropBlock) {
           const int64_t m = std::min(kDropBlock, I - lo);
           drop_factors(drop, kHStream, pair[r] * I + lo, m, f);
-          ffn_row_forward<act, T, GATED, ACC, true>(GATED ? G + t * I + lo : nullptr, U + t * I + lo,
-                                                    GATED ? dG + r * I + lo : nullptr, dU + r * I + lo, s, w[r], m,
-                                                    f, h + r * I + lo, ACC ? hbar + t * I + lo : nullptr);
+          ffn_row_forward<act, T, GATED, true>(GATED ? G + t * I + lo : nullptr, U + t * I + lo,
+                                               GATED ? dG + r * I + lo : nullptr, dU + r * I + lo, s, w[r], m, f,
+                                               h + r * I + lo, hbar + t * I + lo);
         }
       } else {
-        ffn_row_forward<act, T, GATED, ACC, false>(GATED ? G + t * I : nullptr, U + t * I,
-                                                   GATED ? dG + r * I : nullptr, dU + r * I, s, w[r], I, nullptr,
-                                                   h + r * I, ACC ? hbar + t * I : nullptr);
+        ffn_row_forward<act, T, GATED, false>(GATED ? G + t * I : nullptr, U + t * I,
+                                              GATED ? dG + r * I : nullptr, dU + r * I, s, w[r], I, nullptr,
+                                              h + r * I, hbar + t * I);
       }
     }
   });
@@ -108,31 +138,39 @@ void drop_rows(const DropSpec& drop, uint32_t stream, const Tensor& index, Tenso
   });
 }
 
-// Backward of the rows: dh = w dhbar[t] (+ dh_lora[n] with LORA); writes d(pre-activation) of gate into dG
-// and of up into dU (in place of the deltas, read first), adds them to grad_G[t], grad_U[t], and returns
-// dot(h[n], dhbar[t]) (the routing weight's gradient through hbar) in h_dot[n]. With DROP (and LORA) h_row holds
-// drop(h), so h is recomputed for the dot, and dh_lora, the grad into drop(h), passes the h mask f.
+// Backward of the rows, in one pass with the recompute of h (the forward kept only hbar): from the deltas
+// in dG, dU it makes v = act(G[t] + s dG[n]) * (U[t] + s dU[n]), then dh = w dhbar[t] (+ w s f q[n] with
+// LORA, f the h mask with DROP, else 1), writes d(pre-activation) of gate into dG and of up into dU (in place
+// of the deltas, read first), adds them to grad_G[t], grad_U[t], and returns the routing weight's gradient
+// dot(v, dhbar[t]) + s dot(hin, q[n]). With LORA, q[n] = (Bd^T dy[t]) Ad is the grad into the down LoRA's
+// input per unit of w s, and h_row gets that input hin = v * f (the down weight grads read it afterwards).
 template <Act act, typename T, bool GATED, bool LORA, bool DROP>
-MOELORA_VECTOR_CLONES T ffn_row_backward(const T* g_row, const T* u_row, T* dg_row, T* du_row, const T* h_row,
-                                         const T* dhl_row, const T* f, const T* dhbar_row, T s, T wr, int64_t I,
-                                         T* gG_row, T* gU_row) {
+MOELORA_VECTOR_CLONES T ffn_row_backward(const T* g_row, const T* u_row, T* __restrict dg_row, T* __restrict du_row,
+                                         T* __restrict h_row, const T* q_row, const T* f, const T* dhbar_row, T s,
+                                         T wr, int64_t I, T* __restrict gG_row, T* __restrict gU_row) {
   static_assert(LORA || !DROP, "the h mask acts on the down LoRA's input only");
-  T dot = 0;
+  T dot = 0, ldot = 0;
   // A reduction vectorises only when allowed to reorder the sum: the order is fixed per build, not per thread.
-#pragma omp simd reduction(+ : dot)
+#pragma omp simd reduction(+ : dot, ldot)
   for (int64_t i = 0; i < I; ++i) {
-    if constexpr (!DROP) dot += h_row[i] * dhbar_row[i];
-    T dh = wr * dhbar_row[i];
-    if constexpr (DROP) {
-      dh += dhl_row[i] * f[i];
-    } else if constexpr (LORA) {
-      dh += dhl_row[i];
-    }
     const T u = u_row[i] + s * du_row[i];
+    T v, ag = 0, g = 0;
     if constexpr (GATED) {
-      const T g = g_row[i] + s * dg_row[i];
-      const T ag = act_value<act>(g);
-      if constexpr (DROP) dot += ag * u * dhbar_row[i];
+      g = g_row[i] + s * dg_row[i];
+      ag = act_value<act>(g);
+      v = ag * u;
+    } else {
+      v = act_value<act>(u);
+    }
+    dot += v * dhbar_row[i];
+    T dh = wr * dhbar_row[i];
+    if constexpr (LORA) {
+      const T hin = DROP ? v * f[i] : v;
+      h_row[i] = hin;
+      ldot += hin * q_row[i];
+      dh += DROP ? wr * s * q_row[i] * f[i] : wr * s * q_row[i];
+    }
+    if constexpr (GATED) {
       const T dg = dh * u * act_grad<act>(g);
       const T du = dh * ag;
       dg_row[i] = dg;
@@ -140,19 +178,19 @@ MOELORA_VECTOR_CLONES T ffn_row_backward(const T* g_row, const T* u_row, T* dg_r
       gG_row[i] += dg;
       gU_row[i] += du;
     } else {
-      if constexpr (DROP) dot += act_value<act>(u) * dhbar_row[i];
       const T du = dh * act_grad<act>(u);
       du_row[i] = du;
       gU_row[i] += du;
     }
   }
-  return dot;
+  return dot + s * ldot;
 }
 
+// grad_w[pair[r]] gets row r's routing weight gradient (pairs are distinct: no race).
 template <Act act, typename T, bool GATED, bool LORA, bool DROP>
-void ffn_rows_backward(const T* G, const T* U, T* dG, T* dU, const T* h, const T* dh_lora, const T* dhbar,
-                       const int64_t* tok, const int64_t* pair, const T* w, T s, int64_t n, int64_t I,
-                       const DropSpec& drop, T* grad_G, T* grad_U, T* h_dot) {
+void ffn_rows_backward(const T* G, const T* U, T* dG, T* dU, T* h, const T* q, const T* dhbar, const int64_t* tok,
+                       const int64_t* pair, const T* w, T s, int64_t n, int64_t I, const DropSpec& drop, T* grad_G,
+                       T* grad_U, T* grad_w) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     alignas(64) T f[DROP ? kDropBlock : 1];
     for (int64_t r = begin; r < end; ++r) {
@@ -164,17 +202,40 @@ void ffn_rows_backward(const T* G, const T* U, T* dG, T* dU, const T* h, const T
           drop_factors(drop, kHStream, pair[r] * I + lo, m, f);
           dot += ffn_row_backward<act, T, GATED, true, true>(
               GATED ? G + t * I + lo : nullptr, U + t * I + lo, GATED ? dG + r * I + lo : nullptr, dU + r * I + lo,
-              h + r * I + lo, dh_lora + r * I + lo, f, dhbar + t * I + lo, s, w[r], m,
+              h + r * I + lo, q + r * I + lo, f, dhbar + t * I + lo, s, w[r], m,
               GATED ? grad_G + t * I + lo : nullptr, grad_U + t * I + lo);
         }
-        h_dot[r] = dot;
+        grad_w[pair[r]] = dot;
       } else {
-        h_dot[r] = ffn_row_backward<act, T, GATED, LORA, false>(
-            GATED ? G + t * I : nullptr, U + t * I, GATED ? dG + r * I : nullptr, dU + r * I, h + r * I,
-            LORA ? dh_lora + r * I : nullptr, nullptr, dhbar + t * I, s, w[r], I, GATED ? grad_G + t * I : nullptr,
-            grad_U + t * I);
+        grad_w[pair[r]] = ffn_row_backward<act, T, GATED, LORA, false>(
+            GATED ? G + t * I : nullptr, U + t * I, GATED ? dG + r * I : nullptr, dU + r * I,
+            LORA ? h + r * I : nullptr, LORA ? q + r * I : nullptr, nullptr, dhbar + t * I, s, w[r], I,
+            GATED ? grad_G + t * I : nullptr, grad_U + t * I);
       }
     }
+  });
+}
+
+// dst[tok[r]] += c[r] * src[r] for the m rows of one chunk (c[r] = w[r] * s, or 1 without w): the scatter of
+// an expert's rows into per-token sums. Its tokens are distinct, so rows run in parallel without races, and
+// each row's sum is made in the same order whatever the thread count. It replaces index_add_ (whose CPU
+// kernel, scatter_add_, took 10-20x its one-thread time with 2 threads on the busy 2-core VM).
+void add_rows(const Tensor& src, const Tensor& tok, const Tensor& w, double scaling, Tensor dst) {
+  const int64_t m = src.size(0), n = src.size(1);
+  const int64_t* tp = tok.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "moelora_add_rows", [&] {
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dp = dst.data_ptr<scalar_t>();
+    const scalar_t sc = static_cast<scalar_t>(scaling);
+    at::parallel_for(0, m, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t c = wp ? wp[r] * sc : scalar_t(1);
+        const scalar_t* a = sp + r * n;
+        scalar_t* d = dp + tp[r] * n;
+        for (int64_t i = 0; i < n; ++i) d[i] += c * a[i];
+      }
+    });
   });
 }
 
@@ -224,6 +285,21 @@ void check_inputs(const Tensor& x, const c10::optional<Tensor>& gate, const Tens
 
 }  // namespace
 
+// Calls fn(r0, mb) for the blocks of BLOCK rows of one chunk of m rows, the blocks spread over the threads.
+// Inside a block everything runs on one thread: the block's ATen GEMMs run single-threaded inside the parallel
+// region, so a chunk costs one fork-join instead of one per GEMM and row loop. The blocks are fixed by the chunk
+// alone, so each row's result is the same whatever the thread count.
+// The worker threads take the caller's thread-local state (grad mode off, the dispatch keys the op runs under),
+// or their ATen calls would go through autograd.
+template <typename Fn>
+void for_blocks(int64_t m, Fn&& fn) {
+  const at::ThreadLocalState state;
+  at::parallel_for(0, (m + BLOCK - 1) / BLOCK, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t b = begin; b < end; ++b) fn(b * BLOCK, std::min(BLOCK, m - b * BLOCK));
+  });
+}
+
 std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<Tensor>& gate, const Tensor& up,
                                            const Tensor& weights, const Tensor& indices,
                                            const c10::optional<Tensor>& gate_A, const c10::optional<Tensor>& gate_B,
@@ -253,35 +329,37 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
   auto dU_buf = at::zeros({rows, I}, U.options());
   auto h_buf = at::empty({rows, I}, U.options());
   for (int64_t e = 0; e < num_experts; ++e) {
-    for (int64_t lo = pairs.offsets[e]; lo < pairs.offsets[e + 1]; lo += CHUNK) {
-      const int64_t m = std::min(CHUNK, pairs.offsets[e + 1] - lo);
-      auto tok = pairs.token.slice(0, lo, lo + m);
-      auto w = pair_w.slice(0, lo, lo + m);
-      auto xe = x_buf.narrow(0, 0, m);
-      auto pair = flat.slice(0, lo, lo + m);
-      auto dG = dG_buf.narrow(0, 0, m), dU = dU_buf.narrow(0, 0, m), h = h_buf.narrow(0, 0, m);
-      if (has(gate_A) || has(up_A)) {
-        at::index_select_out(xe, xc, 0, tok);
-        if (drop.on()) drop_rows(drop, kXStream, tok, xe);
-      }
-      if (has(gate_A)) lora_delta_into(gate_A, gate_B, e, xe, dt, dG);
-      if (has(up_A)) lora_delta_into(up_A, up_B, e, xe, dt, dU);
-      // h holds drop(h) with drop_h (the down shrink's input); hbar sums the undropped h either way.
-      AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn", [&] {
-        dispatch_act(act, [&](auto a) {
-          dispatch_flags(G.defined(), true, drop_h, [&](auto gated, auto acc, auto dropped) {
-            ffn_rows_forward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(acc)::value,
-                             decltype(dropped)::value>(
-                G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(),
-                dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(), pair.data_ptr<int64_t>(), w.data_ptr<scalar_t>(),
-                static_cast<scalar_t>(scaling), m, I, drop, h.data_ptr<scalar_t>(), hbar.data_ptr<scalar_t>());
+    for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
+      for_blocks(std::min(CHUNK, pairs.offsets[e + 1] - c0), [&](int64_t r0, int64_t m) {
+        const int64_t lo = c0 + r0;
+        auto tok = pairs.token.slice(0, lo, lo + m);
+        auto w = pair_w.slice(0, lo, lo + m);
+        auto pair = flat.slice(0, lo, lo + m);
+        auto xe = x_buf.narrow(0, r0, m);
+        auto dG = dG_buf.narrow(0, r0, m), dU = dU_buf.narrow(0, r0, m), h = h_buf.narrow(0, r0, m);
+        if (has(gate_A) || has(up_A)) {
+          at::index_select_out(xe, xc, 0, tok);
+          if (drop.on()) drop_rows(drop, kXStream, tok, xe);
+        }
+        if (has(gate_A)) lora_delta_into(gate_A, gate_B, e, xe, dt, dG);
+        if (has(up_A)) lora_delta_into(up_A, up_B, e, xe, dt, dU);
+        // h holds drop(h) with drop_h (the down shrink's input); hbar sums the undropped h either way.
+        AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn", [&] {
+          dispatch_act(act, [&](auto a) {
+            dispatch_flags(G.defined(), drop_h, false, [&](auto gated, auto dropped, auto) {
+              ffn_rows_forward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(dropped)::value>(
+                  G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(),
+                  dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(), pair.data_ptr<int64_t>(),
+                  w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), m, I, drop, h.data_ptr<scalar_t>(),
+                  hbar.data_ptr<scalar_t>());
+            });
           });
         });
+        if (down) {
+          auto yd = at::mm(at::mm(h, (*down_A)[e].to(dt).t()), (*down_B)[e].to(dt).t());
+          add_rows(yd, tok, w, scaling, y_lora);
+        }
       });
-      if (down) {
-        auto yd = at::mm(at::mm(h, (*down_A)[e].to(dt).t()), (*down_B)[e].to(dt).t());
-        y_lora.index_add_(0, tok, yd.mul_(w.unsqueeze(1) * scaling));
-      }
     }
   }
   return {hbar, y_lora};
@@ -299,7 +377,7 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
   check_inputs(x, gate, up, weights, indices, l, num_experts);
   const Act act = parse_act(act_name);
   const auto dt = compute_type(up);
-  const int64_t I = up.size(1), k = weights.size(1);
+  const int64_t H = x.size(1), I = up.size(1), k = weights.size(1);
   const DropSpec drop(seed, dropout_p);
   const auto pairs = sort_pairs(indices, num_experts);
   const auto flat = pairs.token * k + pairs.slot;
@@ -309,8 +387,9 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
   auto dhbar = grad_hbar.to(dt).contiguous();
   const bool down = has(down_B);
   auto gy = (down && has(grad_y_lora)) ? grad_y_lora->to(dt).contiguous() : Tensor();
+  const bool lora = gy.defined();
   auto pair_w = weights.to(dt).reshape({-1}).index_select(0, flat).contiguous();
-  const bool drop_h = gy.defined() && drop.on();  // without a grad into the down LoRA, h is not dropped
+  const bool drop_h = lora && drop.on();  // without a grad into the down LoRA, h is not dropped
 
   auto grad_x = at::zeros_like(xc);
   auto grad_G = G.defined() ? at::zeros_like(G) : Tensor();
@@ -320,92 +399,100 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
   auto g_uA = grad_buffer(up_A, dt), g_uB = grad_buffer(up_B, dt);
   auto g_dA = grad_buffer(down_A, dt), g_dB = grad_buffer(down_B, dt);
 
+  // Chunk buffers: the blocks of a chunk write their rows, the weight grads then read the whole chunk.
   const int64_t rows = std::min(CHUNK, std::max<int64_t>(pairs.token.numel(), 1));
-  auto x_buf = at::empty({rows, x.size(1)}, U.options());
-  auto dG_buf = at::empty({rows, I}, U.options());
-  auto dU_buf = at::empty({rows, I}, U.options());
-  auto h_buf = at::empty({rows, I}, U.options());
-  auto dhl_buf = at::empty({rows, I}, U.options());
-  auto h_dot_buf = at::empty({rows}, U.options());
+  auto opt = U.options();
+  auto rank = [&](const c10::optional<Tensor>& A) { return has(A) ? A->size(1) : int64_t(0); };
+  auto x_buf = at::empty({rows, H}, opt);
+  auto dG_buf = at::empty({rows, I}, opt);
+  auto dU_buf = at::empty({rows, I}, opt);
+  auto h_buf = at::empty({rows, lora ? I : 0}, opt);
+  auto q_buf = at::empty({rows, lora ? I : 0}, opt);
+  auto gy_buf = at::empty({rows, lora ? gy.size(1) : 0}, opt);
+  auto ug_buf = at::empty({rows, rank(gate_A)}, opt), dug_buf = at::empty({rows, rank(gate_A)}, opt);
+  auto uu_buf = at::empty({rows, rank(up_A)}, opt), duu_buf = at::empty({rows, rank(up_A)}, opt);
+  auto ud_buf = at::empty({rows, lora ? rank(down_A) : 0}, opt);
+  auto dvd_buf = at::empty({rows, lora ? rank(down_A) : 0}, opt);
   for (int64_t e = 0; e < num_experts; ++e) {
-    for (int64_t lo = pairs.offsets[e]; lo < pairs.offsets[e + 1]; lo += CHUNK) {
-      const int64_t m = std::min(CHUNK, pairs.offsets[e + 1] - lo);
-      auto tok = pairs.token.slice(0, lo, lo + m);
-      auto w = pair_w.slice(0, lo, lo + m);
-      auto xe = x_buf.narrow(0, 0, m);
-      auto pair = flat.slice(0, lo, lo + m);
-      auto dG = dG_buf.narrow(0, 0, m), dU = dU_buf.narrow(0, 0, m), h = h_buf.narrow(0, 0, m);
-      if (has(gate_A) || has(up_A)) {
-        at::index_select_out(xe, xc, 0, tok);
-        if (drop.on()) drop_rows(drop, kXStream, tok, xe);  // xe = drop(x) rows, for the shrinks and dA
-      }
-      Tensor ug, uu;
-      if (has(gate_A)) ug = lora_delta_into(gate_A, gate_B, e, xe, dt, dG);
-      else dG.zero_();
-      if (has(up_A)) uu = lora_delta_into(up_A, up_B, e, xe, dt, dU);
-      else dU.zero_();
-
-      // Recompute h for these rows (drop(h) with drop_h): the forward kept only hbar.
-      AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_recompute", [&] {
-        dispatch_act(act, [&](auto a) {
-          dispatch_flags(G.defined(), false, drop_h, [&](auto gated, auto acc, auto dropped) {
-            ffn_rows_forward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(acc)::value,
-                             decltype(dropped)::value>(
-                G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(),
-                dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(), pair.data_ptr<int64_t>(), w.data_ptr<scalar_t>(),
-                static_cast<scalar_t>(scaling), m, I, drop, h.data_ptr<scalar_t>(), nullptr);
+    for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
+      const int64_t cm = std::min(CHUNK, pairs.offsets[e + 1] - c0);
+      for_blocks(cm, [&](int64_t r0, int64_t m) {
+        const int64_t lo = c0 + r0;
+        auto tok = pairs.token.slice(0, lo, lo + m);
+        auto w = pair_w.slice(0, lo, lo + m);
+        auto pair = flat.slice(0, lo, lo + m);
+        auto xe = x_buf.narrow(0, r0, m);
+        auto dG = dG_buf.narrow(0, r0, m), dU = dU_buf.narrow(0, r0, m);
+        if (has(gate_A) || has(up_A)) {
+          at::index_select_out(xe, xc, 0, tok);
+          if (drop.on()) drop_rows(drop, kXStream, tok, xe);  // xe = drop(x) rows, for the shrinks and dA
+        }
+        // The row loop below overwrites the deltas with grads, so a projection without LoRA zeroes them again.
+        if (has(gate_A)) ug_buf.narrow(0, r0, m).copy_(lora_delta_into(gate_A, gate_B, e, xe, dt, dG));
+        else dG.zero_();
+        if (has(up_A)) uu_buf.narrow(0, r0, m).copy_(lora_delta_into(up_A, up_B, e, xe, dt, dU));
+        else dU.zero_();
+        // q = (Bd^T dy) Ad per row, the grad into the down LoRA's input per unit of w s: it does not depend on
+        // h, so the row loop recomputes h (the forward kept only hbar) and runs its backward in one pass.
+        Tensor q;
+        if (lora) {
+          auto gye = gy_buf.narrow(0, r0, m), dvd = dvd_buf.narrow(0, r0, m);
+          at::index_select_out(gye, gy, 0, tok);
+          at::mm_out(dvd, gye, (*down_B)[e].to(dt));  // [m, r] = Bd^T dy per row
+          q = q_buf.narrow(0, r0, m);
+          at::mm_out(q, dvd, (*down_A)[e].to(dt));
+        }
+        AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_backward", [&] {
+          dispatch_act(act, [&](auto a) {
+            dispatch_flags(G.defined(), lora, drop_h, [&](auto gated, auto with_lora, auto dropped) {
+              ffn_rows_backward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(with_lora)::value,
+                                decltype(dropped)::value>(
+                  G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(),
+                  dU.data_ptr<scalar_t>(), lora ? h_buf.narrow(0, r0, m).data_ptr<scalar_t>() : nullptr,
+                  lora ? q.data_ptr<scalar_t>() : nullptr, dhbar.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(),
+                  pair.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), m, I, drop,
+                  grad_G.defined() ? grad_G.data_ptr<scalar_t>() : nullptr, grad_U.data_ptr<scalar_t>(),
+                  grad_w.data_ptr<scalar_t>());
+            });
           });
         });
+        if (lora) {
+          auto h = h_buf.narrow(0, r0, m);  // the down LoRA's input (drop(h) with drop_h)
+          auto ud = ud_buf.narrow(0, r0, m);
+          at::mm_out(ud, h, (*down_A)[e].to(dt).t());
+          gy_buf.narrow(0, r0, m).mul_(w.unsqueeze(1));
+          dvd_buf.narrow(0, r0, m).mul_(w.unsqueeze(1) * scaling);
+        }
+        // dG, dU now hold d(pre-activation) of gate and up for these rows.
+        Tensor grad_xe;
+        if (has(gate_A)) {
+          auto d_ug = dug_buf.narrow(0, r0, m);
+          at::mm_out(d_ug, dG, (*gate_B)[e].to(dt)).mul_(scaling);  // [m, r]
+          grad_xe = at::mm(d_ug, (*gate_A)[e].to(dt));
+        }
+        if (has(up_A)) {
+          auto d_uu = duu_buf.narrow(0, r0, m);
+          at::mm_out(d_uu, dU, (*up_B)[e].to(dt)).mul_(scaling);
+          grad_xe = grad_xe.defined() ? grad_xe.addmm_(d_uu, (*up_A)[e].to(dt)) : at::mm(d_uu, (*up_A)[e].to(dt));
+        }
+        if (grad_xe.defined()) {
+          if (drop.on()) drop_rows(drop, kXStream, tok, grad_xe);  // the grad into drop(x), through the x mask
+          add_rows(grad_xe, tok, Tensor(), 1.0, grad_x);
+        }
       });
-
-      Tensor dh_lora, lora_dot;
-      if (down && gy.defined()) {
-        auto dAe = (*down_A)[e].to(dt), dBe = (*down_B)[e].to(dt);
-        auto ud = at::mm(h, dAe.t());  // [m, r]
-        auto gye = gy.index_select(0, tok);
-        auto dvd = at::mm(gye, dBe);  // [m, r] = Bd^T dy per row
-        lora_dot = (ud * dvd).sum(1).mul_(scaling);
-        g_dB[e].addmm_(gye.mul_(w.unsqueeze(1)).t(), ud, 1.0, scaling);
-        auto d_ud = dvd.mul_(w.unsqueeze(1) * scaling);
-        g_dA[e].addmm_(d_ud.t(), h);
-        dh_lora = dhl_buf.narrow(0, 0, m);
-        at::mm_out(dh_lora, d_ud, dAe);
+      // The weight grads sum over the chunk's rows: one GEMM each over all its blocks, on all threads.
+      auto xe = x_buf.narrow(0, 0, cm);
+      if (lora) {
+        g_dB[e].addmm_(gy_buf.narrow(0, 0, cm).t(), ud_buf.narrow(0, 0, cm), 1.0, scaling);
+        g_dA[e].addmm_(dvd_buf.narrow(0, 0, cm).t(), h_buf.narrow(0, 0, cm));
       }
-
-      auto h_dot = h_dot_buf.narrow(0, 0, m);
-      AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_backward", [&] {
-        dispatch_act(act, [&](auto a) {
-          dispatch_flags(G.defined(), dh_lora.defined(), drop_h, [&](auto gated, auto lora, auto dropped) {
-            ffn_rows_backward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(lora)::value,
-                              decltype(dropped)::value>(
-                G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(),
-                dU.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-                dh_lora.defined() ? dh_lora.data_ptr<scalar_t>() : nullptr, dhbar.data_ptr<scalar_t>(),
-                tok.data_ptr<int64_t>(), pair.data_ptr<int64_t>(), w.data_ptr<scalar_t>(),
-                static_cast<scalar_t>(scaling), m, I, drop, grad_G.defined() ? grad_G.data_ptr<scalar_t>() : nullptr,
-                grad_U.data_ptr<scalar_t>(), h_dot.data_ptr<scalar_t>());
-          });
-        });
-      });
-      grad_w.index_copy_(0, flat.slice(0, lo, lo + m), lora_dot.defined() ? h_dot + lora_dot : h_dot);
-
-      // dG, dU now hold d(pre-activation) of gate and up for these rows.
-      Tensor grad_xe;
       if (has(gate_A)) {
-        auto d_ug = at::mm(dG, (*gate_B)[e].to(dt)).mul_(scaling);  // [m, r]
-        g_gB[e].addmm_(dG.t(), ug, 1.0, scaling);
-        g_gA[e].addmm_(d_ug.t(), xe);
-        grad_xe = at::mm(d_ug, (*gate_A)[e].to(dt));
+        g_gB[e].addmm_(dG_buf.narrow(0, 0, cm).t(), ug_buf.narrow(0, 0, cm), 1.0, scaling);
+        g_gA[e].addmm_(dug_buf.narrow(0, 0, cm).t(), xe);
       }
       if (has(up_A)) {
-        auto d_uu = at::mm(dU, (*up_B)[e].to(dt)).mul_(scaling);
-        g_uB[e].addmm_(dU.t(), uu, 1.0, scaling);
-        g_uA[e].addmm_(d_uu.t(), xe);
-        grad_xe = grad_xe.defined() ? grad_xe.addmm_(d_uu, (*up_A)[e].to(dt)) : at::mm(d_uu, (*up_A)[e].to(dt));
-      }
-      if (grad_xe.defined()) {
-        if (drop.on()) drop_rows(drop, kXStream, tok, grad_xe);  // the grad into drop(x), through the x mask
-        grad_x.index_add_(0, tok, grad_xe);
+        g_uB[e].addmm_(dU_buf.narrow(0, 0, cm).t(), uu_buf.narrow(0, 0, cm), 1.0, scaling);
+        g_uA[e].addmm_(duu_buf.narrow(0, 0, cm).t(), xe);
       }
     }
   }
