@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fnmatch
 import importlib.metadata
 import json
 import os
@@ -56,14 +57,20 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _name_list(allowed: tuple[str, ...], everything: str | None = None):
+    """A comma list of names or shell patterns ('moelora-*-mixed8-cpu'), each pattern in `allowed`'s order."""
+
     def parse(text: str) -> tuple[str, ...]:
         if everything is not None and text.strip() == everything:
             return allowed
-        names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
-        bad = [n for n in names if n not in allowed]
+        names, bad = [], []
+        for item in (v.strip() for v in text.split(",") if v.strip()):
+            matched = [n for n in allowed if fnmatch.fnmatchcase(n, item)]
+            names += matched
+            if not matched:
+                bad.append(item)
         if bad:
             raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(allowed)}")
-        return names
+        return tuple(dict.fromkeys(names))
 
     return parse
 
@@ -94,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=[*DTYPES, *DTYPE_ALIASES], default="float32", help="base weights and x")
     lora_help = "milora suite: adapter tensors in fp32 (the library's default) or in --dtype (model)"
     p.add_argument("--lora-dtype", choices=("fp32", "model"), help=lora_help)
-    p.add_argument("--providers", type=_name_list(ALL_PROVIDERS), help=f"comma list of {', '.join(ALL_PROVIDERS)}")
+    providers_help = f"comma list of names or shell patterns ('moelora-*-mixed8-cpu') of {', '.join(ALL_PROVIDERS)}"
+    p.add_argument("--providers", type=_name_list(ALL_PROVIDERS), help=providers_help)
     p.add_argument("--modes", type=_name_list(ALL_MODES), help=f"comma list of {', '.join(ALL_MODES)}")
     p.add_argument("--repeats", type=int, help="timed runs per case (median reported)")
     p.add_argument("--warmup", type=int, help="untimed runs before them")
@@ -224,7 +232,8 @@ def plan(suite: Suite, args: argparse.Namespace, device: torch.device, dtype: to
     notes = list(suite.notes)
     if (device_notes := getattr(suite, "device_notes", None)) is not None:
         notes += device_notes(device)
-    wanted = args.providers if args.providers is not None else suite.providers
+    # A suite may leave some providers out unless named (e2e's mixed batches).
+    wanted = args.providers if args.providers is not None else getattr(suite, "default_providers", suite.providers)
     providers = []
     for name in (p for p in suite.providers if p in wanted):
         if (why := suite.missing(name, device)) is not None:
@@ -283,6 +292,8 @@ def run_suite(p: Plan, args: argparse.Namespace, device: torch.device, dtype: to
             for name in checked:
                 # A provider compares the outputs it has (the milora suite's router has no decode output).
                 mine = want if keys is None else {k: v for k, v in want.items() if k in keys(name)}
+                if (own := getattr(suite, "own_reference", None)) is not None:  # e2e's mixed batch: rows alone
+                    mine = mine | own(name, inp)
                 parity = check_parity(suite, name, inp, with_grads, mine)
                 summary = parity.summary()
                 entry["parity"].append({key: case, "grads_checked": with_grads, **asdict(parity), "summary": summary})
@@ -335,7 +346,8 @@ def _time_case(
     row = {"status": "ok"} | asdict(timing)
     if timing.graph_error is not None:
         progress.log(f"{what}: CUDA graph capture failed, timed eagerly ({timing.graph_error})")
-    if (tokens := suite.tokens_per_call(shape, mode)) is not None:
+    ran = getattr(suite, "run_shape", lambda _, s: s)(name, shape)  # e2e's mixed batch: n sequences, not B
+    if (tokens := suite.tokens_per_call(ran, mode)) is not None:
         row["tokens_per_s"] = tokens / (timing.median_ms / 1e3)
     if args.memory and device.type == "cpu":
         try:

@@ -11,6 +11,15 @@ Providers (each builds its own model from the same seed, so every one starts fro
     moelora-milora-<backend>   the same with MiLoraConfig() (r=32, top-3 of the 7 projections)
 <backend> is `reference`, or the fused one of the device: `cpu` (the C++ extension) on CPU, `triton` on CUDA.
 
+Mixed batches (MIXED, opt-in: they run only when --providers names them): n adapters (n in MIXED_SIZES = 8, 32)
+loaded on one llama, sequence i runs adapter i, all n sequences in one generate(adapter_names=[...]). These
+providers run n sequences whatever the row's B, and only generate and ttft (a mixed batch is for inference).
+    peft-lora-mixed<n>               PEFT's own mixed batch: n LoRAs as peft-lora's (add_adapter)
+    moelora-lora-mixed<n>-<backend>  n plain LoRAs through moelora (moelora.LoraConfig with peft-lora's r,
+                                     alpha, dropout and projections)
+    moelora-milora-mixed<n>-<backend>, moelora-mixlora-mixed<n>-<backend>  n MiLoRA / MixLoRA adapters
+    moelora-mix-mixed<n>-<backend>   adapter i is MiLoRA, MixLoRA, LoRA for i % 3 = 0, 1, 2
+
 mixlora-pkg and the moelora MixLoRA providers load the same adapter tensors (drawn here in MoE-PEFT's
 layout, converted by moelora.formats), so they compute one function and route the same tokens alike.
 
@@ -26,7 +35,9 @@ Modes:
 Parity (eval mode, fp32, on a model of at most PARITY_LAYERS layers and the first PARITY_TOKENS tokens of
 the batch): every adapter with B = 0 gives the base's logits; with random non-zero adapters mixlora-pkg and
 moelora-mixlora-<fused> give moelora-mixlora-reference's logits, and moelora-milora-<fused> gives
-moelora-milora-reference's.
+moelora-milora-reference's. A mixed provider is compared with itself (`alone`): its batch's logits on n
+sequences against each sequence run alone with its adapter (set_adapter; moelora's on the reference backend),
+and its batch with B = 0 against the llama alone on those n sequences.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import gc
 import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -48,9 +60,22 @@ from bench.providers import mixlora_pkg_missing
 from moelora import formats
 from moelora.config import LLAMA_PROJECTIONS
 
+if TYPE_CHECKING:  # peft is optional: imported where a provider needs it
+    import peft
+
 FUSED = ("cpu", "triton")
-MOELORA = tuple(f"moelora-{kind}-{b}" for kind in ("mixlora", "milora") for b in ("reference", *FUSED))
-PROVIDERS = ("base", "peft-lora", "mixlora-pkg", *MOELORA)
+BACKENDS = ("reference", *FUSED)
+MOELORA = tuple(f"moelora-{kind}-{b}" for kind in ("mixlora", "milora") for b in BACKENDS)
+PROVIDERS = ("base", "peft-lora", "mixlora-pkg", *MOELORA)  # the suite's default list
+MIXED_SIZES = (8, 32)
+MIXED_KINDS = ("milora", "mixlora", "lora", "mix")
+MIXED = tuple(
+    name
+    for n in MIXED_SIZES
+    for name in (f"peft-lora-mixed{n}", *(f"moelora-{k}-mixed{n}-{b}" for k in MIXED_KINDS for b in BACKENDS))
+)
+MIX_CYCLE = ("milora", "mixlora", "lora")  # moelora-mix-*: adapter i's kind
+MILORA_OPS = ("prompt_route", "segmented_lora")  # what MiLoRA runs (moelora.ops); a backend may lack them
 MODES = ("train", "generate", "ttft")
 PEFT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -94,6 +119,31 @@ def family(name: str) -> str | None:
     return name.split("-")[1] if name.startswith("moelora-") else None
 
 
+def mixed_size(name: str) -> int | None:
+    """n, the adapters (and sequences) of a mixed-batch provider `...-mixed<n>[-<backend>]`; None for the others."""
+    for part in name.split("-"):
+        if part.startswith("mixed") and part[len("mixed") :].isdigit():
+            return int(part[len("mixed") :])
+    return None
+
+
+def adapter_names(n: int) -> list[str]:
+    """The n tenants' adapter names, in batch order: sequence i runs adapter i."""
+    return [f"tenant{i}" for i in range(n)]
+
+
+def run_shape(name: str, shape: E2eShape) -> E2eShape:
+    """The shape provider `name` runs: a mixed batch of n adapters has B = n sequences whatever the row's B."""
+    n = mixed_size(name)
+    return shape if n is None else replace(shape, B=n)
+
+
+def run_inputs(name: str, inp: ModelInputs) -> ModelInputs:
+    """The inputs of provider `name`: the row's, or for a mixed batch n sequences drawn from the same seed."""
+    shape = run_shape(name, inp.shape)
+    return inp if shape == inp.shape else make_inputs(shape, inp.dtype, inp.device, inp.seed)
+
+
 def backend_of(name: str) -> str | None:
     """The moelora backend a provider runs under (the last part of its name), None for the others."""
     return name.rsplit("-", 1)[1] if name.startswith("moelora-") else None
@@ -101,8 +151,8 @@ def backend_of(name: str) -> str | None:
 
 def missing(name: str, device: torch.device) -> str | None:
     """Why provider `name` cannot run on `device` here, or None."""
-    if name == "peft-lora" and importlib.util.find_spec("peft") is None:
-        return "peft-lora skipped: `import peft` fails (pip install -e '.[bench]')"
+    if name.startswith("peft-lora") and importlib.util.find_spec("peft") is None:
+        return f"{name} skipped: `import peft` fails (pip install -e '.[bench]')"
     if name == "mixlora-pkg":
         return mixlora_pkg_missing()
     chosen = backend_of(name)
@@ -115,7 +165,9 @@ def missing(name: str, device: torch.device) -> str | None:
 
 
 def runs(name: str, mode: str) -> bool:
-    return True
+    """Mixed batches run generate and ttft only: adapter_names is for inference (PEFT and moelora refuse it in
+    training)."""
+    return mode != "train" or mixed_size(name) is None
 
 
 def tokens_per_call(shape: E2eShape, mode: str) -> int | None:
@@ -233,17 +285,53 @@ def _redraw_lora_b(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, device=p.device) * 0.02)
 
 
+def _peft_lora_config() -> peft.LoraConfig:
+    import peft
+
+    return peft.LoraConfig(**PEFT_LORA, target_modules=list(LLAMA_PROJECTIONS), task_type="CAUSAL_LM")
+
+
+def _moelora_config(kind: str) -> moelora.MixLoraConfig | moelora.MiLoraConfig | moelora.LoraConfig:
+    if kind == "lora":  # peft-lora's adapter, through moelora
+        return moelora.LoraConfig(**PEFT_LORA, target_modules=list(LLAMA_PROJECTIONS))
+    return moelora.MixLoraConfig() if kind == "mixlora" else moelora.MiLoraConfig()
+
+
+def _build_mixed(name: str, inp: ModelInputs, zero_b: bool, layers: int) -> nn.Module:
+    """n adapters on one llama, each with its own tensors (fresh: B = 0; else random B)."""
+    n, kind = mixed_size(name), family(name)
+    names = adapter_names(n)
+    llama = build_llama(inp, layers)
+    torch.manual_seed(inp.seed + 2)  # the adapters' init (A, routers): the same for every backend
+    if kind is None:  # peft-lora-mixed<n>
+        import peft
+
+        model = peft.get_peft_model(llama, _peft_lora_config(), adapter_name=names[0])
+        for adapter in names[1:]:
+            model.add_adapter(adapter, _peft_lora_config())
+    else:
+        kinds = [MIX_CYCLE[i % len(MIX_CYCLE)] if kind == "mix" else kind for i in range(n)]
+        model = moelora.get_moelora_model(llama, _moelora_config(kinds[0]), names[0])
+        for adapter, k in zip(names[1:], kinds[1:], strict=True):
+            model.add_adapter(_moelora_config(k), adapter, trainable=False)
+    if not zero_b:
+        _redraw_lora_b(model, inp.seed + 1)
+    return model.eval()
+
+
 def build(name: str, inp: ModelInputs, zero_b: bool = False, layers: int | None = None) -> nn.Module:
     """Provider `name`'s model in eval mode: fresh adapters (zero_b: B = 0, the base's outputs) or random
-    non-zero ones; mixlora-pkg and the moelora MixLoRA providers get the same tensors."""
+    non-zero ones; mixlora-pkg and the moelora MixLoRA providers get the same tensors. A mixed provider's
+    model holds its n adapters (run it on run_inputs(name, inp))."""
     layers = layers or inp.shape.L
+    if mixed_size(name) is not None:
+        return _build_mixed(name, inp, zero_b, layers)
     if name == "base":
         return build_llama(inp, layers)
     if name == "peft-lora":
         import peft
 
-        cfg = peft.LoraConfig(**PEFT_LORA, target_modules=list(LLAMA_PROJECTIONS), task_type="CAUSAL_LM")
-        model = peft.get_peft_model(build_llama(inp, layers), cfg)
+        model = peft.get_peft_model(build_llama(inp, layers), _peft_lora_config())
     elif name == "mixlora-pkg":
         return _build_pkg(inp, layers, zero_b)
     elif family(name) == "mixlora":
@@ -256,7 +344,7 @@ def build(name: str, inp: ModelInputs, zero_b: bool = False, layers: int | None 
         torch.manual_seed(inp.seed + 2)  # the routers' init, the same for every backend
         model = moelora.get_moelora_model(llama, moelora.MiLoraConfig())
     else:
-        raise ValueError(f"e2e: unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+        raise ValueError(f"e2e: unknown provider {name!r}; choose from {', '.join(PROVIDERS + MIXED)}")
     if not zero_b:
         _redraw_lora_b(model, inp.seed + 1)
     return model.eval()
@@ -289,12 +377,17 @@ def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
     """One timed unit of provider `name` in `mode`; the model (and optimiser) is built here, untimed."""
     if mode not in MODES:
         raise ValueError(f"e2e: mode must be one of {MODES}, got {mode!r}")
+    if not runs(name, mode):
+        raise ValueError(f"e2e: provider {name!r} has no {mode!r} mode (a mixed batch runs generate and ttft)")
     free_memory()
+    inp = run_inputs(name, inp)
     model = build(name, inp)
     enter = backend_for(name, inp.device)
     if mode in ("generate", "ttft"):
         n = inp.shape.N if mode == "generate" else 1
         mask = torch.ones_like(inp.prompt)
+        # One adapter per sequence in a mixed batch; the others run their one adapter.
+        mixed = {} if mixed_size(name) is None else {"adapter_names": adapter_names(inp.shape.B)}
 
         def generate() -> Tensor:
             with torch.no_grad(), enter():
@@ -305,6 +398,7 @@ def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
                     min_new_tokens=n,
                     do_sample=False,
                     pad_token_id=0,
+                    **mixed,
                 )
 
         return generate
@@ -331,7 +425,10 @@ def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
 
 def parity_keys(name: str) -> tuple[str, ...]:
     """What provider `name` is compared on: "base" (its logits with B = 0 against the llama alone) and, for
-    the providers that compute the reference's function, "mixlora" / "milora" (random adapters)."""
+    the providers that compute the reference's function, "mixlora" / "milora" (random adapters). A mixed
+    provider has none of these: it is compared with itself (alone)."""
+    if mixed_size(name) is not None:
+        return ()
     if name == "mixlora-pkg" or (family(name) == "mixlora" and backend_of(name) != "reference"):
         return ("base", "mixlora")
     if family(name) == "milora" and backend_of(name) != "reference":
@@ -347,11 +444,14 @@ def _logits(name: str, inp: ModelInputs, ids: Tensor, zero_b: bool) -> Tensor:
 
 def outputs(name: str, inp: ModelInputs, with_grads: bool = False) -> dict[str, Tensor]:
     """Parity's outputs, eval mode: "reference" gives the oracle of every key (the llama alone, and
-    moelora-mixlora-reference / moelora-milora-reference with random adapters)."""
+    moelora-mixlora-reference / moelora-milora-reference with random adapters); a mixed provider gives its
+    batch's logits with B = 0 ("base") and random B ("alone"), compared with alone(name, inp)."""
     if with_grads:
         raise ValueError("e2e: parity compares logits only (with_grads=False)")
     free_memory()
     ids = inp.ids[:, :PARITY_TOKENS]
+    if mixed_size(name) is not None:
+        return {"base": _mixed_logits(name, inp, zero_b=True), "alone": _mixed_logits(name, inp, zero_b=False)}
     if name == "reference":
         return {
             "base": _logits("base", inp, ids, zero_b=True),
@@ -361,6 +461,32 @@ def outputs(name: str, inp: ModelInputs, with_grads: bool = False) -> dict[str, 
     return {key: _logits(name, inp, ids, zero_b=key == "base") for key in parity_keys(name)}
 
 
+def _mixed_logits(name: str, inp: ModelInputs, zero_b: bool) -> Tensor:
+    """The mixed batch's logits: sequence i of run_inputs(name, inp) with adapter i, all in one forward."""
+    inp = run_inputs(name, inp)
+    model = build(name, inp, zero_b=zero_b, layers=min(inp.shape.L, PARITY_LAYERS))
+    with torch.no_grad(), backend_for(name, inp.device)():
+        return model(input_ids=inp.ids[:, :PARITY_TOKENS], adapter_names=adapter_names(inp.shape.B)).logits.float()
+
+
+def alone(name: str, inp: ModelInputs) -> dict[str, Tensor]:
+    """What mixed provider `name` is compared with (empty for the others): "alone", each of its n sequences
+    run by itself with its adapter (set_adapter; moelora's on the reference backend), and "base", the llama
+    alone on those n sequences (its batch with every B = 0 must give them)."""
+    if mixed_size(name) is None:
+        return {}
+    free_memory()
+    inp = run_inputs(name, inp)
+    ids = inp.ids[:, :PARITY_TOKENS]
+    model = build(name, inp, layers=min(inp.shape.L, PARITY_LAYERS))
+    rows = []
+    with torch.no_grad(), moelora.set_backend("reference"):  # PEFT's model runs no moelora op
+        for i, adapter in enumerate(adapter_names(inp.shape.B)):
+            model.set_adapter(adapter)
+            rows.append(model(input_ids=ids[i : i + 1]).logits.float())
+    return {"base": _logits("base", inp, ids, zero_b=True), "alone": torch.cat(rows)}
+
+
 def dry_run(
     shape: E2eShape, dtype: torch.dtype = torch.bfloat16, names: tuple[str, ...] = PROVIDERS
 ) -> Iterator[tuple[str, nn.Module]]:
@@ -368,6 +494,6 @@ def dry_run(
     construct, checked on a machine without their memory. Skips the packages that are not installed."""
     inp = make_inputs(replace(shape, S=1, P=1), dtype, device="meta")
     for name in names:
-        if name in ("mixlora-pkg", "peft-lora") and missing(name, inp.device) is not None:
+        if (name == "mixlora-pkg" or name.startswith("peft-lora")) and missing(name, inp.device) is not None:
             continue
         yield name, build(name, inp)

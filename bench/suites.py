@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import moelora
 from bench import e2e, milora, model, moe_lora, providers, route
 from bench.fused import fused_missing
 from bench.timing import MODES, ROUTER_GRAD_TOLERANCE, TOLERANCE, make_step, primary
@@ -340,15 +341,34 @@ MILORA = MiloraSuite(
 
 
 _BASE_VS_PEFT = "not expected; below 1, the llama alone takes that fraction of PEFT's time (LoRA adds the rest)"
+_VS_PEFT = "slower than PEFT's LoRA by that factor (below 1: faster)"
+# A mixed provider runs n sequences, peft-lora the row's B: like for like where B = n (the small preset's B = 8).
+_MIXED_VS_PEFT = "n sequences from n adapters against PEFT's one LoRA on the row's B sequences: slower by that factor"
+_MIXED_VS_PEFT_MIXED = "slower than PEFT's own mixed batch of the same n LoRAs by that factor (below 1: faster)"
+
+
+def _e2e_ratios() -> tuple[Ratio, ...]:
+    """Every provider against peft-lora; every moelora mixed batch also against peft-lora-mixed<n>."""
+    to_peft = tuple(
+        (p, "peft-lora", _BASE_VS_PEFT if p == "base" else _MIXED_VS_PEFT if e2e.mixed_size(p) else _VS_PEFT)
+        for p in (*e2e.PROVIDERS, *e2e.MIXED)
+        if p != "peft-lora"
+    )
+    to_mixed = tuple(
+        (p, f"peft-lora-mixed{e2e.mixed_size(p)}", _MIXED_VS_PEFT_MIXED) for p in e2e.MIXED if p.startswith("moelora-")
+    )
+    return to_peft + to_mixed
 
 
 class E2eSuite:
-    """Whole llamas (bench.e2e): every provider against PEFT's LoRA; parity before timing, eval mode."""
+    """Whole llamas (bench.e2e): every provider against PEFT's LoRA; parity before timing, eval mode. The mixed
+    batches (e2e.MIXED) are opt-in: not in default_providers, they run when --providers names them."""
 
     name = "e2e"
     title = "Whole llama end to end"
-    providers = e2e.PROVIDERS
-    checked = tuple(p for p in e2e.PROVIDERS if p != "base")
+    providers = (*e2e.PROVIDERS, *e2e.MIXED)
+    default_providers = e2e.PROVIDERS
+    checked = tuple(p for p in providers if p != "base")
     modes = e2e.MODES
     grad_mode = None  # parity compares eval-mode logits (training runs dropout, which no two providers share)
     case = "B"
@@ -362,12 +382,12 @@ class E2eSuite:
         f"parity (eval, fp32, at most {e2e.PARITY_LAYERS} layers and {e2e.PARITY_TOKENS} tokens per sequence): "
         "base = every adapter with B = 0 against the llama alone; mixlora / milora = random adapters against "
         "moelora-mixlora-reference / moelora-milora-reference (mixlora-pkg loads the same tensors)",
+        "*-mixed<n> (when named in --providers): n adapters loaded, sequence i runs adapter i in one generate, so "
+        "they run n sequences whatever the row's B (their tokens per second count n x N), generate and ttft only; "
+        "parity: base = the batch with B = 0 against the llama alone, alone = the batch against each sequence run "
+        "alone with its adapter",
     )
-    ratios: tuple[Ratio, ...] = tuple(
-        (p, "peft-lora", _BASE_VS_PEFT if p == "base" else "slower than PEFT's LoRA by that factor (below 1: faster)")
-        for p in e2e.PROVIDERS
-        if p != "peft-lora"
-    )
+    ratios: tuple[Ratio, ...] = _e2e_ratios()
 
     def __init__(self, presets: dict[str, Preset]) -> None:
         self.presets = presets
@@ -382,11 +402,21 @@ class E2eSuite:
     runs = staticmethod(e2e.runs)
     missing = staticmethod(e2e.missing)
     tokens_per_call = staticmethod(e2e.tokens_per_call)
+    run_shape = staticmethod(e2e.run_shape)  # a mixed batch's B is its n: its throughput counts n sequences
+    own_reference = staticmethod(e2e.alone)  # a mixed batch's oracle: its sequences run alone
 
     def device_notes(self, device: torch.device) -> list[str]:
-        if device.type != "cpu":
+        if device.type != "cpu" or fused_missing(device) is not None:
             return []
-        return ["moelora-milora-cpu: the cpu backend has no MiLoRA op, so it runs the reference's (moelora warns)"]
+        with moelora.set_backend("cpu"):
+            impl = moelora.backend.resolve(device)
+        lacking = [op for op in e2e.MILORA_OPS if getattr(impl, op, None) is None]
+        if not lacking:
+            return []
+        return [
+            f"moelora-milora-cpu and the MiLoRA tenants of moelora-*-mixed<n>-cpu: the cpu backend has no "
+            f"{' / '.join(lacking)} op, so those run the reference's (moelora warns)"
+        ]
 
     def tolerance(self, key: str) -> float:
         return TOLERANCE

@@ -1,9 +1,10 @@
-"""The e2e suite on its tiny preset (every provider, every mode, one repeat), its parity check against
-perturbed providers, the GPU presets' construction on the meta device, and the bench-wide busy-machine
-warnings and results folder."""
+"""The e2e suite on its tiny preset (every provider, every mode, one repeat; the opt-in mixed batches too), its
+parity check against perturbed providers, the GPU presets' construction on the meta device, and the bench-wide
+busy-machine warnings and results folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -26,8 +27,8 @@ def _run(tmp_path, argv: str) -> dict:
     return json.loads(json_path.read_text())
 
 
-def _ran() -> list[str]:
-    return [p for p in E2E.providers if E2E.missing(p, CPU) is None]
+def _ran(providers: tuple[str, ...] = E2E.default_providers) -> list[str]:
+    return [p for p in providers if E2E.missing(p, CPU) is None]
 
 
 @pytest.fixture
@@ -45,6 +46,7 @@ def test_every_provider_and_mode_end_to_end(tmp_path, capsys):
     entry = report["e2e"]
     ran = _ran()
     assert {"base", "peft-lora", "moelora-mixlora-reference", "moelora-milora-reference"} <= set(ran)
+    assert not set(ran) & set(e2e.MIXED)  # the mixed batches are opt-in
     assert entry["providers"] == ran and entry["modes"] == list(e2e.MODES) and entry["B"] == [2]
     assert len(entry["results"]) == len(ran) * len(e2e.MODES)
     assert all(r["status"] == "ok" and r["median_ms"] > 0 and r["repeats"] == 1 for r in entry["results"])
@@ -67,9 +69,11 @@ def test_every_provider_and_mode_end_to_end(tmp_path, capsys):
 
 
 def _parity(provider: str, inp: e2e.ModelInputs):
-    """As the runner checks: the reference's outputs on the keys `provider` is compared on."""
-    want = {k: v for k, v in E2E.outputs("reference", inp, False).items() if k in E2E.parity_keys(provider)}
-    return check_parity(E2E, provider, inp, False, want)
+    """As the runner checks: the reference's outputs on the keys `provider` is compared on, and its own
+    reference (a mixed batch's sequences run alone)."""
+    keys = E2E.parity_keys(provider)
+    want = {k: v for k, v in E2E.outputs("reference", inp, False).items() if k in keys} if keys else {}
+    return check_parity(E2E, provider, inp, False, want | E2E.own_reference(provider, inp))
 
 
 @pytest.mark.parametrize(
@@ -79,8 +83,17 @@ def _parity(provider: str, inp: e2e.ModelInputs):
         ("mixlora-pkg", False, "mixlora"),
         ("moelora-mixlora-cpu", False, "mixlora"),
         ("moelora-milora-cpu", False, "milora"),
+        ("peft-lora-mixed8", True, "base"),
+        ("moelora-mix-mixed8-cpu", True, "base"),
     ],
-    ids=["peft-lora-nonzero-B", "mixlora-pkg-scaled-B", "moelora-mixlora-cpu-scaled-B", "moelora-milora-cpu-scaled-B"],
+    ids=[
+        "peft-lora-nonzero-B",
+        "mixlora-pkg-scaled-B",
+        "moelora-mixlora-cpu-scaled-B",
+        "moelora-milora-cpu-scaled-B",
+        "peft-lora-mixed8-nonzero-B",
+        "moelora-mix-mixed8-cpu-nonzero-B",
+    ],
 )
 def test_parity_fails_for_a_perturbed_provider(monkeypatch, tiny_e2e_inputs, provider, zero_b, key):
     skip_if_missing(E2E, provider)
@@ -99,6 +112,135 @@ def test_parity_fails_for_a_perturbed_provider(monkeypatch, tiny_e2e_inputs, pro
     monkeypatch.setattr(e2e, "build", perturbed)
     parity = _parity(provider, tiny_e2e_inputs)
     assert not parity.ok and parity.rel_err[key] > parity.allowed[key], parity.summary()
+
+
+def _mixed_run(tmp_path, n: int) -> dict:
+    # PEFT's single LoRA for the ratios; every mode, so that train shows as not run for the mixed batches.
+    return _run(tmp_path, f"--suite e2e --preset tiny --providers peft-lora,*-mixed{n},*-mixed{n}-* {FAST}")["e2e"]
+
+
+@pytest.mark.parametrize("n", e2e.MIXED_SIZES, ids=[f"mixed{n}" for n in e2e.MIXED_SIZES])
+def test_mixed_batches_end_to_end(tmp_path, capsys, n):
+    entry = _mixed_run(tmp_path, n)
+    mixed = _ran(tuple(p for p in e2e.MIXED if e2e.mixed_size(p) == n))
+    assert f"peft-lora-mixed{n}" in mixed and f"moelora-mix-mixed{n}-reference" in mixed
+    assert entry["providers"] == ["peft-lora", *mixed]
+    rows = {(r["mode"], r["provider"]): r for r in entry["results"]}
+    # A mixed batch runs generate and ttft, never train (adapter_names is for inference).
+    assert set(rows) == {(m, "peft-lora") for m in e2e.MODES} | {(m, p) for m in ("generate", "ttft") for p in mixed}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows.values())
+    shape = tiny_shape(E2E)
+    for p in mixed:  # n sequences of N new tokens, whatever the row's B
+        r = rows["generate", p]
+        assert r["tokens_per_s"] == pytest.approx(n * shape.N / (r["median_ms"] / 1e3)) and n != shape.B
+    # Parity first, on the batch's own oracle: B = 0 gives the base's logits, each row equals itself alone.
+    assert [p["provider"] for p in entry["parity"]] == ["peft-lora", *mixed]
+    assert all(p["ok"] for p in entry["parity"])
+    assert all(set(p["rel_err"]) == {"base", "alone"} for p in entry["parity"][1:])
+    # Ratios: every mixed batch against PEFT's one LoRA, moelora's also against PEFT's mixed batch.
+    against_mixed = [f"{p}/peft-lora-mixed{n}" for p in mixed if p.startswith("moelora-")]
+    assert list(entry["ratio_meaning"]) == [f"{p}/peft-lora" for p in mixed] + against_mixed
+    for row in entry["ratios"]:
+        values = [row[r] for r in entry["ratio_meaning"]]
+        assert all(v is None for v in values) if row["mode"] == "train" else all(v > 0 for v in values)
+    header = "| B | mode | peft-lora | " + " | ".join(mixed) + " | "
+    assert header in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "provider",
+    ["peft-lora-mixed8", "moelora-milora-mixed8-cpu", "moelora-mixlora-mixed8-reference", "moelora-mix-mixed8-cpu"],
+)
+def test_parity_fails_when_a_sequence_runs_its_neighbours_adapter(monkeypatch, tiny_e2e_inputs, provider):
+    """The `alone` check catches a mixed batch that pairs sequences with the wrong adapters."""
+    skip_if_missing(E2E, provider)
+    assert _parity(provider, tiny_e2e_inputs).ok
+    build = e2e.build
+
+    def rolled(name, inp, zero_b=False, layers=None):
+        model = build(name, inp, zero_b=zero_b, layers=layers)
+        forward = model.forward
+
+        def shifted(*args, adapter_names=None, **kwargs):
+            if adapter_names is not None:  # only the mixed batch: the sequences run alone use set_adapter
+                kwargs["adapter_names"] = adapter_names[1:] + adapter_names[:1]
+            return forward(*args, **kwargs)
+
+        model.forward = shifted
+        return model
+
+    monkeypatch.setattr(e2e, "build", rolled)
+    parity = _parity(provider, tiny_e2e_inputs)
+    assert not parity.ok and parity.rel_err["alone"] > parity.allowed["alone"], parity.summary()
+    assert parity.rel_err["base"] <= parity.allowed["base"]  # with B = 0 every adapter is the base
+
+
+@pytest.mark.parametrize(
+    ("name", "n", "kind", "backend"),
+    [
+        ("peft-lora-mixed8", 8, None, None),
+        ("moelora-milora-mixed32-cpu", 32, "milora", "cpu"),
+        ("moelora-mix-mixed8-triton", 8, "mix", "triton"),
+        ("moelora-lora-mixed32-reference", 32, "lora", "reference"),
+        ("moelora-mixlora-cpu", None, "mixlora", "cpu"),
+        ("peft-lora", None, None, None),
+    ],
+    ids=["peft-mixed8", "milora-mixed32-cpu", "mix-mixed8-triton", "lora-mixed32-reference", "mixlora-cpu", "peft"],
+)
+def test_provider_names_parse(name, n, kind, backend):
+    assert (e2e.mixed_size(name), e2e.family(name), e2e.backend_of(name)) == (n, kind, backend)
+    assert name in E2E.providers and (name in e2e.MIXED) == (n is not None)
+    shape = tiny_shape(E2E)
+    want_b = n if n is not None else shape.B  # a mixed batch runs n sequences, the others the row's B
+    assert e2e.run_shape(name, shape) == dataclasses.replace(shape, B=want_b)
+    assert E2E.runs(name, "train") == (n is None) and E2E.runs(name, "generate") and E2E.runs(name, "ttft")
+
+
+def test_every_mixed_name_is_one_kind_size_and_backend():
+    want = {f"peft-lora-mixed{n}" for n in (8, 32)}
+    want |= {
+        f"moelora-{k}-mixed{n}-{b}" for k in ("milora", "mixlora", "lora", "mix") for n in (8, 32) for b in e2e.BACKENDS
+    }
+    assert set(e2e.MIXED) == want and len(e2e.MIXED) == len(want)
+    assert E2E.providers == (*E2E.default_providers, *e2e.MIXED) and set(E2E.checked) == set(E2E.providers) - {"base"}
+
+
+@pytest.mark.parametrize(
+    ("ops", "named"),
+    [((), None), (("no_such_op",), "no_such_op"), (("mixlora_ffn", "no_such_op"), "no_such_op")],
+    ids=["none-asked", "one-lacking", "one-of-two-lacking"],
+)
+def test_the_cpu_note_names_the_milora_ops_the_backend_lacks(monkeypatch, ops, named):
+    skip_if_missing(E2E, "moelora-milora-cpu")
+    monkeypatch.setattr(e2e, "MILORA_OPS", ops)
+    notes = E2E.device_notes(CPU)
+    assert notes == [] if named is None else len(notes) == 1 and f"no {named} op" in notes[0]
+    assert E2E.device_notes(torch.device("meta")) == []
+
+
+def test_a_mixed_batch_has_no_train_mode(tiny_e2e_inputs):
+    with pytest.raises(ValueError, match=r"provider 'peft-lora-mixed8' has no 'train' mode"):
+        e2e.step("peft-lora-mixed8", tiny_e2e_inputs, "train")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("peft-lora", ("peft-lora",)),
+        ("moelora-*-mixed8-cpu", tuple(f"moelora-{k}-mixed8-cpu" for k in ("milora", "mixlora", "lora", "mix"))),
+        ("peft-lora*", ("peft-lora", "peft-lora-mixed8", "peft-lora-mixed32")),
+        ("peft-lora-mixed8,peft-lora*", ("peft-lora-mixed8", "peft-lora", "peft-lora-mixed32")),
+    ],
+    ids=["a-name", "a-pattern", "a-prefix-pattern", "names-kept-once-in-order"],
+)
+def test_providers_take_shell_patterns(text, expected):
+    assert cli.parse_args(["--providers", text]).providers == expected
+
+
+def test_an_unknown_provider_pattern_names_it(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--providers", "peft-lora,moelora-*-mixed9-*"])
+    assert "unknown ['moelora-*-mixed9-*']" in capsys.readouterr().err
 
 
 def test_random_adapters_move_the_logits(tiny_e2e_inputs):
@@ -145,6 +287,26 @@ def test_gpu_presets_construct_on_meta(preset):
         assert trainable["peft-lora"] == shape.L * per_layer
     assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in built["base"].parameters())
     assert built["base"].config.num_hidden_layers == 32
+
+
+def test_mixed_batches_construct_on_meta_at_a_gpu_shape():
+    """llama3-8b's shape (GQA) cut to 2 layers: every tenant gets its own adapter of its kind, so the mixed
+    models hold n single adapters' worth of tensors (a mix: 3 MiLoRA, 3 MixLoRA, 2 LoRA at n = 8)."""
+    preset = E2E.presets["llama3-8b"]
+    shape = dataclasses.replace(E2E.shape(preset.cases[0], preset.dims), L=2)
+    names = ("base", "moelora-milora-reference", "moelora-mixlora-reference", "moelora-mix-mixed8-reference")
+    names += ("moelora-lora-mixed8-cpu", "peft-lora", "peft-lora-mixed8")
+    built = dict(e2e.dry_run(shape, names=names))
+    base = sum(p.numel() for p in built["base"].parameters())
+    adapter = {name: sum(p.numel() for p in m.parameters()) - base for name, m in built.items()}
+    h, i, kv = shape.H, shape.I, shape.H // shape.heads * shape.kv_heads
+    one_lora = shape.L * 16 * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)  # r=16 on the seven projections
+    assert adapter["moelora-lora-mixed8-cpu"] == 8 * one_lora
+    milora, mixlora = adapter["moelora-milora-reference"], adapter["moelora-mixlora-reference"]
+    assert adapter["moelora-mix-mixed8-reference"] == 3 * milora + 3 * mixlora + 2 * one_lora
+    if "peft-lora" in built:
+        assert adapter["peft-lora"] == one_lora and adapter["peft-lora-mixed8"] == 8 * one_lora
+    assert all(p.device.type == "meta" for p in built["moelora-mix-mixed8-reference"].parameters())
 
 
 def test_a_shape_the_heads_do_not_divide_names_the_flag():

@@ -159,7 +159,8 @@ def run_op(op: str, impl: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
         out = fn(*args, **kwargs)
     finally:
         reason = _fallback_reason.pop()
-    _ran[(op, "reference" if reason is not None else backend_name(impl))] += 1
+    if not torch.compiler.is_compiling():  # traced, the count would guard every step's graph on its value
+        _ran[(op, "reference" if reason is not None else backend_name(impl))] += 1
     return out
 
 
@@ -171,7 +172,8 @@ def fell_back(op: str, reason: str) -> None:
 
 
 def ops_ran() -> dict[str, dict[str, int]]:
-    """{op: {backend: calls}} since the last reset_ops_ran() (by default: the last MoeLoraModel forward)."""
+    """{op: {backend: calls}} since the last reset_ops_ran() (by default: the last MoeLoraModel forward); calls
+    inside torch.compile are not counted (a count there would make every call recompile)."""
     out: dict[str, dict[str, int]] = {}
     for (op, where), n in sorted(_ran.items()):
         out.setdefault(op, {})[where] = n

@@ -3,7 +3,9 @@
 Importing this module loads the extension moelora._C; it raises ImportError when the extension was not
 built (no compiler at install time), and moelora.backend then keeps the reference. The C++ ops compute in
 fp32 (fp64 for fp64 inputs), like the reference. What they do not cover falls back to the reference:
-DoRA (supports_dora = False) and activations other than SiLU, GELU (erf or tanh) and ReLU. LoRA dropout
+DoRA (supports_dora = False) and activations other than SiLU, GELU (erf or tanh) and ReLU. MiLoRA's
+segmented_lora is a C++ kernel at decoding sizes and ATen GEMMs grouped by adapter above them (moelora.segmented);
+prompt_route is the reference's ATen code. LoRA dropout
 (moelora.dropout) runs inside the C++ FFN from (p, seed): its Philox mask is made where it is used, in the
 forward and again in the backward, and `dropout_mask` gives the same mask outside the kernel.
 """
@@ -16,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from moelora import reference
+from moelora import reference, segmented
 from moelora.activations import activation_name
 from moelora.dropout import LoraDropout
 from moelora.reference import ExpertLora, Routing
@@ -68,6 +70,11 @@ def _mixlora_ffn_backward_fake(grad_hbar, grad_y_lora, x, gate, up, weights, ind
     return [torch.empty_like(t) if t is not None else none for t in like]
 
 
+@torch.library.register_fake("moelora::segmented_lora_decode")
+def _segmented_lora_decode_fake(x, token_seq, seq_lora, seq_gate, A, B, scaling):
+    return x.new_empty(x.shape[0], B.shape[1])
+
+
 @torch.library.register_fake("moelora::dropout_mask")
 def _dropout_mask_fake(seed, stream, numel, p):
     return torch.empty(numel, dtype=torch.bool)
@@ -75,6 +82,25 @@ def _dropout_mask_fake(seed, stream, numel, p):
 
 supports_dora = False
 lora = reference.lora  # a dense LoRA is two ATen GEMMs already
+# MiLoRA's prompt router runs once per layer per prompt (a pooling reduction, one [B, H] x [H, M] GEMM, a
+# softmax and a top-k over M <= 7 modules): at B=8, S=64, H=512 it took about 1 ms per layer on a loaded 2-core
+# AMD EPYC, under 2% of the prefill, so the ATen code of the reference is this backend's op too.
+prompt_route = reference.prompt_route
+
+# segmented_lora calls of at most this many tokens without a gradient (decoding steps of many tenants) run the
+# C++ kernel (csrc/segmented_lora.cpp: each token reads its adapter's A and B in place); larger ones, and any
+# that needs a gradient, group rows by adapter through ATen GEMMs (moelora.segmented).
+SEGMENTED_DECODE_TOKENS = 64
+
+
+def segmented_lora(
+    x: Tensor, token_seq: Tensor, seq_lora: Tensor, seq_gate: Tensor, A: Tensor, B: Tensor, scaling: Tensor
+) -> Tensor:
+    """moelora.reference.segmented_lora (shapes there) on this backend."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, seq_gate, A, B))
+    if x.shape[0] <= SEGMENTED_DECODE_TOKENS and not grad and x.dim() == 2:
+        return _ops.segmented_lora_decode(x, token_seq, seq_lora, seq_gate, A, B, scaling)
+    return segmented.segmented_lora(x, token_seq, seq_lora, seq_gate, A, B, scaling)
 
 
 def _seed_arg(seed: int) -> int:

@@ -94,6 +94,8 @@ def save(
         data = {PEFT_PREFIX + k: v for k, v in data.items()}
     if format == "moelora":
         conf = config.to_dict()
+        if conf["base_model_name_or_path"] is None and base_config is not None:  # as PEFT writes it
+            conf["base_model_name_or_path"] = getattr(base_config, "name_or_path", None) or None
         stale = os.path.join(directory, MOE_PEFT_WEIGHTS_FILE)
         files = {WEIGHTS_FILE: lambda p: save_file(data, p, metadata={"format": "pt"})}
     else:
@@ -114,15 +116,20 @@ def save(
 
 def moe_peft_config(config: MixLoraConfig, base_config: Any = None) -> dict[str, Any]:
     """MoE-PEFT's adapter_config.json, completed from the base config: the mixlora package needs the base's
-    name/path and act_fn (it calls ACT2FN[act_fn] and fails on None), and MoE-PEFT refuses a float lora_alpha."""
+    name/path and act_fn (it calls ACT2FN[act_fn] and fails on None), MoE-PEFT refuses a float lora_alpha,
+    and the package asserts that the dropout and router fields are floats (0, not 0.0, fails)."""
     conf = config.to_moe_peft_dict()
     if base_config is not None:
         if conf.get("base_model_name_or_path") is None:
             conf["base_model_name_or_path"] = getattr(base_config, "name_or_path", None) or None
-        if conf.get("act_fn") is None and getattr(base_config, "hidden_act", None):
-            conf["act_fn"] = base_config.hidden_act
+        # gemma2's config names it hidden_activation, the other families hidden_act
+        act = getattr(base_config, "hidden_act", None) or getattr(base_config, "hidden_activation", None)
+        if conf.get("act_fn") is None and act:
+            conf["act_fn"] = act
     if float(conf["lora_alpha"]).is_integer():
         conf["lora_alpha"] = int(conf["lora_alpha"])
+    for key in ("lora_dropout", "router_aux_loss_coef", "router_init_range", "jitter_noise"):
+        conf[key] = float(conf[key])
     if config.lora_dropout == 0:
         warnings.warn(
             "save_pretrained(format='moe-peft'): lora_dropout=0 is refused by MoE-PEFT and the mixlora package "

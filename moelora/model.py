@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from moelora.layers import (
     MixLoraAdapter,
     MixLoraFFN,
     ffn_kind,
+    keep_quantized_trainable,
 )
 from moelora.reference import load_balance_loss, prompt_balance_loss
 
@@ -284,7 +286,8 @@ def _before_model(model: nn.Module, args: tuple, kwargs: dict) -> None:
         # A generate() decoding step on generate's own cache: no cache length read (a static cache's syncs).
         state.mode = "decode"
         state.pool_tokens = past is not None and seq == 1 and state.cache is not None and not compiling
-        state.cache_len += seq
+        if not compiling:  # compiled steps keep no pools; reading the count would recompile every step
+            state.cache_len += seq
     else:
         past_len = _cache_len(past)
         if state.generating:  # its first call, or the next chunk of its prompt (prefill_chunk_size)
@@ -308,8 +311,9 @@ def _before_model(model: nn.Module, args: tuple, kwargs: dict) -> None:
         state.cache = None
     if state.mode == "prefill" and seq == 0:
         raise ValueError("MiLoRA: the prompt is empty (sequence length 0); routing needs at least one prompt token")
-    mask = kwargs.get("attention_mask")
-    pool_mask = mask[:, -seq:].bool() if mask is not None and mask.dim() == 2 else None
+    pool_mask = None
+    if state.mode != "decode" or state.pool_tokens:  # a compiled step reads no cache length: it needs no mask
+        pool_mask = _prompt_tokens(kwargs.get("attention_mask"), seq, state.cache_len - seq)
     if state.prompt_mask is not None:
         pm = state.prompt_mask.bool().to(x.device)
         if tuple(pm.shape) != (rows, seq):
@@ -320,6 +324,20 @@ def _before_model(model: nn.Module, args: tuple, kwargs: dict) -> None:
         if empty:
             raise ValueError(f"MiLoRA: sequences {empty} have an empty prompt (no token with attention_mask = 1)")
     state.pool_mask = pool_mask
+
+
+def _prompt_tokens(mask: Any, seq: int, start: int) -> Tensor | None:
+    """[B, seq] bool: this call's non-padding tokens, from a 2D attention mask [B, start + seq] or from the 4D mask
+    [B, 1, seq, kv] (bool, or additive with 0 = attended) that generate() builds for a static cache, whose
+    diagonal at cache positions start.. says it: a token attends to itself unless it is padding."""
+    if not isinstance(mask, Tensor):
+        return None
+    if mask.dim() == 2:
+        return mask[:, -seq:].bool()
+    if mask.dim() == 4:
+        keep = mask if mask.dtype == torch.bool else mask == 0
+        return keep[:, 0].diagonal(offset=start, dim1=1, dim2=2)
+    return None
 
 
 def _after_model(model: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> None:
@@ -426,6 +444,10 @@ class MoeLoraModel(nn.Module):
     `adapter_names=[...]` (one per sequence, inference only) runs a mixed batch of adapters in one forward.
     """
 
+    # transformers' Trainer refuses a quantised model (is_quantized, read through to the HF model) unless this
+    # flag of its own PEFT integration says that trainable adapters are attached.
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -466,6 +488,7 @@ class MoeLoraModel(nn.Module):
     def _inject(
         self, config: AdapterConfig, adapter_name: str, swaps: list[_Swap], targets: list[str], trainable: bool
     ) -> None:
+        keep_quantized_trainable(self.model)  # bitsandbytes 4-bit on CPU: see there
         apply_injection(swaps, adapter_name, trainable)
         self.peft_config[adapter_name] = _resolved(config, targets)
         if isinstance(config, MiLoraConfig):
@@ -501,6 +524,158 @@ class MoeLoraModel(nn.Module):
         finally:
             if self.active_adapter is not None:
                 self.set_adapter(self.active_adapter)
+
+    # --- PEFT's adapter management: active_adapters, delete_adapter, unload, merge_and_unload ----------------
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """PEFT's name: the active adapter as a list; [] when none is (after deleting the last adapter)."""
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove `adapter_name`: its config, LoRAs, experts, MixLoRA routers and the MiLoRA router in each
+        layer's `milora_routers`.
+
+        As PEFT: deleting the active adapter activates the first remaining one by sorted name (with a warning);
+        deleting the last leaves none active, so the base model runs. Wrappers left with no adapter stay in
+        place and pass the base output through; unload() removes them.
+        """
+        if adapter_name not in self.peft_config:
+            raise ValueError(
+                f"delete_adapter: adapter_name must be one of the loaded adapters {sorted(self.peft_config)}, "
+                f"got {adapter_name!r}"
+            )
+        holders = [
+            m
+            for m in self.model.modules()
+            if isinstance(m, LoraLinear | MixLoraFFN | MiLoraRouters) and adapter_name in m.adapters
+        ]
+        for module in holders:
+            del module.adapters[adapter_name]
+            if isinstance(module, LoraLinear):
+                module._stacks = None  # the mixed-batch stack still holds the deleted tensors
+        del self.peft_config[adapter_name]
+        self.routing.milora.discard(adapter_name)
+        self.clear_routing_cache()  # kept MiLoRA pools may belong to the deleted adapter
+        if adapter_name != self.active_adapter:
+            return
+        remaining = sorted(self.peft_config)
+        if remaining:
+            warnings.warn(
+                f"delete_adapter: {adapter_name!r} was the active adapter; {remaining[0]!r} is active now",
+                stacklevel=2,
+            )
+            self.set_adapter(remaining[0])
+            return
+        self.active_adapter = None
+        self.routing.active = None
+        for w in self._wrappers():
+            w.active_adapter = None
+
+    def unload(self) -> nn.Module:
+        """PEFT's unload(): every adapter removed and the base model's own modules put back, unmerged.
+
+        Returns the Hugging Face model (the same object, modified in place; its parameters stay frozen). This
+        wrapper holds no adapter afterwards.
+        """
+        return self._unload(keep=None)
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """PEFT's merge_and_unload(): merge `adapter_names` (default: the active adapter) into the base weights,
+        drop every other adapter and return the Hugging Face model (modified in place).
+
+        - LoRA: W += s B A (DoRA: W = m / ||W + s B A|| * (W + s B A), the bias scaled alike); the returned model
+          is the plain base architecture.
+        - MixLoRA: only its attention LoRAs merge. Its MoE FFN (router and LoRA experts) is input-dependent and
+          cannot become a weight: it stays as a MixLoraFFN module in the returned model, which therefore still
+          needs moelora to run; a UserWarning says so. At most one MixLoRA adapter can be given.
+        - MiLoRA: raises ValueError. Its router gates each module's LoRA per prompt (a weight of 0 for modules
+          not picked), so no single weight update equals it.
+        Quantised base layers (bitsandbytes) cannot be merged: ValueError; use unload(). safe_merge: check
+        every merged weight for NaN/inf before changing any, at the cost of a copy of the merged weights.
+        """
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if isinstance(adapter_names, str) or unknown:
+            raise ValueError(
+                f"merge_and_unload: adapter_names must list loaded adapters {sorted(self.peft_config)}, "
+                f"got {adapter_names!r}"
+            )
+        milora = [n for n in names if isinstance(self.peft_config[n], MiLoraConfig)]
+        if milora:
+            raise ValueError(
+                f"merge_and_unload: MiLoRA adapters {milora} cannot be merged: their router weighs each module's "
+                "LoRA per prompt (0 for the modules it does not pick), so no fixed weight update equals them; "
+                "keep the model wrapped, or call unload() for the bare base"
+            )
+        mix = [n for n in names if isinstance(self.peft_config[n], MixLoraConfig)]
+        if len(mix) > 1:
+            raise ValueError(
+                f"merge_and_unload: one MixLoRA adapter at most (its MoE FFN stays in the model), got {mix}"
+            )
+        merges = []  # (path, LoraLinear, its adapters to merge in the order given)
+        for path, w in self.model.named_modules():
+            if not isinstance(w, LoraLinear):
+                continue
+            adapters = [w.adapters[n] for n in names if n in w.adapters]
+            if not adapters:
+                continue
+            base = w.base_layer
+            weight = getattr(base, "weight", None)
+            if not isinstance(base, nn.Linear) or type(weight) is not nn.Parameter or not weight.is_floating_point():
+                raise ValueError(
+                    f"merge_and_unload: {path} has a {type(base).__name__} base layer with "
+                    f"{type(weight).__name__} weights; only a plain floating-point nn.Linear (not quantised) can "
+                    "take a merge; use unload() instead"
+                )
+            merges.append((path, w, adapters))
+        if mix:
+            warnings.warn(
+                f"merge_and_unload: MixLoRA adapter {mix[0]!r}: its attention LoRAs are merged into the base "
+                "weights; its MoE FFN (router and LoRA experts) cannot merge and stays as a MixLoraFFN module, so "
+                "the returned model still needs moelora to run",
+                UserWarning,
+                stacklevel=2,
+            )
+        if safe_merge:  # every merged weight first, checked, so that a bad one leaves the model unchanged
+            merged = [(p, w, *_merged_linear(w.base_layer, adapters)) for p, w, adapters in merges]
+            for path, _, weight, bias in merged:
+                if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+                    raise ValueError(f"merge_and_unload(safe_merge=True): merging into {path} gives NaN or inf weights")
+        else:  # one module at a time: no copy of every merged weight at once
+            merged = ((p, w, *_merged_linear(w.base_layer, adapters)) for p, w, adapters in merges)
+        with torch.no_grad():
+            for _, w, weight, bias in merged:
+                w.base_layer.weight.copy_(weight)
+                if bias is not None:
+                    w.base_layer.bias.copy_(bias)
+        return self._unload(keep=mix[0] if mix else None)
+
+    def _unload(self, keep: str | None) -> nn.Module:
+        """Put every wrapped module's base back and drop every adapter, MiLoRA routers and routing hooks; the
+        MixLoraFFN modules holding adapter `keep` stay, with that adapter only."""
+        replace = []
+        for path, module in self.model.named_modules():
+            if isinstance(module, LoraLinear) or (isinstance(module, MixLoraFFN) and keep not in module.adapters):
+                parent_path, _, attr = path.rpartition(".")
+                replace.append((self.model.get_submodule(parent_path), attr, module.base_layer))
+            elif isinstance(module, MixLoraFFN):
+                for name in [n for n in module.adapters if n != keep]:
+                    del module.adapters[name]
+                module.active_adapter = keep
+        for parent, attr, base in replace:
+            setattr(parent, attr, base)
+        _, layers = decoder_layers(self.model)
+        for layer in layers:
+            if hasattr(layer, "milora_routers"):
+                del layer.milora_routers
+            layer.__dict__.pop("_moelora_hooked", None)
+        for hook in self.routing.hooks:
+            hook.remove()
+        self.model.__dict__.pop("_moelora_routing", None)
+        self.peft_config.clear()
+        self.active_adapter = None
+        return self.model
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, Tensor]:
         """The adapter's tensors (LoRAs, routers, experts, DoRA magnitudes, rational activations) under our keys."""
@@ -706,6 +881,20 @@ class MoeLoraModel(nn.Module):
         if fmt == "moe-peft" and config.use_dora:
             formats.recompute_dora_magnitudes(swaps)
         self._inject(config, adapter_name, swaps, targets, is_trainable)
+
+
+def _merged_linear(base: nn.Linear, adapters: list[LoraAdapter]) -> tuple[Tensor, Tensor | None]:
+    """The base's weight and bias with each LoRA (DoRA) adapter merged in turn, as LoraLinear computes them:
+    W + s B A, or m / ||W + s B A|| * (W + s B A) with the bias scaled alike (DoRA scales base(x) + delta)."""
+    weight = base.weight.detach().float()
+    bias = base.bias.detach().float() if base.bias is not None else None
+    for a in adapters:
+        weight = weight + a.scaling * (a.lora_B.detach().float() @ a.lora_A.detach().float())
+        if a.lora_magnitude is not None:
+            scale = a.lora_magnitude.detach().float() / torch.linalg.norm(weight, dim=1)
+            weight = weight * scale[:, None]
+            bias = bias * scale if bias is not None else None
+    return weight.to(base.weight.dtype), None if bias is None else bias.to(base.bias.dtype)
 
 
 def _resolved(config: AdapterConfig, targets: list[str]) -> AdapterConfig:

@@ -16,8 +16,9 @@ def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: flo
     return backend.run_op("route", impl, impl.route, x, router_weight, top_k=top_k, top_p=top_p)
 
 
-def lora(x: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
-    """Dense LoRA delta. x [..., in], A [r, in], B [out, r] -> [..., out]."""
+def lora(x: Tensor, A: Tensor, B: Tensor, scaling: float | Tensor) -> Tensor:
+    """Dense LoRA delta. x [..., in], A [r, in], B [out, r] -> [..., out]; scaling a float or a tensor that
+    broadcasts against the output (a per-sequence scale)."""
     impl = backend.resolve(x.device)
     return backend.run_op("lora", impl, impl.lora, x, A, B, scaling)
 

@@ -86,8 +86,11 @@ def load_balance_loss(probs: Tensor, indices: Tensor, num_experts: int, token_ma
     return num_experts * torch.sum(tokens_per_expert * prob_per_expert)
 
 
-def lora(x: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
-    """Dense LoRA delta s * B A x. x [..., in], A [r, in], B [out, r] -> [..., out] in x's dtype."""
+def lora(x: Tensor, A: Tensor, B: Tensor, scaling: float | Tensor) -> Tensor:
+    """Dense LoRA delta s * B A x. x [..., in], A [r, in], B [out, r] -> [..., out] in x's dtype.
+
+    scaling: a float, or an fp32 tensor that broadcasts against the output (MiLoRA's gate x s per sequence,
+    [rows, 1, ...])."""
     dt = compute_dtype(x)
     return (F.linear(F.linear(x.to(dt), A.to(dt)), B.to(dt)) * scaling).to(x.dtype)
 

@@ -112,8 +112,13 @@ def test_chunked_prefill_in_a_deeper_model_is_close_to_one_prefill(pooling):
     torch.testing.assert_close(last, full[:, 6:], rtol=0, atol=5e-3)
 
 
+# Decoding steps' tokens are pooled POOL_PENDING_STEPS (16) at a time: 20 steps fold once and leave 4 waiting.
+REPLIES = [pytest.param(3, id="3-token-reply"), pytest.param(20, id="20-token-reply")]
+
+
+@pytest.mark.parametrize("reply", REPLIES)
 @pytest.mark.parametrize("pooling", POOLINGS)
-def test_continued_conversation_equals_one_prefill_over_all_of_it(pooling):
+def test_continued_conversation_equals_one_prefill_over_all_of_it(pooling, reply):
     """Prompt, a reply decoded token by token (each pooled in), then a new turn on the same cache."""
     model = _exact(pooling)
     ids, mask = _prompts(length=6, pad=2, seed=4)
@@ -121,7 +126,7 @@ def test_continued_conversation_equals_one_prefill_over_all_of_it(pooling):
     with torch.no_grad():
         out = model(ids, attention_mask=mask, use_cache=True)
         text, text_mask = ids, mask
-        for _ in range(3):
+        for _ in range(reply):
             token = out.logits[:, -1:].argmax(-1)
             text = torch.cat([text, token], 1)
             text_mask = torch.cat([text_mask, torch.ones_like(token)], 1)

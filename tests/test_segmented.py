@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import oracle
 import pytest
 import torch
@@ -96,3 +98,66 @@ def test_segmented_lora_property_against_the_oracle(T, n_seq, n_lora, r, zero_ga
     if T:
         expected = oracle.segmented_lora(x, token_seq.tolist(), seq_lora.tolist(), gate, A, B, scaling)
         torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+# The C++ decode kernel (csrc/segmented_lora.cpp): the cpu backend's segmented_lora up to
+# SEGMENTED_DECODE_TOKENS tokens without a gradient. Built wherever there is a compiler (test_cpu_backend.py
+# fails loudly when it is not).
+DECODE_CASES = [
+    # T, n_seq, n_lora, r, in (in = 13: a tail after the 8-wide partial sums), dtype
+    pytest.param(1, 1, 1, 4, 16, F64, id="one-token"),
+    pytest.param(8, 8, 8, 32, 64, F64, id="decode-8-tenants"),
+    pytest.param(7, 3, 2, 5, 13, F64, id="odd-sizes"),
+    pytest.param(64, 32, 5, 8, 24, F64, id="most-tokens"),
+    pytest.param(8, 8, 3, 16, 40, torch.float32, id="fp32"),
+    pytest.param(8, 4, 3, 16, 40, torch.bfloat16, id="bf16"),
+]
+
+
+@pytest.mark.parametrize(("T", "n_seq", "n_lora", "r", "width", "dtype"), DECODE_CASES)
+def test_cpu_decode_kernel_matches_the_oracle(T, n_seq, n_lora, r, width, dtype):
+    cpu = pytest.importorskip("moelora.cpu_backend", reason="moelora._C not built")
+    g = torch.Generator().manual_seed(T + r)
+    token_seq = torch.randint(0, n_seq, (T,), generator=g)
+    seq_lora = torch.randint(-1, n_lora, (n_seq,), generator=g)
+    x = torch.randn(T, width, generator=g, dtype=F64).to(dtype)
+    A, B = torch.randn(n_lora, r, width, generator=g, dtype=F64), torch.randn(n_lora, 9, r, generator=g, dtype=F64)
+    gate = torch.rand(n_seq, generator=g, dtype=F64) * (torch.rand(n_seq, generator=g) < 0.7)
+    scaling = torch.rand(n_lora, generator=g, dtype=F64) + 0.5
+    if dtype != F64:
+        A, B, gate, scaling = A.float(), B.float(), gate.float(), scaling.float()
+    with torch.no_grad():
+        y = cpu.segmented_lora(x, token_seq, seq_lora, gate, A, B, scaling)
+    ran = torch.ops.moelora.segmented_lora_decode(x, token_seq, seq_lora, gate, A, B, scaling)
+    assert torch.equal(y, ran)  # the kernel is what ran
+    expected = oracle.segmented_lora(x.double(), token_seq.tolist(), seq_lora.tolist(), gate, A, B, scaling)
+    assert y.dtype == dtype
+    tol = {F64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+
+
+BAD_DECODE_INPUTS = [
+    pytest.param({"token_seq": torch.tensor([0, 2])}, "token_seq[1] = 2 outside [0, 2)", id="token-seq-range"),
+    pytest.param({"seq_lora": torch.tensor([0, 1])}, "seq_lora[1] = 1 outside [-1, 1)", id="seq-lora-range"),
+    pytest.param({"token_seq": torch.tensor([0, 1], dtype=torch.int32)}, "token_seq must be int64", id="int32"),
+    pytest.param({"A": torch.randn(1, 4, 5)}, "A must be [n_lora, r, in=6]", id="A-width"),
+    pytest.param({"scaling": torch.ones(2)}, "scaling must be [n_lora=1]", id="scaling-size"),
+    pytest.param({"seq_gate": torch.ones(3)}, "seq_gate must be [n_seq]", id="gate-size"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_DECODE_INPUTS)
+def test_cpu_decode_kernel_names_bad_input(change, message):
+    pytest.importorskip("moelora.cpu_backend", reason="moelora._C not built")
+    args = {
+        "x": torch.randn(2, 6),
+        "token_seq": torch.tensor([0, 1]),
+        "seq_lora": torch.tensor([0, -1]),
+        "seq_gate": torch.ones(2),
+        "A": torch.randn(1, 4, 6),
+        "B": torch.randn(1, 3, 4),
+        "scaling": torch.ones(1),
+    }
+    args.update(change)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        torch.ops.moelora.segmented_lora_decode(**args)
