@@ -60,7 +60,9 @@ def test_gates_are_fixed_not_recomputed(tiny, want):
     """milora reads its gates from the cache: other cached gates change its output (per-token routing does not)."""
     flipped = milora.MiloraInputs(**{**vars(tiny), "gates": tiny.gates.flip(0)})
     assert not torch.equal(MILORA.step("milora", flipped, "decode")()[0], want["decode y"])
-    assert torch.equal(MILORA.step("mixlora-style", flipped, "decode")()[0], want["decode y"])
+    # Against its own output: on CPU it runs the cpu backend's segmented_lora, not bitwise the reference's.
+    own = MILORA.step("mixlora-style", tiny, "decode")()[0]
+    assert torch.equal(MILORA.step("mixlora-style", flipped, "decode")()[0], own)
 
 
 @pytest.mark.parametrize(

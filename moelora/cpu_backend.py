@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from moelora import reference, segmented
+from moelora import backend, reference, segmented
 from moelora.activations import activation_name
 from moelora.dropout import LoraDropout
 from moelora.reference import ExpertLora, Routing
@@ -218,6 +218,8 @@ def mixlora_ffn(
     loras = [gate_lora, up_lora, down_lora]
     if act_name is None or all(p is None for p in loras):
         # Not covered in C++: another activation; without any LoRA there is nothing to fuse.
+        if act_name is None:
+            backend.fell_back("mixlora_ffn", f"the cpu backend does not cover the activation {act!r}")
         return reference.mixlora_ffn(
             x,
             gate,

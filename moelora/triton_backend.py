@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moelora import reference, triton_ops
+from moelora import backend, reference, triton_ops
 from moelora.activations import activation_name
 from moelora.dropout import LoraDropout
 from moelora.kernels import mixlora_ffn as _ffn_kernels
@@ -61,6 +61,7 @@ def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: flo
     """moelora.reference.route in one Triton kernel (logits, softmax, top-k / top-p); see kernels/route.py."""
     _route_kernels.check_inputs(x, router_weight, top_k, top_p)
     if x.shape[0] == 0:
+        backend.fell_back("route", "no tokens (T = 0)")
         return reference.route(x, router_weight, top_k=top_k, top_p=top_p)
     weights, indices, probs = triton_ops.Route.apply(x, router_weight, top_k or 0, float(top_p or 0.0))
     return Routing(weights, indices, probs)
@@ -87,6 +88,7 @@ def moe_lora(
     if regime is not None and regime not in MOE_LORA_REGIMES:
         raise ValueError(f"moe_lora: regime must be None, 'dense' or 'sorted', got {regime!r}")
     if x.dtype not in _KERNEL_DTYPES or x.shape[0] == 0:
+        backend.fell_back("moe_lora", _fallback_reason(x))
         return reference.moe_lora(x, weights, indices, A, B, scaling)
     _moe_lora_kernels.check_inputs(x, weights, indices, A, B)
     if regime is None:
@@ -94,6 +96,21 @@ def moe_lora(
     if regime == "sorted":
         return triton_ops.MoeLoraSorted.apply(x, weights, indices, A, B, float(scaling))
     return triton_ops.MoeLora.apply(x, weights, indices, A, B, float(scaling))
+
+
+def _fallback_reason(x: Tensor) -> str:
+    """Why a call on x goes to the reference (for backend.fell_back): its dtype or no rows."""
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"the triton backend does not cover {x.dtype} tensors"
+    return "no tokens (T = 0)"
+
+
+def _ffn_fallback_reason(act: Callable, act_name: str | None, up: Tensor, loras: list[ExpertLora | None]) -> str:
+    if act_name is None:
+        return f"the triton backend does not cover the activation {act!r}"
+    if any(p is not None and p.magnitude is not None for p in loras):
+        return "the triton backend does not cover DoRA"
+    return _fallback_reason(up)
 
 
 def _kernels_take(act_name: str | None, up: Tensor, loras: list[ExpertLora | None], dora_only: dict) -> bool:
@@ -185,6 +202,8 @@ def mixlora_ffn(
     act_name = activation_name(act)
     loras = [gate_lora, up_lora, down_lora]
     if not _kernels_take(act_name, up, loras, dora_only):
+        if any(p is not None for p in loras):  # without any LoRA there is nothing to fuse
+            backend.fell_back("mixlora_ffn", _ffn_fallback_reason(act, act_name, up, loras))
         return reference.mixlora_ffn(
             x,
             gate,
@@ -281,6 +300,7 @@ def prompt_route(
     The model checks for empty prompts once, at prefill, through the reference's rule.
     """
     if hidden.dtype not in _KERNEL_DTYPES:
+        backend.fell_back("prompt_route", _fallback_reason(hidden))
         return reference.prompt_route(
             hidden, mask, router_weight, numerator, denominator, top_k=top_k, pooling=pooling, pool_weight=pool_weight
         )
@@ -300,6 +320,7 @@ def segmented_lora(
     A gate of exactly 0 gets gradient 0 here (its tokens are skipped), the reference gives s * <dy, B A x>.
     """
     if x.dtype not in _KERNEL_DTYPES or x.shape[0] == 0:
+        backend.fell_back("segmented_lora", _fallback_reason(x))
         return reference.segmented_lora(x, token_seq, seq_lora, seq_gate, A, B, scaling)
     _segmented_kernels.check_inputs(x, token_seq, seq_lora, seq_gate, A, B, scaling)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, seq_gate, A, B, scaling)):

@@ -596,15 +596,15 @@ def test_gpu_check_rejects_bad_arguments(args, match):
 
 
 FORCE_EACH_CONFIG = """
-from bench import gpu_check  # --dry-run in argv: it sets TRITON_INTERPRET before triton is imported
+from bench import parity  # --dry-run in argv: it sets TRITON_INTERPRET before triton is imported
 import json, torch
-kernel, tiles, _ = gpu_check._autotuned_kernels()["mixlora_ffn_fwd_kernel"]
+kernel, tiles, _ = parity._autotuned_kernels()["mixlora_ffn_fwd_kernel"]
 seen, run = set(), kernel.fn.run
 def spy(*args, **kwargs):
     seen.add((kwargs["BT"], kwargs["BI"]))
     return run(*args, **kwargs)
 kernel.fn.run = spy
-rows = gpu_check.config_parity((7, 20, 40, 4, 2, 8), ["fp32"], torch.device("cpu"))
+rows = parity.config_parity((7, 20, 40, 4, 2, 8), ["fp32"], torch.device("cpu"))
 print(json.dumps(dict(
     ok=[r["ok"] for r in rows if r["kernel"] == "mixlora_ffn_fwd_kernel"],
     seen=sorted(seen),

@@ -18,10 +18,10 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (130, 72, 264, 4, 2, 8)  # T, H, I, E, k, r
 CHILD = f"""
-from bench import gpu_check  # --dry-run in argv: it sets TRITON_INTERPRET before triton is imported
+from bench import parity  # --dry-run in argv: it sets TRITON_INTERPRET before triton is imported
 import json, torch
-rows = gpu_check.config_parity({SHAPE!r}, ["fp32", "fp16"], torch.device("cpu"))
-tiles = {{name: [str(c) for c in configs] for name, (_, configs, _) in gpu_check._autotuned_kernels().items()}}
+rows = parity.config_parity({SHAPE!r}, ["fp32", "fp16"], torch.device("cpu"))
+tiles = {{name: [str(c) for c in configs] for name, (_, configs, _) in parity._autotuned_kernels().items()}}
 print(json.dumps(dict(rows=rows, tiles=tiles), default=str))
 """
 
