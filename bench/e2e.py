@@ -55,7 +55,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import moelora
 from bench.fused import backend_name, fused_missing
-from bench.model import ModelInputs, make_inputs
+from bench.model import ModelInputs, greedy_generate, make_inputs
 from bench.providers import mixlora_pkg_missing
 from moelora import formats
 from moelora.config import LLAMA_PROJECTIONS
@@ -385,23 +385,9 @@ def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
     enter = backend_for(name, inp.device)
     if mode in ("generate", "ttft"):
         n = inp.shape.N if mode == "generate" else 1
-        mask = torch.ones_like(inp.prompt)
         # One adapter per sequence in a mixed batch; the others run their one adapter.
         mixed = {} if mixed_size(name) is None else {"adapter_names": adapter_names(inp.shape.B)}
-
-        def generate() -> Tensor:
-            with torch.no_grad(), enter():
-                return model.generate(
-                    input_ids=inp.prompt,
-                    attention_mask=mask,
-                    max_new_tokens=n,
-                    min_new_tokens=n,
-                    do_sample=False,
-                    pad_token_id=0,
-                    **mixed,
-                )
-
-        return generate
+        return greedy_generate(model, inp.prompt, n, enter, **mixed)
     if name == "base":
         embeds = model.get_input_embeddings()(inp.ids).detach().requires_grad_()
 

@@ -144,6 +144,28 @@ def backend_for(name: str, device: torch.device) -> Callable[[], contextlib.Abst
     return lambda: moelora.set_backend(chosen)
 
 
+def greedy_generate(
+    model: nn.Module, prompt: Tensor, n: int, enter: Callable[[], contextlib.AbstractContextManager], **kwargs: Any
+) -> Callable[[], Tensor]:
+    """A timed unit: `model.generate` greedy, exactly n new tokens after `prompt` [B, P] (no padding), KV cache
+    on, inside `enter()`; kwargs go to generate (adapter_names)."""
+    mask = torch.ones_like(prompt)
+
+    def generate() -> Tensor:
+        with torch.no_grad(), enter():
+            return model.generate(
+                input_ids=prompt,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                **kwargs,
+            )
+
+    return generate
+
+
 def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
     """One timed unit of provider `name` in `mode`; the model (and optimiser) is built here, untimed."""
     if not runs(name, mode):
@@ -156,22 +178,7 @@ def step(name: str, inp: ModelInputs, mode: str) -> Callable[[], object]:
         mixed = {}
     enter = backend_for(name, inp.device)
     if mode == "generate":
-        mask = torch.ones_like(inp.prompt)
-        n = inp.shape.N
-
-        def generate() -> Tensor:
-            with torch.no_grad(), enter():
-                return model.generate(
-                    **mixed,
-                    input_ids=inp.prompt,
-                    attention_mask=mask,
-                    max_new_tokens=n,
-                    min_new_tokens=n,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-
-        return generate
+        return greedy_generate(model, inp.prompt, inp.shape.N, enter, **mixed)
     if mode != "train":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if name == "base":
