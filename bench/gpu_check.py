@@ -57,7 +57,7 @@ from torch import Tensor
 from bench.parity import DTYPES, _describe, _ffn_regime, _log, _tb, config_parity, parity, races
 from bench.providers import PROVIDERS, FfnInputs, Shape, grad_targets, make_inputs
 from moelora import reference
-from moelora.reference import ExpertLora
+from moelora.reference import ExpertLora, FFNSpec
 
 GOAL = dict(H=4096, I=11008, E=8, k=2, r=16)
 GOAL_T = (8192, 32)
@@ -89,7 +89,7 @@ def _triton_ffn(inp: FfnInputs, fused_router: bool = True) -> Callable[[], Tenso
     (the router fused into the gate/up shrink); with fused_router=False, route then mixlora_ffn."""
     tb = _tb()
     loras = {p: ExpertLora(*inp.experts[p]) for p in ("gate_proj", "up_proj", "down_proj")}
-    ffn = dict(
+    ffn = FFNSpec(
         gate_lora=loras["gate_proj"],
         up_lora=loras["up_proj"],
         down_lora=loras["down_proj"],
@@ -102,9 +102,9 @@ def _triton_ffn(inp: FfnInputs, fused_router: bool = True) -> Callable[[], Tenso
         x = inp.x
         gate, up = inp.gate_proj(x), inp.up_proj(x)
         if fused_router:
-            return tb.routed_mixlora_ffn(x, inp.router, gate, up, top_k=inp.top_k, top_p=None, **ffn)[0]
+            return tb.routed_mixlora_ffn(x, inp.router, gate, up, ffn, top_k=inp.top_k, top_p=None)[0]
         routing = tb.route(x, inp.router, top_k=inp.top_k)
-        return tb.mixlora_ffn(x, gate, up, routing.weights, routing.indices, **ffn)
+        return tb.mixlora_ffn(x, gate, up, routing.weights, routing.indices, ffn)
 
     return run
 
@@ -271,7 +271,7 @@ def regime_timings(
 def bandwidth(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
     """GB/s of the kernels that read x once (route alone; the gate+up shrink alone; route_shrink, the two fused),
     as bytes of x over time, next to a device copy's (which reads and writes x)."""
-    from moelora.kernels import mixlora_ffn as ffn_kernels
+    from moelora.kernels import mixlora_ffn_shrink_expand as shrink_expand_kernels
     from moelora.kernels import route as route_kernels
 
     rows = []
@@ -285,7 +285,7 @@ def bandwidth(Ts, dims: dict, dtype: torch.dtype, device: torch.device, dry: boo
         copy_gbs = 2 * x_bytes / _bench(x.clone, device, dry) / 1e6
         ms = {
             "route": _bench(lambda x=x, router=router: route_kernels.route_fwd(x, router, k, None), device, dry),
-            "shrink": _bench(lambda x=x, A=A: ffn_kernels.shrink_x(x, A), device, dry),
+            "shrink": _bench(lambda x=x, A=A: shrink_expand_kernels.shrink_x(x, A), device, dry),
             "route_shrink": _bench(
                 lambda x=x, router=router, A=A: route_kernels.route_shrink_fwd(x, router, A, k, None), device, dry
             ),

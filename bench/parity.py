@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moelora import reference
-from moelora.reference import ExpertLora
+from moelora.reference import ExpertLora, FFNSpec
 
 LOOSE_OUTPUTS = {"grad numerator": 32, "grad denominator": 32}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -138,12 +138,7 @@ def _run_ffn(impl, d, cast):
     x, gate, up, w = (_leaf(cast(d[n])) for n in ("x", "gate", "up", "weights"))
     lo = {p: ExpertLora(_leaf(cast(A)), _leaf(cast(B))) for p, (A, B) in d["loras"].items()}
     Wd, bias = cast(d["Wd"]), cast(d["bias"])
-    y = impl.mixlora_ffn(
-        x,
-        gate,
-        up,
-        w,
-        d["indices"],
+    ffn = FFNSpec(
         gate_lora=lo["gate"],
         up_lora=lo["up"],
         down_lora=lo["down"],
@@ -152,6 +147,7 @@ def _run_ffn(impl, d, cast):
         scaling=2.0,
         down_bias=bias,
     )
+    y = impl.mixlora_ffn(x, gate, up, w, d["indices"], ffn)
     inputs = [x, gate, up, w, *(t for p in lo.values() for t in (p.A, p.B))]
     names = ["y", "grad x", "grad gate", "grad up", "grad weights"] + [f"grad {p}.{ab}" for p in lo for ab in "AB"]
     return dict(zip(names, [y, *_grads(y, inputs, cast(d["upstream_h"]))], strict=True))
@@ -163,7 +159,7 @@ def _run_routed_ffn(impl, d, cast):
     x, gate, up, router = (_leaf(cast(d[n])) for n in ("x", "gate", "up", "router"))
     lo = {p: ExpertLora(_leaf(cast(A)), _leaf(cast(B))) for p, (A, B) in d["loras"].items()}
     Wd = cast(d["Wd"])
-    ffn = dict(
+    ffn = FFNSpec(
         gate_lora=lo["gate"],
         up_lora=lo["up"],
         down_lora=lo["down"],
@@ -173,10 +169,10 @@ def _run_routed_ffn(impl, d, cast):
     )
     k = d["weights"].shape[1]
     if hasattr(impl, "routed_mixlora_ffn"):
-        y, r = impl.routed_mixlora_ffn(x, router, gate, up, top_k=k, top_p=None, **ffn)
+        y, r = impl.routed_mixlora_ffn(x, router, gate, up, ffn, top_k=k, top_p=None)
     else:
         r = impl.route(x, router, top_k=k)
-        y = impl.mixlora_ffn(x, gate, up, r.weights, r.indices, **ffn)
+        y = impl.mixlora_ffn(x, gate, up, r.weights, r.indices, ffn)
     loss = (y * cast(d["upstream_h"]).to(y.dtype)).sum() + r.probs.square().sum()
     inputs = [x, gate, up, router, *(t for p in lo.values() for t in (p.A, p.B))]
     names = ["grad x", "grad gate", "grad up", "grad router"] + [f"grad {p}.{ab}" for p in lo for ab in "AB"]
@@ -350,7 +346,9 @@ def races(shapes, dtypes: list[str], device: torch.device, repeats: int) -> list
 def _autotuned_kernels() -> dict[str, tuple[Any, list, tuple[str, ...]]]:
     """name -> (the kernel's Autotuner, its GPU tiles, the ops of OPS that launch it)."""
     from moelora.kernels import mixlora_ffn as ffn_kernels
+    from moelora.kernels import mixlora_ffn_bwd as ffn_bwd_kernels
     from moelora.kernels import mixlora_ffn_sorted as sorted_kernels
+    from moelora.kernels import mixlora_ffn_sorted_bwd as sorted_bwd_kernels
     from moelora.kernels import moe_lora as lora_kernels
     from moelora.kernels import route as route_kernels
 
@@ -363,14 +361,18 @@ def _autotuned_kernels() -> dict[str, tuple[Any, list, tuple[str, ...]]]:
     }
     route_shrink = route_kernels.route_shrink_fwd_kernel
     kernels = {"route_shrink_fwd_kernel": (route_shrink, route_kernels.route_shrink_gpu_configs(), ffn_ops)}
-    for name in ("mixlora_ffn_fwd_kernel", "mixlora_ffn_bwd_kernel_rows", "mixlora_ffn_bwd_kernel_cols"):
-        kernels[name] = (getattr(ffn_kernels, name), ffn_kernels.gpu_configs(), ffn_ops)
+    for module, name in (
+        (ffn_kernels, "mixlora_ffn_fwd_kernel"),
+        (ffn_bwd_kernels, "mixlora_ffn_bwd_kernel_rows"),
+        (ffn_bwd_kernels, "mixlora_ffn_bwd_kernel_cols"),
+    ):
+        kernels[name] = (getattr(module, name), ffn_kernels.gpu_configs(), ffn_ops)
     for name, (tiles, names) in lora_tiles.items():
         kernels[name] = (getattr(lora_kernels, name), lora_kernels.gpu_configs(tiles, names), lora_ops)
     sorted_ops = ("routed_mixlora_ffn sorted",)
-    for name in ("ffn_sorted_fwd_kernel", "ffn_sorted_bwd_kernel_rows"):
-        kernels[name] = (getattr(sorted_kernels, name), sorted_kernels.block_gpu_configs(), sorted_ops)
-    wgrad = sorted_kernels.ffn_sorted_bwd_kernel_wgrad
+    for module, name in ((sorted_kernels, "ffn_sorted_fwd_kernel"), (sorted_bwd_kernels, "ffn_sorted_bwd_kernel_rows")):
+        kernels[name] = (getattr(module, name), sorted_kernels.block_gpu_configs(), sorted_ops)
+    wgrad = sorted_bwd_kernels.ffn_sorted_bwd_kernel_wgrad
     kernels["ffn_sorted_bwd_kernel_wgrad"] = (wgrad, sorted_kernels.wgrad_gpu_configs(), sorted_ops)
     return kernels
 

@@ -150,12 +150,7 @@ def _mixlora(impl: ModuleType, inp: FfnInputs) -> Tensor:
     x = inp.x
     routing = impl.route(x, inp.router, top_k=inp.top_k)
     loras = {p: reference.ExpertLora(*inp.experts[p]) for p in PROJ}
-    return impl.mixlora_ffn(
-        x,
-        inp.gate_proj(x),
-        inp.up_proj(x),
-        routing.weights,
-        routing.indices,
+    ffn = reference.FFNSpec(
         gate_lora=loras["gate_proj"],
         up_lora=loras["up_proj"],
         down_lora=loras["down_proj"],
@@ -163,6 +158,7 @@ def _mixlora(impl: ModuleType, inp: FfnInputs) -> Tensor:
         act=F.silu,
         scaling=inp.scaling,
     )
+    return impl.mixlora_ffn(x, inp.gate_proj(x), inp.up_proj(x), routing.weights, routing.indices, ffn)
 
 
 def reference_ffn(inp: FfnInputs) -> Tensor:

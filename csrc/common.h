@@ -42,6 +42,10 @@ struct Pairs {
 
 inline Pairs sort_pairs(const Tensor& indices, int64_t num_experts) {
   TORCH_CHECK(indices.dim() == 2, "moelora cpu backend: indices must be [T, k], got shape ", indices.sizes());
+  TORCH_CHECK(!at::isFloatingType(indices.scalar_type()) && !at::isComplexType(indices.scalar_type()) &&
+                  indices.scalar_type() != at::kBool,
+              "moelora cpu backend: indices must be an integer tensor (expert ids, -1 = unused), got ",
+              indices.scalar_type());
   auto idx = indices.to(at::kLong).contiguous();
   const int64_t T = idx.size(0), k = idx.size(1);
   const int64_t* ip = idx.data_ptr<int64_t>();

@@ -10,6 +10,8 @@
 // its gather, rank-r GEMMs, row loop and scatter on one thread (ATen GEMMs called inside a parallel region run
 // single-threaded). The backward's weight gradients, sums over the chunk's rows, run after its blocks as one
 // multi-threaded GEMM each. Blocks depend on the chunk only, so results are bitwise the same for any thread count.
+// With at most SMALL_PAIRS (token, slot) pairs (decoding), an expert's rows fit one block, so instead the
+// experts run in two fixed groups side by side, each into its own sums (see mixlora_ffn_cpu).
 //
 // Where the time went (issue 20, profiled 2026-12-05 on the 2-core AMD EPYC VM, busy: load average 5-12 from
 // other sessions, so per-thread CPU time at 1 thread and shares, medians of 20-30 calls; small preset, T=512,
@@ -58,6 +60,9 @@ bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined();
 constexpr int64_t CHUNK = 256;
 // Rows per block, the unit of work of one thread (see the top of this file).
 constexpr int64_t BLOCK = 32;
+// At most this many (token, slot) pairs, the forward runs its experts in two groups side by side (decoding;
+// see mixlora_ffn_cpu).
+constexpr int64_t SMALL_PAIRS = 256;
 
 // The frozen projections' LoRA delta of one chunk, B (A xe), written into `out` [m, I]; the rank-space
 // activations A xe [m, r] are returned (the backward needs them).
@@ -274,8 +279,8 @@ void check_inputs(const Tensor& x, const c10::optional<Tensor>& gate, const Tens
     check_cpu_float(*B, name);
     TORCH_CHECK(A->dim() == 3 && B->dim() == 3 && A->size(0) == E && B->size(0) == E && A->size(2) == in &&
                     (out < 0 || B->size(1) == out) && A->size(1) == B->size(2),
-                "moelora cpu backend: ", name, " must be A [E=", E, ", r, ", in, "] and B [E, ", out,
-                ", r], got ", A->sizes(), " and ", B->sizes());
+                "moelora cpu backend: ", name, " must be A [E=", E, ", r, ", in, "] and B [E, ",
+                (out < 0 ? std::string("out") : std::to_string(out)), ", r], got ", A->sizes(), " and ", B->sizes());
   };
   check_pair(l.gate_A, l.gate_B, H, I, "gate LoRA");
   check_pair(l.up_A, l.up_B, H, I, "up LoRA");
@@ -319,50 +324,78 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
   auto G = has(gate) ? gate->to(dt).contiguous() : Tensor();
   auto U = up.to(dt).contiguous();
   auto pair_w = weights.to(dt).reshape({-1}).index_select(0, flat).contiguous();
-  auto hbar = at::zeros({T_, I}, U.options());
   const bool down = has(down_B);
   const bool drop_h = down && drop.on();
-  auto y_lora = at::zeros({T_, down ? down_B->size(1) : 0}, U.options());
-  const int64_t rows = std::min(CHUNK, std::max<int64_t>(pairs.token.numel(), 1));
-  auto x_buf = at::empty({rows, x.size(1)}, U.options());
-  auto dG_buf = at::zeros({rows, I}, U.options());  // stays zero when the gate has no LoRA
-  auto dU_buf = at::zeros({rows, I}, U.options());
-  auto h_buf = at::empty({rows, I}, U.options());
-  for (int64_t e = 0; e < num_experts; ++e) {
-    for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
-      for_blocks(std::min(CHUNK, pairs.offsets[e + 1] - c0), [&](int64_t r0, int64_t m) {
-        const int64_t lo = c0 + r0;
-        auto tok = pairs.token.slice(0, lo, lo + m);
-        auto w = pair_w.slice(0, lo, lo + m);
-        auto pair = flat.slice(0, lo, lo + m);
-        auto xe = x_buf.narrow(0, r0, m);
-        auto dG = dG_buf.narrow(0, r0, m), dU = dU_buf.narrow(0, r0, m), h = h_buf.narrow(0, r0, m);
-        if (has(gate_A) || has(up_A)) {
-          at::index_select_out(xe, xc, 0, tok);
-          if (drop.on()) drop_rows(drop, kXStream, tok, xe);
-        }
-        if (has(gate_A)) lora_delta_into(gate_A, gate_B, e, xe, dt, dG);
-        if (has(up_A)) lora_delta_into(up_A, up_B, e, xe, dt, dU);
-        // h holds drop(h) with drop_h (the down shrink's input); hbar sums the undropped h either way.
-        AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn", [&] {
-          dispatch_act(act, [&](auto a) {
-            dispatch_flags(G.defined(), drop_h, false, [&](auto gated, auto dropped, auto) {
-              ffn_rows_forward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(dropped)::value>(
-                  G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(),
-                  dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(), pair.data_ptr<int64_t>(),
-                  w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), m, I, drop, h.data_ptr<scalar_t>(),
-                  hbar.data_ptr<scalar_t>());
+  const int64_t out_down = down ? down_B->size(1) : 0;
+  const int64_t n_pairs = pairs.token.numel();
+
+  // Experts [e0, e1) into hbar and y_lora, through buffers of `rows` rows.
+  auto run_experts = [&](int64_t e0, int64_t e1, int64_t rows, Tensor hbar, Tensor y_lora) {
+    auto x_buf = at::empty({rows, x.size(1)}, U.options());
+    auto dG_buf = at::zeros({rows, I}, U.options());  // stays zero when the gate has no LoRA
+    auto dU_buf = at::zeros({rows, I}, U.options());
+    auto h_buf = at::empty({rows, I}, U.options());
+    for (int64_t e = e0; e < e1; ++e) {
+      for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
+        for_blocks(std::min(CHUNK, pairs.offsets[e + 1] - c0), [&](int64_t r0, int64_t m) {
+          const int64_t lo = c0 + r0;
+          auto tok = pairs.token.slice(0, lo, lo + m);
+          auto w = pair_w.slice(0, lo, lo + m);
+          auto pair = flat.slice(0, lo, lo + m);
+          auto xe = x_buf.narrow(0, r0, m);
+          auto dG = dG_buf.narrow(0, r0, m), dU = dU_buf.narrow(0, r0, m), h = h_buf.narrow(0, r0, m);
+          if (has(gate_A) || has(up_A)) {
+            at::index_select_out(xe, xc, 0, tok);
+            if (drop.on()) drop_rows(drop, kXStream, tok, xe);
+          }
+          if (has(gate_A)) lora_delta_into(gate_A, gate_B, e, xe, dt, dG);
+          if (has(up_A)) lora_delta_into(up_A, up_B, e, xe, dt, dU);
+          // h holds drop(h) with drop_h (the down shrink's input); hbar sums the undropped h either way.
+          AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn", [&] {
+            dispatch_act(act, [&](auto a) {
+              dispatch_flags(G.defined(), drop_h, false, [&](auto gated, auto dropped, auto) {
+                ffn_rows_forward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(dropped)::value>(
+                    G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
+                    dG.data_ptr<scalar_t>(), dU.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(),
+                    pair.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), m, I, drop,
+                    h.data_ptr<scalar_t>(), hbar.data_ptr<scalar_t>());
+              });
             });
           });
+          if (down) {
+            auto yd = at::mm(at::mm(h, (*down_A)[e].to(dt).t()), (*down_B)[e].to(dt).t());
+            add_rows(yd, tok, w, scaling, y_lora);
+          }
         });
-        if (down) {
-          auto yd = at::mm(at::mm(h, (*down_A)[e].to(dt).t()), (*down_B)[e].to(dt).t());
-          add_rows(yd, tok, w, scaling, y_lora);
-        }
-      });
+      }
     }
+  };
+
+  auto hbar = at::zeros({T_, I}, U.options());
+  auto y_lora = at::zeros({T_, out_down}, U.options());
+  if (n_pairs > SMALL_PAIRS) {
+    run_experts(0, num_experts, std::min(CHUNK, n_pairs), hbar, y_lora);
+    return {hbar, y_lora};
   }
-  return {hbar, y_lora};
+  // Few rows per expert (decoding): a block would hold an expert's every row, the blocks could not spread over
+  // the threads, and each tiny ATen GEMM would fork and join all of them (a 2 x 16 x 1408 GEMM: 8 us on one
+  // thread, 30-90 us on two, busy VM). Instead the experts are cut, by their pairs, into two groups that run
+  // side by side, their GEMMs single-threaded inside the parallel region, each into its own sums, added in a
+  // fixed order: the result does not depend on the thread count.
+  int64_t split = 0;
+  while (split < num_experts && 2 * pairs.offsets[split + 1] <= n_pairs) ++split;
+  const int64_t bounds[3] = {0, split, num_experts};
+  Tensor part_hbar[2] = {hbar, at::zeros_like(hbar)};
+  Tensor part_y[2] = {y_lora, at::zeros_like(y_lora)};
+  const at::ThreadLocalState state;
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t rows = std::max<int64_t>(pairs.offsets[bounds[g + 1]] - pairs.offsets[bounds[g]], 1);
+      run_experts(bounds[g], bounds[g + 1], std::min(CHUNK, rows), part_hbar[g], part_y[g]);
+    }
+  });
+  return {hbar.add_(part_hbar[1]), y_lora.add_(part_y[1])};
 }
 
 std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10::optional<Tensor>& grad_y_lora,
@@ -391,110 +424,138 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
   auto pair_w = weights.to(dt).reshape({-1}).index_select(0, flat).contiguous();
   const bool drop_h = lora && drop.on();  // without a grad into the down LoRA, h is not dropped
 
-  auto grad_x = at::zeros_like(xc);
-  auto grad_G = G.defined() ? at::zeros_like(G) : Tensor();
-  auto grad_U = at::zeros_like(U);
   auto grad_w = at::zeros({weights.numel()}, U.options());
   auto g_gA = grad_buffer(gate_A, dt), g_gB = grad_buffer(gate_B, dt);
   auto g_uA = grad_buffer(up_A, dt), g_uB = grad_buffer(up_B, dt);
   auto g_dA = grad_buffer(down_A, dt), g_dB = grad_buffer(down_B, dt);
-
-  // Chunk buffers: the blocks of a chunk write their rows, the weight grads then read the whole chunk.
-  const int64_t rows = std::min(CHUNK, std::max<int64_t>(pairs.token.numel(), 1));
   auto opt = U.options();
   auto rank = [&](const c10::optional<Tensor>& A) { return has(A) ? A->size(1) : int64_t(0); };
-  auto x_buf = at::empty({rows, H}, opt);
-  auto dG_buf = at::empty({rows, I}, opt);
-  auto dU_buf = at::empty({rows, I}, opt);
-  auto h_buf = at::empty({rows, lora ? I : 0}, opt);
-  auto q_buf = at::empty({rows, lora ? I : 0}, opt);
-  auto gy_buf = at::empty({rows, lora ? gy.size(1) : 0}, opt);
-  auto ug_buf = at::empty({rows, rank(gate_A)}, opt), dug_buf = at::empty({rows, rank(gate_A)}, opt);
-  auto uu_buf = at::empty({rows, rank(up_A)}, opt), duu_buf = at::empty({rows, rank(up_A)}, opt);
-  auto ud_buf = at::empty({rows, lora ? rank(down_A) : 0}, opt);
-  auto dvd_buf = at::empty({rows, lora ? rank(down_A) : 0}, opt);
-  for (int64_t e = 0; e < num_experts; ++e) {
-    for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
-      const int64_t cm = std::min(CHUNK, pairs.offsets[e + 1] - c0);
-      for_blocks(cm, [&](int64_t r0, int64_t m) {
-        const int64_t lo = c0 + r0;
-        auto tok = pairs.token.slice(0, lo, lo + m);
-        auto w = pair_w.slice(0, lo, lo + m);
-        auto pair = flat.slice(0, lo, lo + m);
-        auto xe = x_buf.narrow(0, r0, m);
-        auto dG = dG_buf.narrow(0, r0, m), dU = dU_buf.narrow(0, r0, m);
-        if (has(gate_A) || has(up_A)) {
-          at::index_select_out(xe, xc, 0, tok);
-          if (drop.on()) drop_rows(drop, kXStream, tok, xe);  // xe = drop(x) rows, for the shrinks and dA
-        }
-        // The row loop below overwrites the deltas with grads, so a projection without LoRA zeroes them again.
-        if (has(gate_A)) ug_buf.narrow(0, r0, m).copy_(lora_delta_into(gate_A, gate_B, e, xe, dt, dG));
-        else dG.zero_();
-        if (has(up_A)) uu_buf.narrow(0, r0, m).copy_(lora_delta_into(up_A, up_B, e, xe, dt, dU));
-        else dU.zero_();
-        // q = (Bd^T dy) Ad per row, the grad into the down LoRA's input per unit of w s: it does not depend on
-        // h, so the row loop recomputes h (the forward kept only hbar) and runs its backward in one pass.
-        Tensor q;
-        if (lora) {
-          auto gye = gy_buf.narrow(0, r0, m), dvd = dvd_buf.narrow(0, r0, m);
-          at::index_select_out(gye, gy, 0, tok);
-          at::mm_out(dvd, gye, (*down_B)[e].to(dt));  // [m, r] = Bd^T dy per row
-          q = q_buf.narrow(0, r0, m);
-          at::mm_out(q, dvd, (*down_A)[e].to(dt));
-        }
-        AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_backward", [&] {
-          dispatch_act(act, [&](auto a) {
-            dispatch_flags(G.defined(), lora, drop_h, [&](auto gated, auto with_lora, auto dropped) {
-              ffn_rows_backward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(with_lora)::value,
-                                decltype(dropped)::value>(
-                  G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(),
-                  dU.data_ptr<scalar_t>(), lora ? h_buf.narrow(0, r0, m).data_ptr<scalar_t>() : nullptr,
-                  lora ? q.data_ptr<scalar_t>() : nullptr, dhbar.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(),
-                  pair.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), m, I, drop,
-                  grad_G.defined() ? grad_G.data_ptr<scalar_t>() : nullptr, grad_U.data_ptr<scalar_t>(),
-                  grad_w.data_ptr<scalar_t>());
+  const int64_t n_pairs = pairs.token.numel();
+
+  // Experts [e0, e1) into grad_x, grad_G, grad_U (and their own rows of grad_w and weight grads), through
+  // buffers of `rows` rows.
+  auto run_experts = [&](int64_t e0, int64_t e1, int64_t rows, Tensor grad_x, Tensor grad_G, Tensor grad_U) {
+    // Chunk buffers: the blocks of a chunk write their rows, the weight grads then read the whole chunk.
+    auto x_buf = at::empty({rows, H}, opt);
+    auto dG_buf = at::empty({rows, I}, opt);
+    auto dU_buf = at::empty({rows, I}, opt);
+    auto h_buf = at::empty({rows, lora ? I : 0}, opt);
+    auto q_buf = at::empty({rows, lora ? I : 0}, opt);
+    auto gy_buf = at::empty({rows, lora ? gy.size(1) : 0}, opt);
+    auto ug_buf = at::empty({rows, rank(gate_A)}, opt), dug_buf = at::empty({rows, rank(gate_A)}, opt);
+    auto uu_buf = at::empty({rows, rank(up_A)}, opt), duu_buf = at::empty({rows, rank(up_A)}, opt);
+    auto ud_buf = at::empty({rows, lora ? rank(down_A) : 0}, opt);
+    auto dvd_buf = at::empty({rows, lora ? rank(down_A) : 0}, opt);
+    for (int64_t e = e0; e < e1; ++e) {
+      for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
+        const int64_t cm = std::min(CHUNK, pairs.offsets[e + 1] - c0);
+        for_blocks(cm, [&](int64_t r0, int64_t m) {
+          const int64_t lo = c0 + r0;
+          auto tok = pairs.token.slice(0, lo, lo + m);
+          auto w = pair_w.slice(0, lo, lo + m);
+          auto pair = flat.slice(0, lo, lo + m);
+          auto xe = x_buf.narrow(0, r0, m);
+          auto dG = dG_buf.narrow(0, r0, m), dU = dU_buf.narrow(0, r0, m);
+          if (has(gate_A) || has(up_A)) {
+            at::index_select_out(xe, xc, 0, tok);
+            if (drop.on()) drop_rows(drop, kXStream, tok, xe);  // xe = drop(x) rows, for the shrinks and dA
+          }
+          // The row loop below overwrites the deltas with grads, so a projection without LoRA zeroes them again.
+          if (has(gate_A)) ug_buf.narrow(0, r0, m).copy_(lora_delta_into(gate_A, gate_B, e, xe, dt, dG));
+          else dG.zero_();
+          if (has(up_A)) uu_buf.narrow(0, r0, m).copy_(lora_delta_into(up_A, up_B, e, xe, dt, dU));
+          else dU.zero_();
+          // q = (Bd^T dy) Ad per row, the grad into the down LoRA's input per unit of w s: it does not depend on
+          // h, so the row loop recomputes h (the forward kept only hbar) and runs its backward in one pass.
+          Tensor q;
+          if (lora) {
+            auto gye = gy_buf.narrow(0, r0, m), dvd = dvd_buf.narrow(0, r0, m);
+            at::index_select_out(gye, gy, 0, tok);
+            at::mm_out(dvd, gye, (*down_B)[e].to(dt));  // [m, r] = Bd^T dy per row
+            q = q_buf.narrow(0, r0, m);
+            at::mm_out(q, dvd, (*down_A)[e].to(dt));
+          }
+          AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_backward", [&] {
+            dispatch_act(act, [&](auto a) {
+              dispatch_flags(G.defined(), lora, drop_h, [&](auto gated, auto with_lora, auto dropped) {
+                ffn_rows_backward<decltype(a)::value, scalar_t, decltype(gated)::value, decltype(with_lora)::value,
+                                  decltype(dropped)::value>(
+                    G.defined() ? G.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(),
+                    dU.data_ptr<scalar_t>(), lora ? h_buf.narrow(0, r0, m).data_ptr<scalar_t>() : nullptr,
+                    lora ? q.data_ptr<scalar_t>() : nullptr, dhbar.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(),
+                    pair.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(scaling), m, I, drop,
+                    grad_G.defined() ? grad_G.data_ptr<scalar_t>() : nullptr, grad_U.data_ptr<scalar_t>(),
+                    grad_w.data_ptr<scalar_t>());
+              });
             });
           });
+          if (lora) {
+            auto h = h_buf.narrow(0, r0, m);  // the down LoRA's input (drop(h) with drop_h)
+            auto ud = ud_buf.narrow(0, r0, m);
+            at::mm_out(ud, h, (*down_A)[e].to(dt).t());
+            gy_buf.narrow(0, r0, m).mul_(w.unsqueeze(1));
+            dvd_buf.narrow(0, r0, m).mul_(w.unsqueeze(1) * scaling);
+          }
+          // dG, dU now hold d(pre-activation) of gate and up for these rows.
+          Tensor grad_xe;
+          if (has(gate_A)) {
+            auto d_ug = dug_buf.narrow(0, r0, m);
+            at::mm_out(d_ug, dG, (*gate_B)[e].to(dt)).mul_(scaling);  // [m, r]
+            grad_xe = at::mm(d_ug, (*gate_A)[e].to(dt));
+          }
+          if (has(up_A)) {
+            auto d_uu = duu_buf.narrow(0, r0, m);
+            at::mm_out(d_uu, dU, (*up_B)[e].to(dt)).mul_(scaling);
+            grad_xe = grad_xe.defined() ? grad_xe.addmm_(d_uu, (*up_A)[e].to(dt)) : at::mm(d_uu, (*up_A)[e].to(dt));
+          }
+          if (grad_xe.defined()) {
+            if (drop.on()) drop_rows(drop, kXStream, tok, grad_xe);  // the grad into drop(x), through the x mask
+            add_rows(grad_xe, tok, Tensor(), 1.0, grad_x);
+          }
         });
+        // The weight grads sum over the chunk's rows: one GEMM each over all its blocks, on all threads.
+        auto xe = x_buf.narrow(0, 0, cm);
         if (lora) {
-          auto h = h_buf.narrow(0, r0, m);  // the down LoRA's input (drop(h) with drop_h)
-          auto ud = ud_buf.narrow(0, r0, m);
-          at::mm_out(ud, h, (*down_A)[e].to(dt).t());
-          gy_buf.narrow(0, r0, m).mul_(w.unsqueeze(1));
-          dvd_buf.narrow(0, r0, m).mul_(w.unsqueeze(1) * scaling);
+          g_dB[e].addmm_(gy_buf.narrow(0, 0, cm).t(), ud_buf.narrow(0, 0, cm), 1.0, scaling);
+          g_dA[e].addmm_(dvd_buf.narrow(0, 0, cm).t(), h_buf.narrow(0, 0, cm));
         }
-        // dG, dU now hold d(pre-activation) of gate and up for these rows.
-        Tensor grad_xe;
         if (has(gate_A)) {
-          auto d_ug = dug_buf.narrow(0, r0, m);
-          at::mm_out(d_ug, dG, (*gate_B)[e].to(dt)).mul_(scaling);  // [m, r]
-          grad_xe = at::mm(d_ug, (*gate_A)[e].to(dt));
+          g_gB[e].addmm_(dG_buf.narrow(0, 0, cm).t(), ug_buf.narrow(0, 0, cm), 1.0, scaling);
+          g_gA[e].addmm_(dug_buf.narrow(0, 0, cm).t(), xe);
         }
         if (has(up_A)) {
-          auto d_uu = duu_buf.narrow(0, r0, m);
-          at::mm_out(d_uu, dU, (*up_B)[e].to(dt)).mul_(scaling);
-          grad_xe = grad_xe.defined() ? grad_xe.addmm_(d_uu, (*up_A)[e].to(dt)) : at::mm(d_uu, (*up_A)[e].to(dt));
+          g_uB[e].addmm_(dU_buf.narrow(0, 0, cm).t(), uu_buf.narrow(0, 0, cm), 1.0, scaling);
+          g_uA[e].addmm_(duu_buf.narrow(0, 0, cm).t(), xe);
         }
-        if (grad_xe.defined()) {
-          if (drop.on()) drop_rows(drop, kXStream, tok, grad_xe);  // the grad into drop(x), through the x mask
-          add_rows(grad_xe, tok, Tensor(), 1.0, grad_x);
-        }
-      });
-      // The weight grads sum over the chunk's rows: one GEMM each over all its blocks, on all threads.
-      auto xe = x_buf.narrow(0, 0, cm);
-      if (lora) {
-        g_dB[e].addmm_(gy_buf.narrow(0, 0, cm).t(), ud_buf.narrow(0, 0, cm), 1.0, scaling);
-        g_dA[e].addmm_(dvd_buf.narrow(0, 0, cm).t(), h_buf.narrow(0, 0, cm));
-      }
-      if (has(gate_A)) {
-        g_gB[e].addmm_(dG_buf.narrow(0, 0, cm).t(), ug_buf.narrow(0, 0, cm), 1.0, scaling);
-        g_gA[e].addmm_(dug_buf.narrow(0, 0, cm).t(), xe);
-      }
-      if (has(up_A)) {
-        g_uB[e].addmm_(dU_buf.narrow(0, 0, cm).t(), uu_buf.narrow(0, 0, cm), 1.0, scaling);
-        g_uA[e].addmm_(duu_buf.narrow(0, 0, cm).t(), xe);
       }
     }
+  };
+
+  auto grad_x = at::zeros_like(xc);
+  auto grad_G = G.defined() ? at::zeros_like(G) : Tensor();
+  auto grad_U = at::zeros_like(U);
+  if (n_pairs > SMALL_PAIRS) {
+    run_experts(0, num_experts, std::min(CHUNK, n_pairs), grad_x, grad_G, grad_U);
+  } else {
+    // As in the forward: two expert groups side by side, each into its own grads of x, G and U, added in a
+    // fixed order (the weight grads and grad_w are per expert and per pair: no overlap).
+    int64_t split = 0;
+    while (split < num_experts && 2 * pairs.offsets[split + 1] <= n_pairs) ++split;
+    const int64_t bounds[3] = {0, split, num_experts};
+    Tensor part_x[2] = {grad_x, at::zeros_like(grad_x)};
+    Tensor part_G[2] = {grad_G, G.defined() ? at::zeros_like(grad_G) : Tensor()};
+    Tensor part_U[2] = {grad_U, at::zeros_like(grad_U)};
+    const at::ThreadLocalState state;
+    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard guard(state);
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t rows = std::max<int64_t>(pairs.offsets[bounds[g + 1]] - pairs.offsets[bounds[g]], 1);
+        run_experts(bounds[g], bounds[g + 1], std::min(CHUNK, rows), part_x[g], part_G[g], part_U[g]);
+      }
+    });
+    grad_x.add_(part_x[1]);
+    if (G.defined()) grad_G.add_(part_G[1]);
+    grad_U.add_(part_U[1]);
   }
   auto none = at::empty({0}, U.options());
   auto out = [&](const Tensor& t, const c10::optional<Tensor>& like) {

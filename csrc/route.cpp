@@ -113,7 +113,10 @@ std::tuple<Tensor, Tensor, Tensor> route_cpu(const Tensor& x, const Tensor& rout
               " features but router_weight is ", router_weight.sizes());
   const int64_t E = router_weight.size(0);
   TORCH_CHECK(top_k <= E, "moelora cpu backend: route: top_k=", top_k, " exceeds ", E, " experts");
-  TORCH_CHECK(top_k > 0 || (top_p > 0.0 && top_p <= 1.0), "moelora cpu backend: route: top_p must be in (0, 1]");
+  TORCH_CHECK(top_k >= 0, "moelora cpu backend: route: top_k must be >= 1 (or 0 for top-p routing), got ", top_k);
+  TORCH_CHECK(top_k > 0 || (top_p > 0.0 && top_p <= 1.0),
+              "moelora cpu backend: route: top_k=0 selects top-p routing, which needs top_p in (0, 1], got top_p=",
+              top_p);
   const auto dt = compute_type(x);
   auto logits = at::mm(x.to(dt), router_weight.to(dt).t()).contiguous();
   const int64_t k = top_k > 0 ? top_k : E;

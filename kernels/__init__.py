@@ -9,13 +9,17 @@
   contiguous loops for dA / dB; backward.
 - `mixlora_ffn`: from the frozen base's G and U, the gate/up LoRA expand per slot, activation (SiLU,
   GELU erf / tanh, ReLU), product, weighted sum into hbar and the down-LoRA shrink, never materialising
-  [T, k, I]; backward recomputes h. The caller runs the frozen down projection once, on hbar. Dense-masked
-  (every slot's rank work over all E*r columns, no sort).
-- `mixlora_ffn_sorted`: the same op with tokens sorted by their combination of experts (`combo_sort`, no
-  host sync), so that a block shares one expert per slot: r rank columns per slot instead of E*r, the sum
-  over slots still in registers; the weight gradients per expert over its (token, slot) pairs.
+  [T, k, I]; `mixlora_ffn_bwd`: its backward, recomputing h. The caller runs the frozen down projection once,
+  on hbar. Dense-masked (every slot's rank work over all E*r columns, no sort).
+- `mixlora_ffn_sorted` / `mixlora_ffn_sorted_bwd`: the same op with tokens sorted by their combination of
+  experts (`combo_sort`, no host sync), so that a block shares one expert per slot: r rank columns per slot
+  instead of E*r, the sum over slots still in registers; the weight gradients per expert over its (token,
+  slot) pairs.
+- `mixlora_ffn_shrink_expand`: the FFN's rank-space ends, shared by both regimes: the gate/up shrink
+  `shrink_x` (x read once per 128 rank columns) and the down LoRA's expand `down_expand` (Wd hbar added
+  before its one rounding); backward.
 - `prompt_route` (MiLoRA): pool each prompt (attention / mean / last / max, padding ignored), rational
-  activation, softmax over the layer's modules, top-k gates; backward.
+  activation, softmax over the layer's modules, top-k gates; `prompt_route_bwd`: backward.
 - `segmented_lora` (MiLoRA, many tenants): one LoRA and gate per sequence through token -> sequence ->
   LoRA maps, inactive tokens skipped, fixed grids (CUDA-graph capturable); backward.
 - `philox`: moelora.dropout's seeded LoRA-dropout mask (Philox4x32-10) inside a kernel, bit for bit; the
@@ -24,9 +28,10 @@
 - `_common`: the JIT helpers and tiling rules the FFN files and `route` share (activations, dot modes,
   slicing of reductions).
 Each file holds kernels and their launchers (plain functions on tensors, shapes in their docstrings) and
-the input checks of its op; no autograd. moelora.triton_backend registers the launchers as torch.library
-ops (namespace moelora_triton) with fake kernels and autograd, behind `MOELORA_BACKEND=triton` (and `auto`
-on CUDA); the tests run those ops against moelora.reference under the interpreter in fp32 and fp16.
+the input checks of its op (a `_bwd` file: its backward's kernels and launchers); no autograd.
+moelora.triton_ops registers the launchers as torch.library ops (namespace moelora_triton) with fake kernels
+and autograd, moelora.triton_backend dispatches to them behind `MOELORA_BACKEND=triton` (and `auto` on
+CUDA); the tests run those ops against moelora.reference under the interpreter in fp32 and fp16.
 No atomics in any forward or backward: results are deterministic.
 Run on a GPU once (H200, 2026-12-04: bench/results/gpu-check-cuda-nvidia-h200-2026-12-04.md): bf16 and fp16
 parity and bitwise repeat runs pass; speed is short of issue 3's goals at T = 8192. The kernel files never

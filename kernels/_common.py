@@ -1,4 +1,4 @@
-"""JIT helpers and host-side tiling rules shared by the FFN kernels (mixlora_ffn.py, mixlora_ffn_sorted.py) and
+"""JIT helpers and host-side tiling rules shared by the FFN kernels (mixlora_ffn*.py, mixlora_ffn_sorted*.py) and
 route.py, kept apart so that those files import this one instead of each other.
 
 - activations: `ACTIVATIONS` (name -> the ACT constexpr), `_act`, `_act_grad`, `_slot_act_grads` (h_j and the

@@ -13,8 +13,8 @@ the shrink reads each tile of x through its seeded mask (kernels/philox.py) and 
 takes the sorted path instead (kernels/moe_lora_sorted.py: sort_by_expert, no host sync).
 
 Launchers only (route_fwd / route_bwd, route_shrink_fwd / route_shrink_bwd; shapes in their docstrings) and
-check_inputs: the ops, their autograd and fake kernels are in moelora.triton_backend (route, and
-routed_mixlora_ffn for route_shrink).
+check_inputs: the ops, their autograd and fake kernels are in moelora.triton_ops, the dispatch (route, and
+routed_mixlora_ffn for route_shrink) in moelora.triton_backend.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from moelora.kernels import philox
 from moelora.kernels._common import _dot_mode, dot_operand
-from moelora.kernels.mixlora_ffn import shrink_x_bwd
+from moelora.kernels.mixlora_ffn_shrink_expand import shrink_x_bwd
 from moelora.kernels.moe_lora import autotune_list, fp32_dot_precision, t_bucket
 from torch import Tensor
 

@@ -13,15 +13,13 @@ forward and again in the backward, and `dropout_mask` gives the same mask outsid
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from moelora import backend, reference, segmented
 from moelora.activations import activation_name
-from moelora.dropout import LoraDropout
-from moelora.reference import ExpertLora, Routing
+from moelora.reference import FFNSpec, Routing
 
 _spec = importlib.util.find_spec("moelora._C")
 if _spec is None or _spec.origin is None:
@@ -191,58 +189,27 @@ class _MixLoraFfn(torch.autograd.Function):
         return (grad_x, grad_gate, grad_up, grad_w, None, *lora_grads, None, None, None, None, None)
 
 
-def mixlora_ffn(
-    x: Tensor,
-    gate: Tensor | None,
-    up: Tensor,
-    weights: Tensor,
-    indices: Tensor,
-    *,
-    gate_lora: ExpertLora | None,
-    up_lora: ExpertLora | None,
-    down_lora: ExpertLora | None,
-    down_proj: Callable[[Tensor], Tensor],
-    act: Callable[[Tensor], Tensor],
-    scaling: float,
-    down_bias: Tensor | None = None,
-    dropout: LoraDropout | None = None,
-    **dora_only: Tensor | None,
-) -> Tensor:
+def mixlora_ffn(x: Tensor, gate: Tensor | None, up: Tensor, weights: Tensor, indices: Tensor, ffn: FFNSpec) -> Tensor:
     """moelora.reference.mixlora_ffn with the rank-r work, activation, weighted sum and LoRA dropout in C++.
 
     The frozen down projection runs here, once, on hbar (so a quantised base layer still works). With
-    `dropout`, x is dropped for the gate/up shrinks and each h_j for the down shrink by the Philox masks of
-    moelora.dropout (rebuild them with `dropout_mask`); the router and hbar see them undropped.
+    `ffn.dropout`, x is dropped for the gate/up shrinks and each h_j for the down shrink by the Philox masks
+    of moelora.dropout (rebuild them with `dropout_mask`); the router and hbar see them undropped.
     """
-    act_name = activation_name(act)
-    loras = [gate_lora, up_lora, down_lora]
-    if act_name is None or all(p is None for p in loras):
+    act_name = activation_name(ffn.act)
+    if act_name is None or not ffn.has_lora:
         # Not covered in C++: another activation; without any LoRA there is nothing to fuse.
         if act_name is None:
-            backend.fell_back("mixlora_ffn", f"the cpu backend does not cover the activation {act!r}")
-        return reference.mixlora_ffn(
-            x,
-            gate,
-            up,
-            weights,
-            indices,
-            gate_lora=gate_lora,
-            up_lora=up_lora,
-            down_lora=down_lora,
-            down_proj=down_proj,
-            act=act,
-            scaling=scaling,
-            down_bias=down_bias,
-            dropout=dropout,
-            **dora_only,
-        )
-    E = next(p.A.shape[0] for p in loras if p is not None)
-    flat = [t for p in loras for t in ((p.A, p.B) if p is not None else (None, None))]
+            backend.fell_back("mixlora_ffn", f"the cpu backend does not cover the activation {ffn.act!r}")
+        return reference.mixlora_ffn(x, gate, up, weights, indices, ffn)
+    flat = [t for p in ffn.loras for t in ((p.A, p.B) if p is not None else (None, None))]
+    dropout = ffn.dropout
     p, seed = (float(dropout.p), _seed_arg(dropout.seed)) if dropout is not None else (0.0, 0)
-    hbar, y_lora = _MixLoraFfn.apply(x, gate, up, weights, indices, *flat, E, float(scaling), act_name, p, seed)
-    y = down_proj(hbar.to(up.dtype)).to(hbar.dtype)
-    if down_bias is not None:
-        y = y + (weights.to(hbar.dtype).sum(dim=-1, keepdim=True) - 1.0) * down_bias.to(hbar.dtype)
-    if down_lora is not None:
+    args = (ffn.num_experts, float(ffn.scaling), act_name, p, seed)
+    hbar, y_lora = _MixLoraFfn.apply(x, gate, up, weights, indices, *flat, *args)
+    y = ffn.down_proj(hbar.to(up.dtype)).to(hbar.dtype)
+    if ffn.down_bias is not None:
+        y = y + (weights.to(hbar.dtype).sum(dim=-1, keepdim=True) - 1.0) * ffn.down_bias.to(hbar.dtype)
+    if ffn.down_lora is not None:
         y = y + y_lora
     return y.to(up.dtype)

@@ -11,7 +11,8 @@ whose routing is computed at prefill and kept (`MiLoraRouter.routing`) for every
 also keeps a running pool of the prompt (`MiLoraRouter.pool`) so that more tokens on the same KV cache
 (chunked prefill, a new turn) route on every token so far. Routing is per prompt, not causal: earlier
 tokens keep the states and cached keys/values of their own call's gates, so only the first layer (it pools
-embeddings) routes exactly as one prefill over the whole text; deeper layers come close.
+embeddings) routes exactly as one prefill over the whole text; deeper layers pool states made under the
+earlier calls' gates and may pick other modules.
 """
 
 from __future__ import annotations
@@ -25,17 +26,8 @@ from torch import Tensor, nn
 
 from moelora import ops
 from moelora.dropout import LoraDropout
-from moelora.reference import (
-    RATIONAL_GELU_DENOMINATOR,
-    RATIONAL_GELU_NUMERATOR,
-    ExpertLora,
-    PoolState,
-    PromptRouting,
-    dora_scale,
-    pool_extend,
-    pool_finish,
-    route_pooled,
-)
+from moelora.milora_router import MiLoraRouter
+from moelora.reference import ExpertLora, FFNSpec, PromptRouting, dora_scale
 
 # FFN shapes we know: the projections that feed the activation, and the one after it.
 FFN_KINDS = {
@@ -102,8 +94,6 @@ def keep_quantized_trainable(model: nn.Module) -> None:
 # At decode size the ops around a segmented call cost more than the work they skip: 26 against 139 us per
 # module at T=8, H=512, r=32 (AMD EPYC, 2 threads).
 GATED_DENSE_TOKENS = 64
-# MiLoRA pools a decoding step's token (for a later prompt on the same cache) with this many steps at once.
-POOL_PENDING_STEPS = 16
 
 
 _ONE_SEGMENT: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
@@ -182,6 +172,15 @@ class LoraAdapter(nn.Module):
         return scale
 
 
+def _picked_sequences(gates: Tensor, x: Tensor) -> Tensor | None:
+    """The rows [n] of the sequences whose gate is not 0, or None to run every row: when all are picked, off
+    CPU (reading the gates would stop a GPU stream) and under torch.compile (a data-dependent shape)."""
+    if x.device.type != "cpu" or x.dim() < 2 or torch.compiler.is_compiling():
+        return None
+    picked = gates.detach().nonzero().flatten()
+    return None if picked.numel() == gates.numel() else picked
+
+
 class LoraLinear(nn.Module):
     """y = base(x) + s B A drop(x); with DoRA y = m / ||W + s B A|| * (base(x) + s B A drop(x)).
 
@@ -228,10 +227,23 @@ class LoraLinear(nn.Module):
         if a.milora is not None and not torch.is_grad_enabled() and x.dim() >= 2 and a.lora_magnitude is None:
             return self._add_gated(a, x, y)
         gates = a.gates(x.shape[0])
-        delta = ops.lora(a.dropout(x), a.lora_A, a.lora_B, a.scaling)
-        if gates is not None:
-            delta = delta * gates.view(-1, *[1] * (delta.dim() - 1))
-        y = y + delta.to(y.dtype)
+        if gates is None:
+            delta = ops.lora(a.dropout(x), a.lora_A, a.lora_B, a.scaling)
+            y = y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
+        else:
+            # MiLoRA training: the gate folded into the scale (one op on the output fewer, forward and backward).
+            scale = (gates * a.scaling).view(-1, *[1] * (x.dim() - 1))
+            picked = _picked_sequences(gates, x)
+            if picked is None:
+                delta = ops.lora(a.dropout(x), a.lora_A, a.lora_B, scale)
+                y = y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
+            else:
+                # Only the sequences that picked this module: a gate of 0 is an unpicked module, whose delta
+                # and every gradient through it are 0 (the top-k mask), so skipping its rows changes nothing
+                # but the work. A and B still get their (partly zero) gradients, as PEFT's optimiser expects.
+                x_picked = x.index_select(0, picked)
+                delta = ops.lora(a.dropout(x_picked), a.lora_A, a.lora_B, scale.index_select(0, picked))
+                y = y.index_add(0, picked, delta.to(y.dtype))
         if a.lora_magnitude is not None:
             scale = dora_scale(self.base_layer.weight, a.lora_A, a.lora_B, a.scaling, a.lora_magnitude)
             y = (y.to(scale.dtype) * scale).to(y.dtype)
@@ -244,7 +256,10 @@ class LoraLinear(nn.Module):
             # Decoding: two GEMMs over every row, scaled per sequence (the gate-x-scaling cached per routing),
             # as many ops as a plain LoRA; a module no sequence picked runs nothing on CPU.
             scale = a.gate_scale(x.shape[0], x.dim())
-            return y if scale is None else y + ops.lora(x, a.lora_A, a.lora_B, scale).to(y.dtype)
+            if scale is None:
+                return y
+            delta = ops.lora(x, a.lora_A, a.lora_B, scale)
+            return y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
         # Prefill: one segmented_lora call, in which the fused kernels skip sequences whose gate is 0.
         flat = x.reshape(-1, x.shape[-1])
         token_seq, only_lora, scaling = _one_segment(x.shape[0], flat.shape[0], a.scaling, x.device)
@@ -297,6 +312,11 @@ class LoraLinear(nn.Module):
     def _stacked(self) -> tuple[Tensor, Tensor, Tensor, dict[str, int]]:
         """Every adapter's A [n, r_max, in], B [n, out, r_max] and scaling [n], rebuilt only when a weight changed."""
         names = list(self.adapters)
+        if torch.compiler.is_compiling() and self._stacks is not None and list(self._stacks[1][3]) == names:
+            # Tensor._version cannot be guarded on: checking it breaks the graph (35 graphs per decoding step
+            # of a mixed batch instead of 1). A compiled call (a decoding step) reuses the stack that the last
+            # eager call (the prefill) built or checked.
+            return self._stacks[1]
         key = tuple((n, self.adapters[n].lora_A._version, self.adapters[n].lora_B._version) for n in names)
         key += tuple((id(self.adapters[n].lora_A), self.adapters[n].lora_A.device) for n in names)
         if self._stacks is None or self._stacks[0] != key:
@@ -408,7 +428,7 @@ class MixLoraFFN(nn.Module):
         rest = [i for i, n in enumerate(names) if n not in mine]
         out = None
         if rest:
-            rest_rows = torch.tensor(rest, device=hidden_states.device)
+            rest_rows = plan.index(rest, hidden_states.device)
             with plan.narrowed(rest):
                 base_out = self.base_layer(hidden_states[rest_rows])
             out = base_out.new_empty(rows_total, *base_out.shape[1:]).index_copy(0, rest_rows, base_out)
@@ -456,19 +476,21 @@ class MixLoraFFN(nn.Module):
             a.router,
             gate,
             up,
+            FFNSpec(
+                gate_lora=gate_lora,
+                up_lora=up_lora,
+                down_lora=down_lora,
+                down_proj=down,
+                act=self.act,
+                scaling=a.scaling,
+                gate_weight=gate_w,
+                up_weight=up_w,
+                down_weight=down.weight,
+                down_bias=getattr(down, "bias", None),
+                dropout=dropout,
+            ),
             top_k=a.top_k,
             top_p=a.top_p,
-            gate_lora=gate_lora,
-            up_lora=up_lora,
-            down_lora=down_lora,
-            down_proj=down,
-            act=self.act,
-            scaling=a.scaling,
-            gate_weight=gate_w,
-            up_weight=up_w,
-            down_weight=down.weight,
-            down_bias=getattr(down, "bias", None),
-            dropout=dropout,
         )
         if self.router_log is not None:
             self.router_log.append((routing.probs, routing.indices))
@@ -534,6 +556,13 @@ class BatchPlan:
                 ]
         return self._cache[key]
 
+    def index(self, rows: list[int], device: torch.device) -> Tensor:
+        """rows as an int64 tensor on `device`, made once per list and device (no copy per decoding step)."""
+        key = ("index", tuple(rows), str(device))
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(rows, dtype=torch.int64, device=device)
+        return self._cache[key]
+
     def slots(self, slot: dict[str, int], device: torch.device) -> Tensor:
         """seq_lora [rows] int64: each row's index into a wrapper's stacked LoRAs (-1: not held there)."""
         names = self.names()
@@ -541,140 +570,3 @@ class BatchPlan:
         if key not in self._cache:
             self._cache[key] = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.int64, device=device)
         return self._cache[key]
-
-
-class MiLoraRouter(nn.Module):
-    """One MiLoRA adapter's router on one decoder layer (arXiv 2410.18035).
-
-    weight [M, H] fp32 (M = the layer's adapted modules, in `module_names` order), pool_weight [H]
-    (attention pooling, zero at init: mean pooling), rational_numerator [7] / rational_denominator [5]
-    (the Pade activation, initialised to approximate GELU; absent with activation="gelu").
-    `routing` keeps the last prefill's PromptRouting for every decoding step; `pool` (a PoolState, inference
-    only) the running pool of every token run so far, which `extend` grows; `calls` counts router runs.
-    """
-
-    def __init__(
-        self,
-        hidden: int,
-        module_names: list[str],
-        *,
-        top_k: int,
-        pooling: str,
-        activation: str,
-        router_init_range: float,
-        device: torch.device | None = None,
-    ) -> None:
-        super().__init__()
-        self.module_names = list(module_names)
-        self.top_k, self.pooling = top_k, pooling
-        M = len(self.module_names)
-        self.weight = nn.Parameter(torch.empty(M, hidden, device=device).normal_(0.0, router_init_range))
-        self.pool_weight = nn.Parameter(torch.zeros(hidden, device=device)) if pooling == "attention" else None
-        if activation == "rational":
-            self.rational_numerator = nn.Parameter(torch.tensor(RATIONAL_GELU_NUMERATOR, device=device))
-            self.rational_denominator = nn.Parameter(torch.tensor(RATIONAL_GELU_DENOMINATOR, device=device))
-        else:
-            self.rational_numerator = self.rational_denominator = None
-        self.routing: PromptRouting | None = None
-        self.pool: PoolState | None = None
-        self.pending: list[tuple[Tensor, Tensor | None]] = []  # decoding steps' tokens not yet pooled
-        self.calls = 0
-
-    def forward(self, hidden: Tensor, mask: Tensor | None, keep_pool: bool = False) -> PromptRouting:
-        """Route the prompts: hidden [B, S, H], mask [B, S] or None. Keeps and returns the routing (gates [B, M]).
-
-        keep_pool: also keep the running pool of these prompts, for `extend` (a detached copy: inference only).
-        """
-        self.calls += 1
-        self.pool = None
-        self.pending = []
-        if keep_pool:
-            with torch.no_grad():
-                self.pool = pool_extend(None, hidden, mask, self.pooling, self.pool_weight)
-        self.routing = ops.prompt_route(
-            hidden,
-            mask,
-            self.weight,
-            self.rational_numerator,
-            self.rational_denominator,
-            top_k=self.top_k,
-            pooling=self.pooling,
-            pool_weight=self.pool_weight,
-        )
-        return self.routing
-
-    def gates(self, column: int, rows: int) -> Tensor:
-        """Module `column`'s gate for each of the `rows` sequences routed at prefill [rows] fp32."""
-        if self.routing is None:
-            raise RuntimeError(
-                "MiLoRA: no routing for this batch yet; run the prompts through the model (prefill) before "
-                "decoding steps"
-            )
-        gates = self.routing.gates
-        if gates.shape[0] != rows:
-            raise RuntimeError(
-                f"MiLoRA: the routing was computed for {gates.shape[0]} prompts but this call has {rows} sequences; "
-                "run the prompts of this batch through the model (prefill) first"
-            )
-        return gates[:, column]
-
-    def extend(self, hidden: Tensor, mask: Tensor | None, reroute: bool) -> PromptRouting | None:
-        """Pool more tokens of the same sequences (hidden [B, S, H], mask [B, S] or None) into the kept pool;
-        reroute: route again from it (on every token so far) and keep that routing.
-
-        The pooled math is the reference's (moelora.reference.pool_extend), whatever the backend; no gradient.
-        """
-        if self.pool is None:
-            raise RuntimeError(
-                "MiLoRA: no routing for this batch yet; run the prompts through the model (prefill) before "
-                "decoding steps or more chunks"
-            )
-        kept = self.pool.count.shape[0]
-        if hidden.shape[0] != kept:
-            raise RuntimeError(
-                f"MiLoRA: the routing was computed for {kept} prompts but this call has {hidden.shape[0]} sequences; "
-                "run the prompts of this batch through the model (prefill) first"
-            )
-        with torch.no_grad():
-            if not reroute:
-                # A decoding step: its token waits and is pooled with the next POOL_PENDING_STEPS - 1 (one
-                # pool_extend of ~15 ops per 16 steps instead of per step; the same sums, in another order).
-                self.pending.append((hidden.clone(), None if mask is None else mask.clone()))
-                if len(self.pending) >= POOL_PENDING_STEPS:
-                    self._pool_pending()
-                return None
-            self._pool_pending()
-            self.pool = pool_extend(self.pool, hidden, mask, self.pooling, self.pool_weight)
-            self.calls += 1
-            pooled = pool_finish(self.pool, self.pooling)
-            self.routing = route_pooled(
-                pooled, self.weight, self.rational_numerator, self.rational_denominator, top_k=self.top_k
-            )
-        return self.routing
-
-    def _pool_pending(self) -> None:
-        """Pool the waiting decoding-step tokens into `pool`, as one chunk."""
-        if not self.pending:
-            return
-        hidden = torch.cat([h for h, _ in self.pending], dim=1)
-        masks = [m for _, m in self.pending]
-        if all(m is None for m in masks):
-            mask = None
-        else:
-            ones = [torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) for h, _ in self.pending]
-            mask = torch.cat([o if m is None else m.bool() for o, m in zip(ones, masks, strict=True)], dim=1)
-        self.pending = []
-        self.pool = pool_extend(self.pool, hidden, mask, self.pooling, self.pool_weight)
-
-    def clear(self) -> None:
-        self.routing = None
-        self.pool = None
-        self.pending = []
-
-
-class MiLoraRouters(nn.Module):
-    """Every MiLoRA adapter's router of one decoder layer (set as the layer's `milora_routers`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.adapters = nn.ModuleDict()

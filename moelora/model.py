@@ -4,12 +4,8 @@ get_moelora_model(model, config) plans every swap first and checks it (family, t
 name), then swaps: a bad config raises before the model is touched. The HF model is modified in place
 and stays reachable as `MoeLoraModel.model`.
 
-Routing hooks: a forward pre-hook on the HF model (every model) binds a mixed batch's plan to the call's
-rows and, for MiLoRA, records whether the call is a prefill (no cached keys), an extend (more prompt tokens on
-a KV cache: chunked prefill, a new turn) or a decoding step, and the prompt mask; a pre-hook on each decoder
-layer runs that layer's MiLoRA routers on the hidden states entering it at a prefill, pools the new tokens
-into the kept running pool and routes again at an extend. Decoding steps reuse the kept routing (no router
-call, no host sync) and pool their token in. A post-hook records the KV cache the pools belong to.
+The planning and swapping are moelora.injection's; the hooks that tell each call's mode and bind a mixed
+batch's plan (MiLoRA prefill / extend / decode) are moelora.routing_hooks'.
 """
 
 from __future__ import annotations
@@ -18,410 +14,32 @@ import contextlib
 import dataclasses
 import functools
 import warnings
-import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.activations import ACT2FN
 
 from moelora import backend, formats
-from moelora.config import LLAMA_PROJECTIONS, AdapterConfig, LoraConfig, MiLoraConfig, MixLoraConfig
+from moelora.config import AdapterConfig, MiLoraConfig, MixLoraConfig
+from moelora.injection import (
+    ADAPTER_CONFIGS,
+    _Swap,
+    adapter_parameters,
+    apply_injection,
+    decoder_layers,
+    plan_injection,
+)
 from moelora.layers import (
-    FFN_KINDS,
     BatchPlan,
     LoraAdapter,
     LoraLinear,
-    MiLoraRouter,
-    MiLoraRouters,
-    MixLoraAdapter,
     MixLoraFFN,
-    ffn_kind,
     keep_quantized_trainable,
 )
+from moelora.milora_router import MiLoraRouter, MiLoraRouters
 from moelora.reference import load_balance_loss, prompt_balance_loss
-
-ADAPTER_CONFIGS = (MixLoraConfig, MiLoraConfig, LoraConfig)
-
-# model_type -> (attention projections, FFN layout). Every family the design names.
-FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
-    "llama": (("q_proj", "k_proj", "v_proj", "o_proj"), "gated"),
-    "mistral": (("q_proj", "k_proj", "v_proj", "o_proj"), "gated"),
-    "qwen2": (("q_proj", "k_proj", "v_proj", "o_proj"), "gated"),
-    "gemma": (("q_proj", "k_proj", "v_proj", "o_proj"), "gated"),
-    "gemma2": (("q_proj", "k_proj", "v_proj", "o_proj"), "gated"),
-    "phi3": (("qkv_proj", "o_proj"), "gated_fused"),
-    "phi": (("q_proj", "k_proj", "v_proj", "dense"), "plain"),
-}
-
-
-def family_targets(model_type: str) -> list[str]:
-    """The family's own names for the seven llama projections (all attention and FFN projections)."""
-    attn, kind = FAMILIES[model_type]
-    return list(attn) + list(FFN_KINDS[kind])
-
-
-def resolve_target_modules(model_type: str, target_modules: list[str]) -> list[str]:
-    """The default (the seven llama names) means every projection of the family; other lists are literal."""
-    if sorted(target_modules) == sorted(LLAMA_PROJECTIONS):
-        return family_targets(model_type)
-    return list(target_modules)
-
-
-@dataclass
-class _Swap:
-    parent: nn.Module
-    attr: str
-    path: str  # module path of the projection / MLP inside the HF model
-    wrapper: LoraLinear | MixLoraFFN | MiLoraRouters  # existing wrapper, or a new one to put in place
-    adapter: LoraAdapter | MixLoraAdapter | MiLoraRouter
-    is_new: bool
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: expected decoder layers at .model.layers")
-    return "model.layers", layers
-
-
-def _model_type(model: nn.Module) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"unsupported model family {model_type!r} ({type(model).__name__}); supported: {sorted(FAMILIES)}"
-        )
-    return model_type
-
-
-def plan_injection(model: nn.Module, config: AdapterConfig, adapter_name: str) -> tuple[list[_Swap], list[str]]:
-    """Every module swap and new adapter module for `config`, checked; the model is not modified.
-
-    Returns the swaps and the resolved target module names.
-    """
-    if not isinstance(config, ADAPTER_CONFIGS):
-        raise TypeError(f"config must be a MixLoraConfig, MiLoraConfig or LoraConfig, got {type(config).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
-    model_type = _model_type(model)
-    attn_names, kind = FAMILIES[model_type]
-    targets = resolve_target_modules(model_type, config.target_modules)
-    known = set(attn_names) | set(FFN_KINDS[kind])
-    unknown = [t for t in targets if t not in known]
-    if unknown:
-        raise ValueError(f"target_modules {unknown} do not exist in this {model_type} model; it has {sorted(known)}")
-    if isinstance(config, MiLoraConfig) and config.top_k > len(targets):
-        raise ValueError(
-            f"top_k={config.top_k} but this {model_type} model has only {len(targets)} target modules {targets}; "
-            f"top_k must be in [1, {len(targets)}]"
-        )
-    prefix, layers = decoder_layers(model)
-    swaps: list[_Swap] = []
-    for i, layer in enumerate(layers):
-        mlp = layer.mlp
-        base_mlp = mlp.base_layer if isinstance(mlp, MixLoraFFN) else mlp
-        if ffn_kind(base_mlp) != kind:
-            raise ValueError(
-                f"layer {i}: {type(base_mlp).__name__} does not have the {kind} FFN layout {FFN_KINDS[kind]}"
-            )
-        # MixLoRA: LoRA on attention only (its FFN projections are experts); MiLoRA and LoRA: every target.
-        lora_targets = [t for t in targets if t in attn_names or not isinstance(config, MixLoraConfig)]
-        router = None
-        if isinstance(config, MiLoraConfig):
-            routers = getattr(layer, "milora_routers", None)
-            new_routers = routers is None
-            routers = routers if routers is not None else MiLoraRouters()
-            if adapter_name in routers.adapters:
-                raise ValueError(f"adapter_name {adapter_name!r} is already in use on this model")
-            hidden = int(model.config.hidden_size)
-            router = MiLoraRouter(
-                hidden,
-                lora_targets,
-                top_k=config.top_k,
-                pooling=config.pooling,
-                activation=config.activation,
-                router_init_range=config.router_init_range,
-                device=_device_of(layer),
-            )
-            swaps.append(_Swap(layer, "milora_routers", f"{prefix}.{i}.milora_router", routers, router, new_routers))
-        for column, name in enumerate(lora_targets):
-            parent = layer.self_attn if name in attn_names else base_mlp
-            where = "self_attn" if name in attn_names else "mlp"
-            module = getattr(parent, name)
-            wrapper = module if isinstance(module, LoraLinear) else LoraLinear(module)
-            if adapter_name in wrapper.adapters:
-                raise ValueError(f"adapter_name {adapter_name!r} is already in use on this model")
-            use_dora = getattr(config, "use_dora", False)
-            adapter = LoraAdapter(
-                wrapper.base_layer, config.r, config.scaling, config.lora_dropout, use_dora, config.lora_init
-            )
-            if router is not None:
-                adapter.milora = (router, column)
-            swaps.append(_Swap(parent, name, f"{prefix}.{i}.{where}.{name}", wrapper, adapter, wrapper is not module))
-        if not isinstance(config, MixLoraConfig):
-            continue
-        ffn_targets = [t for t in targets if t in FFN_KINDS[kind]]
-        if not ffn_targets:
-            continue
-        wrapper = mlp if isinstance(mlp, MixLoraFFN) else None
-        if wrapper is not None and adapter_name in wrapper.adapters:
-            raise ValueError(f"adapter_name {adapter_name!r} is already in use on this model")
-        new_wrapper = wrapper is None
-        if new_wrapper:
-            wrapper = MixLoraFFN(mlp, ACT2FN[config.act_fn] if config.act_fn else None)
-        adapter = MixLoraAdapter(
-            base_mlp,
-            ffn_targets,
-            num_experts=config.num_experts,
-            top_k=config.top_k if config.routing_strategy == "mixlora" else None,
-            top_p=float(config.top_p) if config.routing_strategy == "mixlora-dynamic" else None,
-            r=config.expert_r,
-            scaling=config.expert_scaling,
-            dropout=config.expert_dropout,
-            jitter_noise=config.jitter_noise,
-            router_init_range=config.router_init_range,
-            use_dora=config.use_dora,
-            init=config.lora_init,
-        )
-        swaps.append(_Swap(layer, "mlp", f"{prefix}.{i}.mlp", wrapper, adapter, new_wrapper))
-    return swaps, targets
-
-
-def _device_of(module: nn.Module) -> torch.device | None:
-    p = next(module.parameters(), None)
-    return None if p is None else p.device
-
-
-def apply_injection(swaps: list[_Swap], adapter_name: str, trainable: bool) -> None:
-    """Put the planned wrappers and adapters in place (nothing here can fail half-way)."""
-    for s in swaps:
-        s.adapter.requires_grad_(trainable)
-        # New modules take the mode of the module they join: an adapter loaded into an eval model has no dropout.
-        s.adapter.train(s.parent.training)
-        s.wrapper.adapters[adapter_name] = s.adapter
-        if s.is_new:
-            s.wrapper.train(s.parent.training)
-            setattr(s.parent, s.attr, s.wrapper)
-
-
-def adapter_parameters(swaps: list[_Swap]) -> dict[str, Tensor]:
-    """The adapter's tensors under our file keys (see moelora.formats)."""
-    return {key: value for s in swaps for key, value in formats.adapter_tensors(s.path, s.adapter).items()}
-
-
-# --- Routing hooks: binding the batch plan (every adapter kind), MiLoRA prefill / extend / decode -----------
-
-
-@dataclass
-class RoutingState:
-    """Per HF model: what the current forward call is, for the batch plan and the MiLoRA routers of every layer.
-
-    A MiLoRA call is one of: "prefill" (no cached tokens: route afresh), "extend" (more than one new token on
-    a KV cache: chunked prefill, a new turn; pool them in and route again on every token so far; see
-    moelora.layers for how close that is to one prefill) or "decode" (one new token on a cache, or a generate()
-    step: reuse the gates, pool the token in).
-    The kept pools belong to one KV cache (`cache`, a weak reference, at `cache_len` tokens) and one batch
-    (`owner`: each row's adapter); a call on any other cache or batch raises instead of reusing them.
-    """
-
-    active: str | None = None  # the adapter when no BatchPlan is set
-    plan: BatchPlan | None = None
-    milora: set[str] = field(default_factory=set)  # the MiLoRA adapters loaded
-    uses_milora: bool = False  # this call runs a MiLoRA adapter
-    mode: str = "prefill"  # this call: "prefill", "extend" or "decode"
-    pool_tokens: bool = False  # decode: pool this call's tokens into the kept pools
-    keep_pool: bool = False  # prefill: keep the pools (not in a compiled or a training step)
-    generating: bool = False  # inside MoeLoraModel.generate
-    routed: bool = False  # generate(): its first model call has run
-    prefill_left: int = 0  # generate(): prompt tokens not run yet (chunked prefill: the rest are not decoding)
-    cache: weakref.ref | None = None  # the KV cache the kept pools belong to, or None: no call may continue
-    cache_len: int = 0  # its length once the pools were last extended (counted, not read back)
-    owner: tuple[str | None, ...] = ()  # the adapter names (one, or one per row) the pools belong to
-    rows: int = 0  # and the batch size
-    pool_mask: Tensor | None = None  # [B, S] prompt tokens of this call (padding and non-prompt tokens 0)
-    prompt_mask: Tensor | None = None  # MoeLoraModel.forward(prompt_mask=...), for training on prompt + answer
-    log: list[Tensor] | None = None  # each routed layer's probs [B, M], for the load-balance loss
-    hooks: list[Any] = field(default_factory=list)
-
-
-def routing_state(model: nn.Module) -> RoutingState:
-    state = model.__dict__.get("_moelora_routing")
-    if state is None:
-        state = RoutingState()
-        model.__dict__["_moelora_routing"] = state  # a plain attribute: not a module, not in the state_dict
-    return state
-
-
-def _cache_arg(kwargs: dict) -> Any:
-    # transformers >= 5.25 calls it `cache` (`past_key_values` deprecated until 5.40)
-    past = kwargs.get("cache")
-    return past if past is not None else kwargs.get("past_key_values")
-
-
-def _cache_len(past: Any) -> int:
-    return past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-
-
-def _before_model(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """HF model pre-hook: bind the batch plan to this call's rows; for MiLoRA, the call's mode and prompt tokens."""
-    state = routing_state(model)
-    x = kwargs.get("input_ids", args[0] if args else None)
-    if x is None:
-        x = kwargs.get("inputs_embeds")
-    if x is None:
-        return
-    rows, seq = x.shape[0], x.shape[1]
-    if state.plan is not None:
-        state.plan.bind(rows)  # every mixed batch needs it, whichever adapter kinds it mixes
-    names = tuple(state.plan.names()) if state.plan is not None else (state.active,)
-    state.uses_milora = any(n in state.milora for n in names)
-    if not state.uses_milora:
-        return
-    past = _cache_arg(kwargs)
-    compiling = torch.compiler.is_compiling()
-    if state.generating and state.routed and state.prefill_left <= 0:
-        # A generate() decoding step on generate's own cache: no cache length read (a static cache's syncs).
-        state.mode = "decode"
-        state.pool_tokens = past is not None and seq == 1 and state.cache is not None and not compiling
-        if not compiling:  # compiled steps keep no pools; reading the count would recompile every step
-            state.cache_len += seq
-    else:
-        past_len = _cache_len(past)
-        if state.generating:  # its first call, or the next chunk of its prompt (prefill_chunk_size)
-            state.routed = True
-            state.prefill_left -= seq
-            state.mode = "extend" if past_len > 0 else "prefill"
-        else:
-            state.mode = "prefill" if past_len == 0 else "decode" if seq == 1 else "extend"
-        # A decode step pools its token for a later extend; not a full recompute without a cache.
-        state.pool_tokens = state.mode == "decode" and past is not None and not compiling
-        if state.mode == "extend" or state.pool_tokens:
-            _check_continuation(state, past, past_len, names, rows)
-        state.cache_len = past_len + seq
-    training_step = model.training and torch.is_grad_enabled()  # no later call continues it: save the pass
-    state.keep_pool = state.mode == "prefill" and not training_step and not compiling
-    if state.mode == "prefill":
-        state.owner, state.rows = names, rows
-    if state.mode == "prefill" or (state.mode == "decode" and not state.pool_tokens):
-        # The pools follow no cache now (until _after_model records the prefill's); a multi-token decoding
-        # step (assisted generation: its rejected tokens leave the cache again) loses them too.
-        state.cache = None
-    if state.mode == "prefill" and seq == 0:
-        raise ValueError("MiLoRA: the prompt is empty (sequence length 0); routing needs at least one prompt token")
-    pool_mask = None
-    if state.mode != "decode" or state.pool_tokens:  # a compiled step reads no cache length: it needs no mask
-        pool_mask = _prompt_tokens(kwargs.get("attention_mask"), seq, state.cache_len - seq)
-    if state.prompt_mask is not None:
-        pm = state.prompt_mask.bool().to(x.device)
-        if tuple(pm.shape) != (rows, seq):
-            raise ValueError(f"prompt_mask must have shape {(rows, seq)} (batch, sequence), got {tuple(pm.shape)}")
-        pool_mask = pm if pool_mask is None else pool_mask & pm
-    if state.mode == "prefill" and pool_mask is not None and not compiling:
-        empty = (~pool_mask.any(dim=1)).nonzero().flatten().tolist()  # one host sync per prefill, none per step
-        if empty:
-            raise ValueError(f"MiLoRA: sequences {empty} have an empty prompt (no token with attention_mask = 1)")
-    state.pool_mask = pool_mask
-
-
-def _prompt_tokens(mask: Any, seq: int, start: int) -> Tensor | None:
-    """[B, seq] bool: this call's non-padding tokens, from a 2D attention mask [B, start + seq] or from the 4D mask
-    [B, 1, seq, kv] (bool, or additive with 0 = attended) that generate() builds for a static cache, whose
-    diagonal at cache positions start.. says it: a token attends to itself unless it is padding."""
-    if not isinstance(mask, Tensor):
-        return None
-    if mask.dim() == 2:
-        return mask[:, -seq:].bool()
-    if mask.dim() == 4:
-        keep = mask if mask.dtype == torch.bool else mask == 0
-        return keep[:, 0].diagonal(offset=start, dim1=1, dim2=2)
-    return None
-
-
-def _after_model(model: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> None:
-    """HF model post-hook: after a MiLoRA call that keeps its pools, record the KV cache they now match."""
-    state = routing_state(model)
-    if not state.uses_milora or torch.compiler.is_compiling():
-        return
-    if not (state.keep_pool or state.mode == "extend" or state.pool_tokens):
-        return
-    cache = outputs.get("cache", outputs.get("past_key_values")) if isinstance(outputs, dict) else None
-    if cache is None or not hasattr(cache, "get_seq_length"):
-        state.cache = None  # no cache to continue (use_cache=False, return_dict=False)
-        return
-    state.cache = weakref.ref(cache)  # its length, state.cache_len, was counted in _before_model
-
-
-def _check_continuation(state: RoutingState, past: Any, past_len: int, names: tuple, rows: int) -> None:
-    """Raise unless the kept pools belong to exactly this cache, at this length, and this batch."""
-    tracked = state.cache() if state.cache is not None else None
-    if tracked is None or tracked is not past:
-        raise RuntimeError(
-            f"MiLoRA: no routing for this batch yet: this call continues a KV cache ({past_len} tokens) whose prompt "
-            "routing this model does not hold (a cache it did not build, one built in training or compiled, or "
-            "routing cleared since); run the whole text through the model without a cache (a prefill) first"
-        )
-    if past_len != state.cache_len:
-        raise RuntimeError(
-            f"MiLoRA: the KV cache holds {past_len} tokens but the routing state pooled {state.cache_len}: the cache "
-            "was cropped or extended outside the MiLoRA adapter; run the whole text through the model (a prefill)"
-        )
-    if rows != state.rows:
-        raise RuntimeError(
-            f"MiLoRA: the routing was computed for {state.rows} prompts but this call has {rows} sequences; "
-            "run the prompts of this batch through the model (prefill) first"
-        )
-    if names != state.owner:
-        raise RuntimeError(
-            f"MiLoRA: this call runs adapters {list(names)} but the KV cache was routed for {list(state.owner)}; "
-            "continue a cache with the adapters it was built with (set_adapter / adapter_names), or run a prefill"
-        )
-
-
-def _before_layer(state: RoutingState, layer: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Decoder-layer pre-hook: run this layer's MiLoRA routers on the states entering it (prefill, extend),
-    or pool a decoding step's token into them."""
-    if not state.uses_milora or (state.mode == "decode" and not state.pool_tokens):
-        return
-    routers: MiLoraRouters = layer.milora_routers
-    hidden = args[0] if args else kwargs["hidden_states"]
-    mask = state.pool_mask
-    if state.plan is None:
-        groups = [(state.active, None)] if state.active is not None else []
-    else:
-        groups = state.plan.groups(hidden.shape[0], hidden.device)
-    for name, rows in groups:
-        if name not in routers.adapters:
-            continue
-        router: MiLoraRouter = routers.adapters[name]
-        h = hidden if rows is None else hidden[rows]
-        m = mask if rows is None or mask is None else mask[rows]
-        if state.mode == "prefill":
-            routing = router(h, m, keep_pool=state.keep_pool)
-        else:
-            routing = router.extend(h, m, reroute=state.mode == "extend")
-        if routing is not None and state.log is not None:
-            state.log.append(routing.probs)
-
-
-def install_routing_hooks(model: nn.Module) -> None:
-    """Hook the HF model (once; every model: mixed batches bind their plan there) and every decoder layer
-    holding MiLoRA routers (once each)."""
-    state = routing_state(model)
-    if not state.hooks:
-        state.hooks.append(model.register_forward_pre_hook(_before_model, with_kwargs=True))
-        state.hooks.append(model.register_forward_hook(_after_model, with_kwargs=True))
-    _, layers = decoder_layers(model)
-    for layer in layers:
-        if hasattr(layer, "milora_routers") and not layer.__dict__.get("_moelora_hooked", False):
-
-            def hook(module: nn.Module, args: tuple, kwargs: dict, state: RoutingState = state) -> None:
-                _before_layer(state, module, args, kwargs)
-
-            state.hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-            layer.__dict__["_moelora_hooked"] = True
+from moelora.routing_hooks import RoutingState, _cache_arg, _cache_len, install_routing_hooks, routing_state
 
 
 @functools.cache
@@ -670,6 +288,7 @@ class MoeLoraModel(nn.Module):
             if hasattr(layer, "milora_routers"):
                 del layer.milora_routers
             layer.__dict__.pop("_moelora_hooked", None)
+            layer.__dict__.pop("_moelora_state", None)
         for hook in self.routing.hooks:
             hook.remove()
         self.model.__dict__.pop("_moelora_routing", None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from moelora import backend, reference
-from moelora.reference import ExpertLora, Routing
+from moelora.reference import FFNSpec, Routing
 
 
 def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: float | None = None) -> Routing:
@@ -29,15 +29,10 @@ def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, 
     return backend.run_op("moe_lora", impl, impl.moe_lora, x, weights, indices, A, B, scaling)
 
 
-def _uses_dora(kwargs: dict) -> bool:
-    loras: list[ExpertLora | None] = [kwargs.get("gate_lora"), kwargs.get("up_lora"), kwargs.get("down_lora")]
-    return any(p is not None and p.magnitude is not None for p in loras)
-
-
-def mixlora_ffn(x: Tensor, gate: Tensor | None, up: Tensor, weights: Tensor, indices: Tensor, **kwargs) -> Tensor:
+def mixlora_ffn(x: Tensor, gate: Tensor | None, up: Tensor, weights: Tensor, indices: Tensor, ffn: FFNSpec) -> Tensor:
     """MixLoRA FFN with one frozen down projection; see moelora.reference.mixlora_ffn for every argument."""
-    impl = backend.resolve_for_dora(x.device) if _uses_dora(kwargs) else backend.resolve(x.device)
-    return backend.run_op("mixlora_ffn", impl, impl.mixlora_ffn, x, gate, up, weights, indices, **kwargs)
+    impl = backend.resolve_for_dora(x.device) if ffn.uses_dora else backend.resolve(x.device)
+    return backend.run_op("mixlora_ffn", impl, impl.mixlora_ffn, x, gate, up, weights, indices, ffn)
 
 
 def routed_mixlora_ffn(
@@ -45,23 +40,22 @@ def routed_mixlora_ffn(
     router_weight: Tensor,
     gate: Tensor | None,
     up: Tensor,
+    ffn: FFNSpec,
     *,
     top_k: int | None,
     top_p: float | None,
-    **kwargs,
 ) -> tuple[Tensor, Routing]:
-    """route(x), then mixlora_ffn on the same tokens -> (y, Routing). The router reads x undropped; a
-    `dropout=LoraDropout(...)` in kwargs drops the LoRAs' input inside mixlora_ffn. One op so that a backend
-    can read x once for the router and every expert's gate/up shrink: the triton backend does when no LoRA
-    uses DoRA."""
+    """route(x), then mixlora_ffn on the same tokens -> (y, Routing). The router reads x undropped; ffn.dropout
+    drops the LoRAs' input inside mixlora_ffn. One op so that a backend can read x once for the router and
+    every expert's gate/up shrink: the triton backend does when no LoRA uses DoRA."""
     impl = backend.resolve(x.device)
     fused = getattr(impl, "routed_mixlora_ffn", None)
-    if fused is not None and not _uses_dora(kwargs):
+    if fused is not None and not ffn.uses_dora:
         return backend.run_op(
-            "routed_mixlora_ffn", impl, fused, x, router_weight, gate, up, top_k=top_k, top_p=top_p, **kwargs
+            "routed_mixlora_ffn", impl, fused, x, router_weight, gate, up, ffn, top_k=top_k, top_p=top_p
         )
     routing = route(x, router_weight, top_k=top_k, top_p=top_p)
-    y = mixlora_ffn(x, gate, up, routing.weights, routing.indices, **kwargs)
+    y = mixlora_ffn(x, gate, up, routing.weights, routing.indices, ffn)
     return y, routing
 
 

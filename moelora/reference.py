@@ -8,6 +8,7 @@ the backward. Shapes: x [T, H], E experts, k routing slots, rank r, intermediate
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -34,9 +35,58 @@ class ExpertLora(NamedTuple):
     magnitude: Tensor | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class FFNSpec:
+    """What mixlora_ffn needs besides the tokens and their routing: the expert LoRAs of the three projections,
+    the frozen base pieces, the activation, the LoRA scaling and dropout. E experts, rank r, hidden H,
+    intermediate I, H_out the down projection's output width.
+
+    gate_lora: ExpertLora A [E, r, H], B [E, I, r], or None (gate stays the base; ungated FFNs have none);
+    up_lora: A [E, r, H], B [E, I, r], or None; down_lora: A [E, r, I], B [E, H_out, r], or None;
+    down_proj: the frozen down projection, [.., I] -> [.., H_out] (bias included);
+    act: the activation (moelora.activations names the fused backends' ones); scaling: the LoRA scale s;
+    gate_weight [I, H], up_weight [I, H], down_weight [H_out, I]: the frozen weights, read only for DoRA norms;
+    down_bias [H_out] or None: down_proj's bias, so that it counts sum_j w_j times as in the per-expert formula;
+    dropout: LoRA dropout in training (moelora.dropout.LoraDropout), None in eval.
+    """
+
+    gate_lora: ExpertLora | None
+    up_lora: ExpertLora | None
+    down_lora: ExpertLora | None
+    down_proj: Callable[[Tensor], Tensor]
+    act: Callable[[Tensor], Tensor]
+    scaling: float
+    gate_weight: Tensor | None = None
+    up_weight: Tensor | None = None
+    down_weight: Tensor | None = None
+    down_bias: Tensor | None = None
+    dropout: LoraDropout | None = None
+
+    @property
+    def loras(self) -> tuple[ExpertLora | None, ExpertLora | None, ExpertLora | None]:
+        """(gate_lora, up_lora, down_lora)."""
+        return self.gate_lora, self.up_lora, self.down_lora
+
+    @property
+    def has_lora(self) -> bool:
+        """Whether any projection has a LoRA (without one the experts are only names)."""
+        return any(p is not None for p in self.loras)
+
+    @property
+    def uses_dora(self) -> bool:
+        """Whether any of the three LoRAs has a DoRA magnitude."""
+        return any(p is not None and p.magnitude is not None for p in self.loras)
+
+    @property
+    def num_experts(self) -> int | None:
+        """E, from the first LoRA present; None without any."""
+        return next((p.A.shape[0] for p in self.loras if p is not None), None)
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """fp32 for 16-bit and fp32 inputs, fp64 for fp64 inputs: the precision every op computes in."""
-    return torch.promote_types(x.dtype, torch.float32)
+    # In Python, not torch.promote_types: that is an op call, and a decoding step makes one per LoRA module.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def route(x: Tensor, router_weight: Tensor, top_k: int | None = None, top_p: float | None = None) -> Routing:
@@ -92,6 +142,8 @@ def lora(x: Tensor, A: Tensor, B: Tensor, scaling: float | Tensor) -> Tensor:
     scaling: a float, or an fp32 tensor that broadcasts against the output (MiLoRA's gate x s per sequence,
     [rows, 1, ...])."""
     dt = compute_dtype(x)
+    if x.dtype == A.dtype == B.dtype == dt:  # the usual fp32 case, without four no-op casts (decoding runs many)
+        return F.linear(F.linear(x, A), B) * scaling
     return (F.linear(F.linear(x.to(dt), A.to(dt)), B.to(dt)) * scaling).to(x.dtype)
 
 
@@ -144,33 +196,14 @@ def moe_lora(x: Tensor, weights: Tensor, indices: Tensor, A: Tensor, B: Tensor, 
     return y.index_add(0, pairs.token, delta * (pairs.weight * scaling)).to(x.dtype)
 
 
-def mixlora_ffn(
-    x: Tensor,
-    gate: Tensor | None,
-    up: Tensor,
-    weights: Tensor,
-    indices: Tensor,
-    *,
-    gate_lora: ExpertLora | None,
-    up_lora: ExpertLora | None,
-    down_lora: ExpertLora | None,
-    down_proj: Callable[[Tensor], Tensor],
-    act: Callable[[Tensor], Tensor],
-    scaling: float,
-    gate_weight: Tensor | None = None,
-    up_weight: Tensor | None = None,
-    down_weight: Tensor | None = None,
-    down_bias: Tensor | None = None,
-    dropout: LoraDropout | None = None,
-) -> Tensor:
+def mixlora_ffn(x: Tensor, gate: Tensor | None, up: Tensor, weights: Tensor, indices: Tensor, ffn: FFNSpec) -> Tensor:
     """MixLoRA FFN from the frozen base's G = Wg x and U = Wu x (gate None: ungated, h = act(U + dU)).
 
-    x [T, H] (the LoRA input); gate, up [T, I]; weights [T, k] fp32;
-    indices [T, k] (-1 = unused); *_lora: ExpertLora or None (that projection stays the base);
-    down_proj: the frozen down projection (bias included); down_bias [H] or None, so that the bias counts
-    sum_j w_j times as in the per-expert formula; *_weight: frozen weights, needed only for DoRA norms;
-    dropout: LoRA dropout in training (moelora.dropout): the seeded mask of stream X_STREAM drops x before
-    the gate/up shrinks, that of H_STREAM drops h_j (element (t * k + j) * I + i) before the down shrink.
+    x [T, H] (the LoRA input); gate, up [T, I]; weights [T, k] fp32; indices [T, k] (-1 = unused);
+    ffn: the LoRAs, frozen pieces, activation, scaling and dropout (FFNSpec: shapes there). A LoRA that is
+    None leaves its projection the base. ffn.dropout (moelora.dropout): the seeded mask of stream X_STREAM
+    drops x before the gate/up shrinks, that of H_STREAM drops h_j (element (t * k + j) * I + i) before the
+    down shrink.
 
         h_j  = act(G + dG_j) * (U + dU_j)          dP_j = s B_e A_e drop(x)  for expert e = indices[:, j]
         y    = Wd (sum_j w_j h_j) + sum_j w_j s Bd_e Ad_e drop(h_j)      (Wd runs once, on T rows)
@@ -180,7 +213,9 @@ def mixlora_ffn(
     no longer holds. Returns [T, H] in up's dtype.
     """
     T, out_dtype, dt = x.shape[0], up.dtype, compute_dtype(up)
-    E = next((p.A.shape[0] for p in (gate_lora, up_lora, down_lora) if p is not None), None)
+    gate_lora, up_lora, down_lora = ffn.loras
+    scaling, dropout, down_proj, down_weight = ffn.scaling, ffn.dropout, ffn.down_proj, ffn.down_weight
+    E = ffn.num_experts
     if E is None:  # no LoRA at all: the experts are only names; an empty batch has none
         E = int(indices.max()) + 1 if indices.numel() else 1
     pairs = _sorted_pairs(weights, indices, max(E, 1), dt)
@@ -203,8 +238,8 @@ def mixlora_ffn(
             value = value * torch.repeat_interleave(torch.stack(scales), torch.tensor(pairs.counts), dim=0)
         return value
 
-    u = adapt(up, up_lora, up_weight)
-    h = act(adapt(gate, gate_lora, gate_weight)) * u if gate is not None else act(u)  # [P, I]
+    u = adapt(up, up_lora, ffn.up_weight)
+    h = ffn.act(adapt(gate, gate_lora, ffn.gate_weight)) * u if gate is not None else ffn.act(u)  # [P, I]
     h_in = h
     if dropout is not None:
         rows, inter = T * indices.shape[1], h.shape[1]
@@ -228,8 +263,8 @@ def mixlora_ffn(
 
     hbar = up.new_zeros(T, h.shape[1], dtype=dt).index_add(0, pairs.token, pairs.weight * h)
     y = down_proj(hbar.to(out_dtype)).to(dt)
-    if down_bias is not None:
-        y = y + (weights.to(dt).sum(dim=-1, keepdim=True) - 1.0) * down_bias.to(dt)
+    if ffn.down_bias is not None:
+        y = y + (weights.to(dt).sum(dim=-1, keepdim=True) - 1.0) * ffn.down_bias.to(dt)
     if down_lora is not None and pairs.token.numel() > 0:
         delta = _per_expert(
             h_in, pairs.counts, lambda e, he: F.linear(F.linear(he, down_lora.A[e].to(dt)), down_lora.B[e].to(dt))

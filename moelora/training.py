@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from moelora.config import MiLoraConfig
-from moelora.layers import MiLoraRouters
+from moelora.milora_router import MiLoraRouters
 
 
 def milora_parameter_groups(model: nn.Module, adapter_name: str | None = None) -> tuple[list[Tensor], list[Tensor]]:

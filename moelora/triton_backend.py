@@ -19,9 +19,6 @@ the reference).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -29,12 +26,13 @@ from moelora import backend, reference, triton_ops
 from moelora.activations import activation_name
 from moelora.dropout import LoraDropout
 from moelora.kernels import mixlora_ffn as _ffn_kernels
+from moelora.kernels import mixlora_ffn_shrink_expand as _shrink_expand_kernels
 from moelora.kernels import moe_lora as _moe_lora_kernels
 from moelora.kernels import philox as _philox
 from moelora.kernels import prompt_route as _prompt_route_kernels
 from moelora.kernels import route as _route_kernels
 from moelora.kernels import segmented_lora as _segmented_kernels
-from moelora.reference import ExpertLora, PromptRouting, Routing
+from moelora.reference import FFNSpec, PromptRouting, Routing
 
 # Re-exported: the fused FFN op's choice of kernels, which the op makes itself (moelora.triton_ops).
 from moelora.triton_ops import FFN_REGIME_ENV as FFN_REGIME_ENV
@@ -87,10 +85,11 @@ def moe_lora(
     forces one (the kernel tests and benchmarks run each at any E*r); None picks by E*r."""
     if regime is not None and regime not in MOE_LORA_REGIMES:
         raise ValueError(f"moe_lora: regime must be None, 'dense' or 'sorted', got {regime!r}")
+    if x.dtype in _KERNEL_DTYPES:  # T = 0 too: the same errors whether or not a kernel launches
+        _moe_lora_kernels.check_inputs(x, weights, indices, A, B)
     if x.dtype not in _KERNEL_DTYPES or x.shape[0] == 0:
         backend.fell_back("moe_lora", _fallback_reason(x))
         return reference.moe_lora(x, weights, indices, A, B, scaling)
-    _moe_lora_kernels.check_inputs(x, weights, indices, A, B)
     if regime is None:
         regime = "sorted" if A.shape[0] * A.shape[1] > DENSE_MAX_RANK_COLUMNS else "dense"
     if regime == "sorted":
@@ -105,24 +104,26 @@ def _fallback_reason(x: Tensor) -> str:
     return "no tokens (T = 0)"
 
 
-def _ffn_fallback_reason(act: Callable, act_name: str | None, up: Tensor, loras: list[ExpertLora | None]) -> str:
+def _ffn_fallback_reason(ffn: FFNSpec, act_name: str | None, up: Tensor) -> str:
     if act_name is None:
-        return f"the triton backend does not cover the activation {act!r}"
-    if any(p is not None and p.magnitude is not None for p in loras):
+        return f"the triton backend does not cover the activation {ffn.act!r}"
+    if ffn.uses_dora:
         return "the triton backend does not cover DoRA"
     return _fallback_reason(up)
 
 
-def _kernels_take(act_name: str | None, up: Tensor, loras: list[ExpertLora | None], dora_only: dict) -> bool:
+def _kernels_take(ffn: FFNSpec, act_name: str | None, up: Tensor) -> bool:
     """Whether the fused kernels cover this call (else the reference runs it); see the module docstring. LoRA
-    dropout (dora_only["dropout"]) runs inside the kernels."""
+    dropout (ffn.dropout) runs inside the kernels."""
     return not (
-        act_name is None
-        or all(p is None for p in loras)
-        or any(p is not None and p.magnitude is not None for p in loras)
-        or up.dtype not in _KERNEL_DTYPES
-        or up.shape[0] == 0
+        act_name is None or not ffn.has_lora or ffn.uses_dora or up.dtype not in _KERNEL_DTYPES or up.shape[0] == 0
     )
+
+
+def _lora_pairs(ffn: FFNSpec) -> dict[str, tuple[Tensor, Tensor] | None]:
+    """The (A, B) of each projection's LoRA, as the kernels' check_inputs takes them."""
+    names = ("gate", "up", "down")
+    return {p: (lo.A, lo.B) if lo is not None else None for p, lo in zip(names, ffn.loras, strict=True)}
 
 
 def _ffn_from_ua(
@@ -132,38 +133,35 @@ def _ffn_from_ua(
     up: Tensor,
     weights: Tensor,
     indices: Tensor,
-    loras: list[ExpertLora | None],
-    down_proj: Callable[[Tensor], Tensor],
-    scaling: float,
+    ffn: FFNSpec,
     act_name: str,
-    down_bias: Tensor | None,
     drop: tuple[float, int],
 ) -> Tensor:
     """The fused FFN from the gate/up rank-space rows on; the frozen down projection runs once, on hbar. drop:
     (p, seed) of LoRA dropout, (0.0, 0) without."""
-    down_lora = loras[2]
-    gB, uB = (lo.B if lo is not None else None for lo in loras[:2])
+    down_lora = ffn.down_lora
+    gB, uB = (lo.B if lo is not None else None for lo in (ffn.gate_lora, ffn.up_lora))
     dA = down_lora.A if down_lora is not None else None
-    args = (float(scaling), act_name, shared_a, *drop)
+    args = (float(ffn.scaling), act_name, shared_a, *drop)
     hbar, zd = triton_ops.MixLoraFfn.apply(ua, gate, up, weights, indices, gB, uB, dA, *args)
-    base = down_proj(hbar)
-    if down_bias is None and base.dtype == up.dtype:
+    base = ffn.down_proj(hbar)
+    if ffn.down_bias is None and base.dtype == up.dtype:
         if down_lora is None:
             return base
         # Wd hbar + the down delta, summed in fp32 and rounded once, in one kernel pass over [T, H]
         return triton_ops.DownExpand.apply(zd, down_lora.B, base, up.dtype)
     y = base.float()
-    if down_bias is not None:
-        y = y + (weights.float().sum(dim=-1, keepdim=True) - 1.0) * down_bias.float()
+    if ffn.down_bias is not None:
+        y = y + (weights.float().sum(dim=-1, keepdim=True) - 1.0) * ffn.down_bias.float()
     if down_lora is not None:
         y = y + triton_ops.DownExpand.apply(zd, down_lora.B, None, up.dtype)
     return y.to(up.dtype)
 
 
-def _drop_args(dora_only: dict) -> tuple[float, int]:
-    """(p, seed) of the call's LoRA dropout (moelora.dropout.LoraDropout in dora_only["dropout"]), (0.0, 0)
-    without: the ops' drop_p and drop_seed."""
-    dropout = dora_only.get("dropout")
+def _drop_args(ffn: FFNSpec) -> tuple[float, int]:
+    """(p, seed) of the call's LoRA dropout (ffn.dropout, a moelora.dropout.LoraDropout), (0.0, 0) without: the
+    ops' drop_p and drop_seed."""
+    dropout = ffn.dropout
     if dropout is not None and not isinstance(dropout, LoraDropout):
         raise TypeError(f"mixlora_ffn: dropout must be a moelora.dropout.LoraDropout, got {type(dropout).__name__}")
     if dropout is None or dropout.p == 0.0:
@@ -173,58 +171,27 @@ def _drop_args(dora_only: dict) -> tuple[float, int]:
     return float(dropout.p), int(dropout.seed)
 
 
-def _gate_up_a(loras: list[ExpertLora | None]) -> tuple[Tensor | None, bool]:
+def _gate_up_a(ffn: FFNSpec) -> tuple[Tensor | None, bool]:
     """The A of the gate/up shrink and whether gate and up share it (see kernels' stack_gate_up_a)."""
-    gA, uA = (lo.A if lo is not None else None for lo in loras[:2])
-    return _ffn_kernels.stack_gate_up_a(gA, uA)
+    gA, uA = (lo.A if lo is not None else None for lo in (ffn.gate_lora, ffn.up_lora))
+    return _shrink_expand_kernels.stack_gate_up_a(gA, uA)
 
 
-def mixlora_ffn(
-    x: Tensor,
-    gate: Tensor | None,
-    up: Tensor,
-    weights: Tensor,
-    indices: Tensor,
-    *,
-    gate_lora: ExpertLora | None,
-    up_lora: ExpertLora | None,
-    down_lora: ExpertLora | None,
-    down_proj: Callable[[Tensor], Tensor],
-    act: Callable[[Tensor], Tensor],
-    scaling: float,
-    down_bias: Tensor | None = None,
-    **dora_only: Any,
-) -> Tensor:
+def mixlora_ffn(x: Tensor, gate: Tensor | None, up: Tensor, weights: Tensor, indices: Tensor, ffn: FFNSpec) -> Tensor:
     """moelora.reference.mixlora_ffn with the rank-r work, activation and weighted sum fused in Triton.
 
     The frozen down projection runs here, once, on hbar (so a quantised base layer still works).
     """
-    act_name = activation_name(act)
-    loras = [gate_lora, up_lora, down_lora]
-    if not _kernels_take(act_name, up, loras, dora_only):
-        if any(p is not None for p in loras):  # without any LoRA there is nothing to fuse
-            backend.fell_back("mixlora_ffn", _ffn_fallback_reason(act, act_name, up, loras))
-        return reference.mixlora_ffn(
-            x,
-            gate,
-            up,
-            weights,
-            indices,
-            gate_lora=gate_lora,
-            up_lora=up_lora,
-            down_lora=down_lora,
-            down_proj=down_proj,
-            act=act,
-            scaling=scaling,
-            down_bias=down_bias,
-            **dora_only,
-        )
-    pairs = {p: (lo.A, lo.B) if lo is not None else None for p, lo in zip(("gate", "up", "down"), loras, strict=True)}
-    _ffn_kernels.check_inputs(x, gate, up, weights, indices, pairs, act_name)
-    A, shared_a = _gate_up_a(loras)
-    drop = _drop_args(dora_only)
+    act_name = activation_name(ffn.act)
+    if not _kernels_take(ffn, act_name, up):
+        if ffn.has_lora:  # without any LoRA there is nothing to fuse
+            backend.fell_back("mixlora_ffn", _ffn_fallback_reason(ffn, act_name, up))
+        return reference.mixlora_ffn(x, gate, up, weights, indices, ffn)
+    _ffn_kernels.check_inputs(x, gate, up, weights, indices, _lora_pairs(ffn), act_name)
+    A, shared_a = _gate_up_a(ffn)
+    drop = _drop_args(ffn)
     ua = triton_ops.RankShrink.apply(x, A, *drop) if A is not None else x.new_empty(x.shape[0], 0, dtype=torch.float32)
-    return _ffn_from_ua(ua, shared_a, gate, up, weights, indices, loras, down_proj, scaling, act_name, down_bias, drop)
+    return _ffn_from_ua(ua, shared_a, gate, up, weights, indices, ffn, act_name, drop)
 
 
 def routed_mixlora_ffn(
@@ -232,54 +199,33 @@ def routed_mixlora_ffn(
     router_weight: Tensor,
     gate: Tensor | None,
     up: Tensor,
+    ffn: FFNSpec,
     *,
     top_k: int | None,
     top_p: float | None,
-    gate_lora: ExpertLora | None,
-    up_lora: ExpertLora | None,
-    down_lora: ExpertLora | None,
-    down_proj: Callable[[Tensor], Tensor],
-    act: Callable[[Tensor], Tensor],
-    scaling: float,
-    down_bias: Tensor | None = None,
-    **dora_only: Any,
 ) -> tuple[Tensor, Routing]:
     """route, then mixlora_ffn on the same x, with the router fused into the gate/up shrink: one read of x
     computes x @ [Wr | Ag_all | Au_all]^T (kernels/route.py, route_shrink) when the gate and up LoRAs have at
     most ROUTE_SHRINK_MAX_N rank columns together (MixLoRA's 8 x 16 x 2 = 256); otherwise route and
     mixlora_ffn apart. -> (y [T, H_out] in up's dtype, Routing)."""
-    act_name = activation_name(act)
-    loras = [gate_lora, up_lora, down_lora]
-    A, shared_a = _gate_up_a(loras)
+    act_name = activation_name(ffn.act)
+    A, shared_a = _gate_up_a(ffn)
     fused = (
-        _kernels_take(act_name, up, loras, dora_only)
+        _kernels_take(ffn, act_name, up)
         and A is not None
         and A.shape[0] * A.shape[1] <= _route_kernels.ROUTE_SHRINK_MAX_N
         and x.dtype in _KERNEL_DTYPES
     )
-    ffn = dict(down_proj=down_proj, act=act, scaling=scaling, down_bias=down_bias, **dora_only)
     if not fused:
         routing = route(x, router_weight, top_k=top_k, top_p=top_p)
-        y = mixlora_ffn(
-            x,
-            gate,
-            up,
-            routing.weights,
-            routing.indices,
-            gate_lora=gate_lora,
-            up_lora=up_lora,
-            down_lora=down_lora,
-            **ffn,
-        )
-        return y, routing
+        return mixlora_ffn(x, gate, up, routing.weights, routing.indices, ffn), routing
     _route_kernels.check_inputs(x, router_weight, top_k, top_p)
-    pairs = {p: (lo.A, lo.B) if lo is not None else None for p, lo in zip(("gate", "up", "down"), loras, strict=True)}
-    _ffn_kernels.check_inputs(x, gate, up, None, None, pairs, act_name)
-    drop = _drop_args(dora_only)
+    _ffn_kernels.check_inputs(x, gate, up, None, None, _lora_pairs(ffn), act_name)
+    drop = _drop_args(ffn)
     weights, indices, probs, ua = triton_ops.RouteShrink.apply(
         x, router_weight, A, top_k or 0, float(top_p or 0.0), *drop
     )
-    y = _ffn_from_ua(ua, shared_a, gate, up, weights, indices, loras, down_proj, scaling, act_name, down_bias, drop)
+    y = _ffn_from_ua(ua, shared_a, gate, up, weights, indices, ffn, act_name, drop)
     return y, Routing(weights, indices, probs)
 
 
@@ -319,10 +265,11 @@ def segmented_lora(
 
     A gate of exactly 0 gets gradient 0 here (its tokens are skipped), the reference gives s * <dy, B A x>.
     """
+    if x.dtype in _KERNEL_DTYPES:  # T = 0 too: an empty batch gets the same errors as any other
+        _segmented_kernels.check_inputs(x, token_seq, seq_lora, seq_gate, A, B, scaling)
     if x.dtype not in _KERNEL_DTYPES or x.shape[0] == 0:
         backend.fell_back("segmented_lora", _fallback_reason(x))
         return reference.segmented_lora(x, token_seq, seq_lora, seq_gate, A, B, scaling)
-    _segmented_kernels.check_inputs(x, token_seq, seq_lora, seq_gate, A, B, scaling)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, seq_gate, A, B, scaling)):
         return triton_ops.SegmentedLora.apply(x, token_seq, seq_lora, seq_gate, A, B, scaling)
     return _ops.segmented_lora(x, token_seq, seq_lora, seq_gate, A, B, scaling)[0]

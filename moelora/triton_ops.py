@@ -30,10 +30,14 @@ from torch import Tensor
 from moelora import reference
 from moelora.dropout import LoraDropout
 from moelora.kernels import mixlora_ffn as _ffn_kernels
+from moelora.kernels import mixlora_ffn_bwd as _ffn_bwd_kernels
+from moelora.kernels import mixlora_ffn_shrink_expand as _shrink_expand_kernels
 from moelora.kernels import mixlora_ffn_sorted as _ffn_sorted_kernels
+from moelora.kernels import mixlora_ffn_sorted_bwd as _ffn_sorted_bwd_kernels
 from moelora.kernels import moe_lora as _moe_lora_kernels
 from moelora.kernels import moe_lora_sorted as _sorted_kernels
 from moelora.kernels import prompt_route as _prompt_route_kernels
+from moelora.kernels import prompt_route_bwd as _prompt_route_bwd_kernels
 from moelora.kernels import route as _route_kernels
 from moelora.kernels import segmented_lora as _segmented_kernels
 
@@ -174,7 +178,7 @@ def _dropout(p: float, seed: int) -> LoraDropout | None:
 def _rank_shrink_op(x: Tensor, A: Tensor, drop_p: float = 0.0, drop_seed: int = 0) -> Tensor:
     """ua = drop(x) @ A_all^T [T, E'*r] fp32, A [E', r, H]: the gate and up LoRAs' shrink, one read of x; drop is
     LoRA dropout with (drop_p, drop_seed) (moelora.dropout, stream X_STREAM), none at drop_p = 0."""
-    return _ffn_kernels.shrink_x(x, A, _dropout(drop_p, drop_seed))
+    return _shrink_expand_kernels.shrink_x(x, A, _dropout(drop_p, drop_seed))
 
 
 @_rank_shrink_op.register_fake
@@ -186,7 +190,7 @@ def _(x, A, drop_p=0.0, drop_seed=0):
 def _rank_shrink_backward_op(
     grad_ua: Tensor, x: Tensor, A: Tensor, drop_p: float = 0.0, drop_seed: int = 0
 ) -> tuple[Tensor, Tensor]:
-    return _ffn_kernels.shrink_x_bwd(grad_ua, x, A, dropout=_dropout(drop_p, drop_seed))
+    return _shrink_expand_kernels.shrink_x_bwd(grad_ua, x, A, dropout=_dropout(drop_p, drop_seed))
 
 
 @_rank_shrink_backward_op.register_fake
@@ -255,8 +259,9 @@ FFN_SORTED_MIN_T = 2048
 
 def ffn_regime(T: int, E: int, k: int) -> str:
     """Which kernels run the fused FFN (forward and backward decide alike, from the shapes):
-    - "sorted" (kernels/mixlora_ffn_sorted.py): tokens sorted by their combination of experts, K = r per slot;
-    - "dense" (kernels/mixlora_ffn.py): every slot's expand masked over all E*r rank columns, no sort.
+    - "sorted" (kernels/mixlora_ffn_sorted.py, _bwd.py): tokens sorted by their combination of experts, K = r
+      per slot;
+    - "dense" (kernels/mixlora_ffn.py, _bwd.py): every slot's expand masked over all E*r rank columns, no sort.
     By default sorted when E > 1, T >= FFN_SORTED_MIN_T (the measured crossover at E = 8, k = 2) and the sort's
     padding stays within T rows (regime_fits; at E = 64, k = 2: T >= 32175); dense otherwise. Only E = 8,
     k = 2 was timed: other E and k take the same threshold untested."""
@@ -281,7 +286,7 @@ def _ffn_core(up: Tensor, weights: Tensor, gB: Tensor | None, uB: Tensor | None,
     sorted_ = ffn_regime(up.shape[0], E, weights.shape[1]) == "sorted"
     return _FfnCore(
         _ffn_sorted_kernels.mixlora_ffn_sorted_core_fwd if sorted_ else _ffn_kernels.mixlora_ffn_core_fwd,
-        _ffn_sorted_kernels.mixlora_ffn_sorted_core_bwd if sorted_ else _ffn_kernels.mixlora_ffn_core_bwd,
+        _ffn_sorted_bwd_kernels.mixlora_ffn_sorted_core_bwd if sorted_ else _ffn_bwd_kernels.mixlora_ffn_core_bwd,
     )
 
 
@@ -350,7 +355,7 @@ def _(grad_hbar, grad_zd, ua, gate, up, weights, indices, gB, uB, dA, scaling, a
 @torch.library.custom_op("moelora_triton::down_expand", mutates_args=())
 def _down_expand_op(zd: Tensor, dB: Tensor, base: Tensor | None, activation_dtype: torch.dtype) -> Tensor:
     """base + zd @ Bd_all [T, H] in base's dtype, rounded once (fp32 delta alone without base)."""
-    return _ffn_kernels.down_expand(zd, dB, base, activation_dtype)
+    return _shrink_expand_kernels.down_expand(zd, dB, base, activation_dtype)
 
 
 @_down_expand_op.register_fake
@@ -363,7 +368,7 @@ def _down_expand_backward_op(
     grad_y: Tensor, zd: Tensor, dB: Tensor, activation_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """-> (grad_zd [T, E*r] fp32, grad_dB like dB); base's gradient is grad_y itself."""
-    return _ffn_kernels.down_expand_bwd(grad_y, zd, dB, activation_dtype)
+    return _shrink_expand_kernels.down_expand_bwd(grad_y, zd, dB, activation_dtype)
 
 
 @_down_expand_backward_op.register_fake
@@ -551,7 +556,7 @@ def _prompt_route_backward_op(
     lse: Tensor,
     pooling: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    d_hidden, d_router, d_num, d_den, d_pool = _prompt_route_kernels.prompt_route_bwd(
+    d_hidden, d_router, d_num, d_den, d_pool = _prompt_route_bwd_kernels.prompt_route_bwd(
         grad_gates, grad_probs, hidden, mask, router_weight, numerator, denominator, pool_weight,
         indices, probs, pooled, scores, lse, pooling,
     )  # fmt: skip

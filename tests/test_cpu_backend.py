@@ -13,7 +13,7 @@ from transformers.activations import ACT2FN
 
 import moelora
 from moelora import MixLoraConfig, backend, get_moelora_model, reference
-from moelora.reference import ExpertLora
+from moelora.reference import ExpertLora, FFNSpec
 
 try:
     from moelora import cpu_backend as cpu
@@ -160,7 +160,7 @@ def test_mixlora_ffn(T, H, I, E, k, r, mode, act, adapted, dtype):
         )
         for p in adapted
     }
-    kwargs = dict(
+    ffn = FFNSpec(
         gate_lora=loras.get("gate"),
         up_lora=loras.get("up"),
         down_lora=loras.get("down"),
@@ -169,8 +169,8 @@ def test_mixlora_ffn(T, H, I, E, k, r, mode, act, adapted, dtype):
         scaling=1.3,
         down_bias=bias,
     )
-    got = cpu.mixlora_ffn(x, gate, up, w, idx, **kwargs)
-    want = reference.mixlora_ffn(x, gate, up, w, idx, **kwargs)
+    got = cpu.mixlora_ffn(x, gate, up, w, idx, ffn)
+    want = reference.mixlora_ffn(x, gate, up, w, idx, ffn)
     assert_close(got, want, dtype, "y")
     inputs = [("x", x), ("up", up), ("weights", w)] + ([("gate", gate)] if gate is not None else [])
     inputs += [(f"{p}.{ab}", t) for p, lo in loras.items() for ab, t in zip("AB", lo, strict=False)]
@@ -209,10 +209,13 @@ def test_whole_model_cpu_backend_equals_reference(family, overrides):
         assert_close(gc[n], gr[n], torch.float32, f"grad {n}")
 
 
-def test_thread_counts_1_and_2_give_the_same_results():
+# 300 tokens: blocks of rows spread over the threads; 8 and 100: at most 256 (token, slot) pairs, the forward's
+# two expert groups side by side (decoding sizes).
+@pytest.mark.parametrize("T", [300, 100, 8])
+def test_thread_counts_1_and_2_give_the_same_results(T):
     """Forward and backward of route + mixlora_ffn are bitwise equal with 1 and with 2 threads."""
     g = torch.Generator().manual_seed(0)
-    T, H, I, E, k, r = 300, 32, 72, 8, 2, 8
+    H, I, E, k, r = 32, 72, 8, 2, 8
     x, up, gate = (torch.randn(T, n, generator=g) for n in (H, I, I))
     router = torch.randn(E, H, generator=g)
     dims = {"gate": (H, I), "up": (H, I), "down": (I, H)}
@@ -234,19 +237,8 @@ def test_thread_counts_1_and_2_give_the_same_results():
             xl, ul, gl, rl, *flat = leaves
             lo = {p: ExpertLora(flat[2 * i], flat[2 * i + 1]) for i, p in enumerate(dims)}
             routing = cpu.route(xl, rl, top_k=k)
-            y = cpu.mixlora_ffn(
-                xl,
-                gl,
-                ul,
-                routing.weights,
-                routing.indices,
-                gate_lora=lo["gate"],
-                up_lora=lo["up"],
-                down_lora=lo["down"],
-                down_proj=lambda h: h @ Wd.T,
-                act=F.silu,
-                scaling=2.0,
-            )
+            ffn = FFNSpec(lo["gate"], lo["up"], lo["down"], down_proj=lambda h: h @ Wd.T, act=F.silu, scaling=2.0)
+            y = cpu.mixlora_ffn(xl, gl, ul, routing.weights, routing.indices, ffn)
             runs.append([y, *torch.autograd.grad(y, leaves, upstream)])
     finally:
         torch.set_num_threads(before)
@@ -301,6 +293,40 @@ BAD = [
         ),
         "expert index 5",
         id="idx",
+    ),
+    pytest.param(
+        lambda: cpu.moe_lora(
+            torch.randn(4, 8), torch.ones(4, 2), torch.zeros(4, 2), torch.randn(3, 2, 8), torch.randn(3, 5, 2), 1.0
+        ),
+        r"indices must be an integer tensor .* got Float",
+        id="float-indices",
+    ),
+    pytest.param(
+        lambda: torch.ops.moelora.mixlora_ffn(
+            torch.randn(4, 8),
+            None,
+            torch.randn(4, 6),
+            torch.ones(4, 1),
+            torch.zeros(4, 1, dtype=torch.long),
+            None,
+            None,
+            None,
+            None,
+            torch.randn(2, 3, 6),
+            torch.randn(2, 8, 2),
+            2,
+            1.0,
+            "silu",
+            0.0,
+            0,
+        ),
+        r"down LoRA must be A \[E=2, r, 6\] and B \[E, out, r\], got \[2, 3, 6\] and \[2, 8, 2\]",
+        id="ffn-down-rank",
+    ),
+    pytest.param(
+        lambda: cpu.route(torch.randn(4, 8), torch.randn(3, 8), top_k=0),
+        r"top_k=0 selects top-p routing, which needs top_p in \(0, 1\], got top_p=0",
+        id="route-k0",
     ),
     pytest.param(lambda: cpu.route(torch.randn(4, 8), torch.randn(3, 7), top_k=1), "8 features", id="route-H"),
     pytest.param(lambda: cpu.route(torch.randn(4, 8), torch.randn(3, 8), top_k=4), "exceeds 3", id="route-k"),

@@ -34,7 +34,7 @@ from test_properties import load_backend
 
 import moelora
 from moelora import MixLoraConfig, get_moelora_model
-from moelora.reference import ExpertLora
+from moelora.reference import ExpertLora, FFNSpec
 
 
 def _cpu_built() -> bool:
@@ -116,12 +116,7 @@ def _op_runs(impl: object) -> dict[str, Callable[[dict], list[torch.Tensor]]]:
     def mixlora_ffn(d: dict) -> list[torch.Tensor]:
         r = load_backend("reference").route(d["x"], d["router"], top_k=2)
         x, gate, up, w, A, B, dA, dB = leaves({**d, "w": r.weights}, "x", "gate", "up", "w", "A", "B", "dA", "dB")
-        y = impl.mixlora_ffn(
-            x,
-            gate,
-            up,
-            w,
-            r.indices,
+        ffn = FFNSpec(
             gate_lora=ExpertLora(A, B),
             up_lora=ExpertLora(A, B),
             down_lora=ExpertLora(dA, dB),
@@ -129,6 +124,7 @@ def _op_runs(impl: object) -> dict[str, Callable[[dict], list[torch.Tensor]]]:
             act=F.silu,
             scaling=2.0,
         )
+        y = impl.mixlora_ffn(x, gate, up, w, r.indices, ffn)
         return [y, *torch.autograd.grad(y, [x, gate, up, w, A, B, dA, dB], d["upstream_h"])]
 
     def lora(d: dict) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ import moelora
 from moelora import MixLoraConfig, backend, get_moelora_model, reference
 from moelora import dropout as seeded
 from moelora.dropout import H_STREAM, X_STREAM, LoraDropout
-from moelora.reference import ExpertLora
+from moelora.reference import ExpertLora, FFNSpec
 
 try:
     from moelora import cpu_backend as cpu
@@ -179,12 +179,7 @@ def _named_inputs(x, gate, up, w, loras):
 
 def _run(ffn, x, gate, up, w, idx, loras, Wd, bias, act, dropout, upstream_seed=5):
     """ffn's output (a backend's mixlora_ffn) and the gradients of every input, for a fixed random upstream."""
-    y = ffn(
-        x,
-        gate,
-        up,
-        w,
-        idx,
+    spec = FFNSpec(
         gate_lora=loras["gate"],
         up_lora=loras["up"],
         down_lora=loras["down"],
@@ -194,6 +189,7 @@ def _run(ffn, x, gate, up, w, idx, loras, Wd, bias, act, dropout, upstream_seed=
         down_bias=bias,
         dropout=dropout,
     )
+    y = ffn(x, gate, up, w, idx, spec)
     named = _named_inputs(x, gate, up, w, loras)
     upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
     grads = torch.autograd.grad(y, [t for _, t in named], upstream.to(y.dtype), allow_unused=True)
@@ -201,12 +197,14 @@ def _run(ffn, x, gate, up, w, idx, loras, Wd, bias, act, dropout, upstream_seed=
     return y, {name: torch.zeros_like(t) if gr is None else gr for (name, t), gr in zip(named, grads, strict=True)}
 
 
-def oracle_ffn(x, gate, up, w, idx, *, gate_lora, up_lora, down_lora, down_proj, act, scaling, down_bias, dropout):
+def oracle_ffn(x, gate, up, w, idx, ffn: FFNSpec):
     """The MixLoRA FFN with dropout written plainly, per token and per slot, in fp64 (masks from dropout_mask).
 
     xd = drop_X(x[t]),  h_j = act(G[t] + s Bg Ag xd) * (U[t] + s Bu Au xd)   (ungated: act(U[t] + s Bu Au xd)),
     y[t] = Wd sum_j w_j h_j + sum_j w_j b + sum_j w_j s Bd Ad drop_H(h_j).
     """
+    gate_lora, up_lora, down_lora = ffn.loras
+    down_proj, act, scaling, down_bias, dropout = ffn.down_proj, ffn.act, ffn.scaling, ffn.down_bias, ffn.dropout
     T, H = x.shape
     k, I = idx.shape[1], up.shape[1]
     s, scale = scaling, 1 / (1 - dropout.p)

@@ -12,7 +12,8 @@ from conftest import VOCAB, randomize_adapters, tiny_model
 from torch import nn
 
 from moelora import LoraConfig, MiLoraConfig, MixLoraConfig, MoeLoraModel, get_moelora_model
-from moelora.layers import LoraLinear, MiLoraRouters, MixLoraFFN
+from moelora.layers import LoraLinear, MixLoraFFN
+from moelora.milora_router import MiLoraRouters
 
 IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]

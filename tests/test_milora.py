@@ -3,6 +3,7 @@ batches against separate runs, files, training and bad input."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 
@@ -14,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
-from moelora import LoraConfig, MiLoraConfig, MixLoraConfig, MoeLoraModel, get_moelora_model, reference
-from moelora.layers import MiLoraRouter
+from moelora import LoraConfig, MiLoraConfig, MixLoraConfig, MoeLoraModel, get_moelora_model, layers, reference
+from moelora.milora_router import MiLoraRouter
 from moelora.training import bilevel_step, milora_parameter_groups
 
 F64 = torch.float64
@@ -199,6 +200,25 @@ def test_router_runs_once_per_layer_per_generate(kwargs):
     assert out.shape[1] == 11
     assert _router_calls(model) == [1, 1]
     assert all(r.routing is None for r in model.milora_routers())  # the kept routing is freed at the end
+
+
+def test_a_deep_copy_routes_on_its_own():
+    """copy.deepcopy of a MiLoRA model: the copy's layers route into the copy's state, never the original's."""
+    model = _milora()
+    twin = copy.deepcopy(model)
+    ids, other = _ids(2, 5), _ids(3, 4, seed=1)
+    with torch.no_grad():
+        want = model(ids).logits
+        twin(other)  # routes 3 prompts in the copy only
+        assert _router_calls(model) == [1, 1] and _router_calls(twin) == [1, 1]
+        assert all(r.routing.gates.shape[0] == 2 for r in model.milora_routers())
+        assert all(r.routing.gates.shape[0] == 3 for r in twin.milora_routers())
+        torch.testing.assert_close(twin(ids).logits, want, rtol=0, atol=0)
+    out = twin.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    want_out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(out, want_out)
 
 
 def _pinned_logits(model: MoeLoraModel, sequence: torch.Tensor, prompt_len: int, mask: torch.Tensor) -> torch.Tensor:
@@ -390,6 +410,40 @@ def test_training_adds_the_prompt_balance_loss_and_reaches_every_router_paramete
     for router in model.milora_routers():
         for name, p in router.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_training_on_the_picked_sequences_only_equals_every_row(family, monkeypatch):
+    """On CPU a training step runs each module's LoRA on the sequences that picked it: the loss and every
+    gradient (LoRA, router, rational activation) equal those of running every row with its gate."""
+    model = _milora(family, top_k=2)
+    model.train()
+    ids = _ids(5, 7)
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids)
+        (out.loss + out.aux_loss).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out.loss.detach(), grads
+
+    subsets: list[int] = []
+    real = layers._picked_sequences
+
+    def spy(gates, x):
+        picked = real(gates, x)
+        subsets.append(gates.numel() if picked is None else picked.numel())
+        return picked
+
+    monkeypatch.setattr(layers, "_picked_sequences", spy)
+    loss, grads = loss_and_grads()
+    assert any(0 < n < 5 for n in subsets), f"no module was picked by only some sequences: {subsets}"
+    monkeypatch.setattr(layers, "_picked_sequences", lambda gates, x: None)
+    want_loss, want = loss_and_grads()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+    assert grads.keys() == want.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_bilevel_schedule_trains_lora_on_train_and_router_on_validation():

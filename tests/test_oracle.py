@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers.activations import ACT2FN
 
 from moelora import ExpertLoraConfig, MixLoraConfig, get_moelora_model, reference
-from moelora.reference import ExpertLora
+from moelora.reference import ExpertLora, FFNSpec
 
 F64 = torch.float64
 # The precision moelora.reference computes in for float64 inputs (see test_*_float64 below).
@@ -293,12 +293,7 @@ def _expert_lora(p: Projection | None) -> ExpertLora | None:
 def _reference_ffn(c: Ffn, x: Tensor, router: Tensor, projs: dict[str, Projection], act) -> tuple[Tensor, Tensor]:
     routing = reference.route(x, router, top_k=c.top_k, top_p=c.top_p)
     gate, up, down = projs.get("gate"), projs["up"], projs["down"]
-    y = reference.mixlora_ffn(
-        x,
-        F.linear(x, gate.weight, gate.bias) if gate is not None else None,
-        F.linear(x, up.weight, up.bias),
-        routing.weights,
-        routing.indices,
+    ffn = FFNSpec(
         gate_lora=_expert_lora(gate),
         up_lora=_expert_lora(up),
         down_lora=_expert_lora(down),
@@ -310,6 +305,8 @@ def _reference_ffn(c: Ffn, x: Tensor, router: Tensor, projs: dict[str, Projectio
         down_weight=down.weight,
         down_bias=down.bias,
     )
+    gate_base = F.linear(x, gate.weight, gate.bias) if gate is not None else None
+    y = reference.mixlora_ffn(x, gate_base, F.linear(x, up.weight, up.bias), routing.weights, routing.indices, ffn)
     return y, routing.indices
 
 

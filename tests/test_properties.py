@@ -55,7 +55,7 @@ from hypothesis import strategies as st
 import moelora
 from moelora import backend as dispatch
 from moelora import ops, reference
-from moelora.reference import ExpertLora
+from moelora.reference import ExpertLora, FFNSpec
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
 # Allowed error beyond twice the reference's own, in ulps of the output dtype, relative to the largest
@@ -81,7 +81,10 @@ _CPU_INDEX_ERROR = (RuntimeError, r"^moelora cpu backend: expert index -?\d+ out
 _TRITON_INDEX_ERROR = (ValueError, r"^moe_lora: indices must lie in \[-1, E=\d+\), got values in \[-?\d+, -?\d+\]")
 EXPECTED_ERRORS: dict[tuple[str, str, str], tuple[type[Exception], str]] = {
     ("cpu", "route", "top_k>E"): (RuntimeError, r"^moelora cpu backend: route: top_k=\d+ exceeds \d+ experts"),
-    ("cpu", "route", "top_p>1"): (RuntimeError, r"^moelora cpu backend: route: top_p must be in \(0, 1\]"),
+    ("cpu", "route", "top_p>1"): (
+        RuntimeError,
+        r"^moelora cpu backend: route: top_k=0 selects top-p routing, which needs top_p in \(0, 1\], got top_p=1\.5",
+    ),
     ("cpu", "route", "H-mismatch"): (
         RuntimeError,
         r"^moelora cpu backend: route: x has \d+ features but router_weight is \[\d+, \d+\]",
@@ -541,12 +544,7 @@ def _run_ffn(backend: str | None, tensors: list, indices: torch.Tensor, act: str
         return None if A is None else ExpertLora(A, B)
 
     run = reference.mixlora_ffn if backend is None else lambda *a, **k: on_backend(backend, "mixlora_ffn", *a, **k)
-    return run(
-        x,
-        gate,
-        up,
-        weights,
-        indices,
+    ffn = FFNSpec(
         gate_lora=lora(gA, gB),
         up_lora=lora(uA, uB),
         down_lora=lora(dA, dB),
@@ -555,6 +553,7 @@ def _run_ffn(backend: str | None, tensors: list, indices: torch.Tensor, act: str
         scaling=2.0,
         down_bias=bd,
     )
+    return run(x, gate, up, weights, indices, ffn)
 
 
 def check_mixlora_ffn(backend: str, c: dict) -> str:

@@ -20,6 +20,7 @@ import json
 import subprocess
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ from conftest import VOCAB, randomize_adapters, tiny_model
 import moelora
 from moelora import MixLoraConfig, backend, get_moelora_model, reference
 from moelora.dropout import LoraDropout
-from moelora.reference import ExpertLora
+from moelora.reference import ExpertLora, FFNSpec
 
 pytest.importorskip("triton")
 
@@ -82,11 +83,11 @@ def _ffn_regime(regime: str | None):
 def check_model(family: str, overrides: dict, regime: str | None = None) -> list[str]:
     """A tiny MixLoRA model, training forward + backward, triton against reference; regime forces the fused
     FFN's kernels (a spy counts the sorted ones: once per layer forward and backward, or never)."""
-    from moelora.kernels import mixlora_ffn_sorted
+    from moelora.kernels import mixlora_ffn_sorted, mixlora_ffn_sorted_bwd
 
     sorted_fwd, sorted_bwd, sorted_calls = (
         mixlora_ffn_sorted.mixlora_ffn_sorted_core_fwd,
-        mixlora_ffn_sorted.mixlora_ffn_sorted_core_bwd,
+        mixlora_ffn_sorted_bwd.mixlora_ffn_sorted_core_bwd,
         [],
     )
 
@@ -98,13 +99,14 @@ def check_model(family: str, overrides: dict, regime: str | None = None) -> list
         sorted_calls.append("bwd")
         return sorted_bwd(*args)
 
-    mixlora_ffn_sorted.mixlora_ffn_sorted_core_fwd, mixlora_ffn_sorted.mixlora_ffn_sorted_core_bwd = spy_fwd, spy_bwd
+    mixlora_ffn_sorted.mixlora_ffn_sorted_core_fwd = spy_fwd
+    mixlora_ffn_sorted_bwd.mixlora_ffn_sorted_core_bwd = spy_bwd
     try:
         with _ffn_regime(regime):
             failures = _check_model(family, overrides)
     finally:
         mixlora_ffn_sorted.mixlora_ffn_sorted_core_fwd = sorted_fwd
-        mixlora_ffn_sorted.mixlora_ffn_sorted_core_bwd = sorted_bwd
+        mixlora_ffn_sorted_bwd.mixlora_ffn_sorted_core_bwd = sorted_bwd
     layers = 2 * tiny_model(family).config.num_hidden_layers if regime == "sorted" else 0
     if len(sorted_calls) != layers:
         failures.append(f"the sorted FFN kernels ran {len(sorted_calls)} times, expected {layers}")
@@ -169,12 +171,7 @@ def _ffn_inputs(gated: bool, g: torch.Generator, T=9, H=20, I=36, E=4, k=2, r=8)
 def _ffn(impl, d: dict, act, **extra) -> dict:
     leaves = {n: d[n].clone().requires_grad_() for n in ("x", "gate", "up", "weights") if d[n] is not None}
     lo = {p: ExpertLora(*(t.clone().requires_grad_() for t in lora[:2]), *lora[2:]) for p, lora in d["loras"].items()}
-    y = impl.mixlora_ffn(
-        leaves["x"],
-        leaves.get("gate"),
-        leaves["up"],
-        leaves["weights"],
-        d["indices"],
+    ffn = FFNSpec(
         gate_lora=lo.get("gate"),
         up_lora=lo.get("up"),
         down_lora=lo.get("down"),
@@ -184,6 +181,7 @@ def _ffn(impl, d: dict, act, **extra) -> dict:
         down_bias=d["bias"],
         **extra,
     )
+    y = impl.mixlora_ffn(leaves["x"], leaves.get("gate"), leaves["up"], leaves["weights"], d["indices"], ffn)
     inputs = {**leaves, **{f"{p}.{ab}": t for p, lora in lo.items() for ab, t in zip("AB", lora[:2], strict=True)}}
     grads = torch.autograd.grad(y, list(inputs.values()), d["upstream"])
     return {"y": y, **{f"grad {n}": gr for n, gr in zip(inputs, grads, strict=True)}}
@@ -367,7 +365,7 @@ def check_compile() -> dict[str, list[str]]:
     lo = {p: ExpertLora(*(t.clone().requires_grad_() for t in d["loras"][p][:2])) for p in ("gate", "up", "down")}
 
     def f(x, router):
-        ffn = dict(
+        ffn = FFNSpec(
             gate_lora=lo["gate"],
             up_lora=lo["up"],
             down_lora=lo["down"],
@@ -377,11 +375,11 @@ def check_compile() -> dict[str, list[str]]:
             down_bias=d["bias"],
         )
         r = triton_backend.route(x, router, top_k=2)
-        y = triton_backend.mixlora_ffn(x, d["gate"], d["up"], r.weights, r.indices, **ffn)
-        y_fused, r_fused = triton_backend.routed_mixlora_ffn(x, router, d["gate"], d["up"], top_k=2, top_p=None, **ffn)
+        y = triton_backend.mixlora_ffn(x, d["gate"], d["up"], r.weights, r.indices, ffn)
+        y_fused, r_fused = triton_backend.routed_mixlora_ffn(x, router, d["gate"], d["up"], ffn, top_k=2, top_p=None)
         y = y + y_fused + r_fused.probs.sum(-1, keepdim=True)
-        no_bias = {**ffn, "down_bias": None, "down_proj": lambda h: F.linear(h, d["Wd"])}  # the fused add
-        y = y + triton_backend.mixlora_ffn(x, d["gate"], d["up"], r.weights, r.indices, **no_bias)
+        no_bias = replace(ffn, down_bias=None, down_proj=lambda h: F.linear(h, d["Wd"]))  # the fused add
+        y = y + triton_backend.mixlora_ffn(x, d["gate"], d["up"], r.weights, r.indices, no_bias)
         y = y + triton_backend.moe_lora(x, r.weights, r.indices, big[0], big[1], 2.0)  # sorted regime
         return y + triton_backend.moe_lora(x, r.weights, r.indices, lo["up"].A, lo["down"].B, 2.0)
 

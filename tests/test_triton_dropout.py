@@ -34,7 +34,7 @@ pytest.importorskip("triton")
 from moelora import dropout as seeded_dropout
 from moelora import reference
 from moelora.dropout import H_STREAM, X_STREAM, LoraDropout
-from moelora.reference import ExpertLora
+from moelora.reference import ExpertLora, FFNSpec
 
 WORKER_TIMEOUT = 1500  # seconds: the interpreter worker (tests/_triton_worker.py)
 
@@ -131,12 +131,13 @@ def _run_ffn(impl, d, family, k, dtype, entry, dropout):
     kw |= dict(scaling=SCALING, down_proj=lambda h: F.linear(h, leaves["Wd"]))
     if dropout is not ...:  # ...: no dropout argument at all
         kw["dropout"] = dropout
+    ffn = FFNSpec(**kw)
     top = dict(top_k=k, top_p=None if k is not None else 0.6)
     if impl is reference or entry == "ffn":
         routing = impl.route(x, leaves["router"], **top)
-        y = impl.mixlora_ffn(x, gate, up, routing.weights, routing.indices, **kw)
+        y = impl.mixlora_ffn(x, gate, up, routing.weights, routing.indices, ffn)
     else:
-        y, routing = impl.routed_mixlora_ffn(x, leaves["router"], gate, up, **top, **kw)
+        y, routing = impl.routed_mixlora_ffn(x, leaves["router"], gate, up, ffn, **top)
     loss = (y * d["upstream"].to(dtype)).sum() + (routing.probs**2).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     named = {"y": y, "weights": routing.weights, "probs": routing.probs}
@@ -149,12 +150,13 @@ class _Spies:
 
     def __init__(self):
         import moelora.kernels.mixlora_ffn as ffn_kernels
+        import moelora.kernels.mixlora_ffn_shrink_expand as shrink_expand_kernels
         import moelora.kernels.mixlora_ffn_sorted as sorted_kernels
         import moelora.kernels.route as route_kernels
 
         self.targets = {
             "route_shrink": (route_kernels, "route_shrink_fwd"),
-            "rank_shrink": (ffn_kernels, "shrink_x"),
+            "rank_shrink": (shrink_expand_kernels, "shrink_x"),
             "dense": (ffn_kernels, "mixlora_ffn_core_fwd"),
             "sorted": (sorted_kernels, "mixlora_ffn_sorted_core_fwd"),
             "reference": (reference, "mixlora_ffn"),

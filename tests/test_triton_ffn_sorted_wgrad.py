@@ -1,5 +1,5 @@
 """The sorted-regime weight gradients of the fused MixLoRA FFN (`sorted_ffn_weight_grads` of
-kernels/mixlora_ffn_sorted.py) under the Triton CPU interpreter, alone against a float64 per-pair oracle (the
+kernels/mixlora_ffn_sorted_bwd.py) under the Triton CPU interpreter, alone against a float64 per-pair oracle (the
 whole regime is tested against the reference in tests/test_triton_mixlora_ffn.py).
 
 The oracle is the math itself in float64, one (token, slot) pair at a time (`oracle` below). fp32 and fp16
@@ -32,8 +32,8 @@ from tolerance import tolerance_failure
 
 pytest.importorskip("triton")
 
-from moelora.kernels.mixlora_ffn import mixlora_ffn_core_bwd
-from moelora.kernels.mixlora_ffn_sorted import sorted_ffn_weight_grads
+from moelora.kernels.mixlora_ffn_bwd import mixlora_ffn_core_bwd
+from moelora.kernels.mixlora_ffn_sorted_bwd import sorted_ffn_weight_grads
 from moelora.kernels.moe_lora_sorted import sort_by_expert
 
 SCALING = 1.7

@@ -37,7 +37,7 @@ pytest.importorskip("triton")
 from moelora.kernels.mixlora_ffn import check_inputs
 
 from moelora import reference, triton_backend
-from moelora.reference import ExpertLora
+from moelora.reference import ExpertLora, FFNSpec
 
 WORKER_TIMEOUT = 900  # seconds: the interpreter worker (tests/_triton_worker.py)
 
@@ -136,17 +136,13 @@ def ffn_regime(regime: str | None):
 def mixlora_ffn(x, gate, up, weights, indices, loras, Wd, act, impl=triton_backend):
     """y of impl's mixlora_ffn (the Triton backend's op, or the reference) with the frozen down projection Wd;
     loras: {projection: (A, B)}."""
-    return impl.mixlora_ffn(
-        x,
-        gate,
-        up,
-        weights,
-        indices,
+    ffn = FFNSpec(
         **{f"{p}_lora": ExpertLora(*loras[p]) if p in loras else None for p in ALL},
         down_proj=lambda h: F.linear(h, Wd.to(h.dtype)),
         act=ACT_FUNCTIONS[act],
         scaling=SCALING,
     )
+    return impl.mixlora_ffn(x, gate, up, weights, indices, ffn)
 
 
 def _run(impl, x, gate, up, weights, indices, loras, Wd, upstream, act, regime=None):
@@ -257,7 +253,7 @@ def check_weights_cast_once(regime: str) -> list[str]:
 def check_down_expand_rounds_once() -> list[str]:
     """down_expand with Wd hbar (fp16, contiguous or strided) is the fp32 delta added to Wd hbar in fp32 and
     rounded once, bitwise: what the caller's separate add and cast computed before the epilogue took them."""
-    from moelora.kernels.mixlora_ffn import down_expand
+    from moelora.kernels.mixlora_ffn_shrink_expand import down_expand
 
     g = torch.Generator().manual_seed(4)
     zd, dB = torch.randn(40, 32, generator=g), torch.randn(4, 20, 8, generator=g) * 0.3

@@ -155,6 +155,7 @@ def _good():
     return dict(x=torch.randn(5, IN), weights=torch.rand(5, 2), indices=torch.zeros(5, 2, dtype=torch.long), A=A, B=B)
 
 
+T0 = dict(x=torch.randn(0, IN), weights=torch.rand(0, 2), indices=torch.zeros(0, 2, dtype=torch.long))
 BAD = [
     ("x-1d", dict(x=torch.randn(IN)), ValueError, "x must be 2-d"),
     ("x-int", dict(x=torch.ones(5, IN, dtype=torch.long)), TypeError, "x must be float16"),
@@ -168,6 +169,9 @@ BAD = [
     ("A-device", dict(A=torch.randn(4, 8, IN, device="meta")), ValueError, "A is on meta"),
     ("index-too-big", dict(indices=torch.full((5, 2), 4)), ValueError, "indices must lie in"),
     ("index-below-minus-1", dict(indices=torch.full((5, 2), -2)), ValueError, "indices must lie in"),
+    # T = 0: checked like any T before the backend hands the empty batch to the reference
+    ("T0-A-in", {**T0, "A": torch.randn(4, 8, IN + 1)}, ValueError, "A is"),
+    ("T0-indices-float", {**T0, "indices": torch.zeros(0, 2)}, TypeError, "indices must be int32 or int64"),
 ]
 
 

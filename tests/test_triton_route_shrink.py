@@ -30,7 +30,7 @@ pytest.importorskip("triton")
 
 from moelora import reference
 from moelora.dropout import LoraDropout
-from moelora.reference import ExpertLora
+from moelora.reference import ExpertLora, FFNSpec
 
 WORKER_TIMEOUT = 900  # seconds: the interpreter worker (tests/_triton_worker.py)
 
@@ -179,9 +179,9 @@ def _run_ffn(impl, d, family, k, dtype, dropout_input: bool):
         kw["dropout"] = LoraDropout(0.25, 11)
     if impl is reference:
         routing = reference.route(x, leaves["router"], **top)
-        y = reference.mixlora_ffn(x, gate, up, routing.weights, routing.indices, **kw)
+        y = reference.mixlora_ffn(x, gate, up, routing.weights, routing.indices, FFNSpec(**kw))
     else:
-        y, routing = impl.routed_mixlora_ffn(x, leaves["router"], gate, up, **top, **kw)
+        y, routing = impl.routed_mixlora_ffn(x, leaves["router"], gate, up, FFNSpec(**kw), **top)
     loss = (y * d["upstream"].to(dtype)).sum() + (routing.probs**2).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     named = {"y": y, "weights": routing.weights, "probs": routing.probs}

@@ -203,6 +203,12 @@ BAD = [
     ("lora-out-of-range", dict(seq_lora=torch.tensor([2, -1])), ValueError, "seq_lora must lie in"),
     ("lora-below-minus-1", dict(seq_lora=torch.tensor([0, -2])), ValueError, "seq_lora must lie in"),
     ("A-device", dict(A=torch.randn(2, 8, 20, device="meta")), ValueError, "A is on meta"),
+    (
+        "T0-A-in",
+        dict(x=torch.randn(0, 20), token_seq=torch.zeros(0, dtype=torch.long), A=torch.randn(2, 8, 21)),
+        ValueError,
+        "A is",
+    ),
     ("cpu-uninterpreted", dict(), ValueError, "need CUDA tensors"),
 ]
 
