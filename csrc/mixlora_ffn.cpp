@@ -305,6 +305,26 @@ void for_blocks(int64_t m, Fn&& fn) {
   });
 }
 
+// Calls fn(g, e0, e1, rows) for two groups of experts, g = 0: [0, split), g = 1: [split, E), cut where the first
+// holds at most half the pairs, the groups side by side on the threads (one each with two; in turn with one);
+// `rows` is a buffer size: the group's pairs, at most CHUNK. Inside, ATen calls run single-threaded. Used where
+// every expert's rows fit one block (see mixlora_ffn_cpu); the groups depend on the routing alone.
+template <typename Fn>
+void for_expert_groups(const Pairs& pairs, int64_t num_experts, Fn&& fn) {
+  const int64_t n_pairs = pairs.token.numel();
+  int64_t split = 0;
+  while (split < num_experts && 2 * pairs.offsets[split + 1] <= n_pairs) ++split;
+  const int64_t bounds[3] = {0, split, num_experts};
+  const at::ThreadLocalState state;
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t rows = std::max<int64_t>(pairs.offsets[bounds[g + 1]] - pairs.offsets[bounds[g]], 1);
+      fn(g, bounds[g], bounds[g + 1], std::min(CHUNK, rows));
+    }
+  });
+}
+
 std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<Tensor>& gate, const Tensor& up,
                                            const Tensor& weights, const Tensor& indices,
                                            const c10::optional<Tensor>& gate_A, const c10::optional<Tensor>& gate_B,
@@ -382,18 +402,10 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
   // thread, 30-90 us on two, busy VM). Instead the experts are cut, by their pairs, into two groups that run
   // side by side, their GEMMs single-threaded inside the parallel region, each into its own sums, added in a
   // fixed order: the result does not depend on the thread count.
-  int64_t split = 0;
-  while (split < num_experts && 2 * pairs.offsets[split + 1] <= n_pairs) ++split;
-  const int64_t bounds[3] = {0, split, num_experts};
   Tensor part_hbar[2] = {hbar, at::zeros_like(hbar)};
   Tensor part_y[2] = {y_lora, at::zeros_like(y_lora)};
-  const at::ThreadLocalState state;
-  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard guard(state);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t rows = std::max<int64_t>(pairs.offsets[bounds[g + 1]] - pairs.offsets[bounds[g]], 1);
-      run_experts(bounds[g], bounds[g + 1], std::min(CHUNK, rows), part_hbar[g], part_y[g]);
-    }
+  for_expert_groups(pairs, num_experts, [&](int64_t g, int64_t e0, int64_t e1, int64_t rows) {
+    run_experts(e0, e1, rows, part_hbar[g], part_y[g]);
   });
   return {hbar.add_(part_hbar[1]), y_lora.add_(part_y[1])};
 }
@@ -539,19 +551,11 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
   } else {
     // As in the forward: two expert groups side by side, each into its own grads of x, G and U, added in a
     // fixed order (the weight grads and grad_w are per expert and per pair: no overlap).
-    int64_t split = 0;
-    while (split < num_experts && 2 * pairs.offsets[split + 1] <= n_pairs) ++split;
-    const int64_t bounds[3] = {0, split, num_experts};
     Tensor part_x[2] = {grad_x, at::zeros_like(grad_x)};
     Tensor part_G[2] = {grad_G, G.defined() ? at::zeros_like(grad_G) : Tensor()};
     Tensor part_U[2] = {grad_U, at::zeros_like(grad_U)};
-    const at::ThreadLocalState state;
-    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-      at::ThreadLocalStateGuard guard(state);
-      for (int64_t g = begin; g < end; ++g) {
-        const int64_t rows = std::max<int64_t>(pairs.offsets[bounds[g + 1]] - pairs.offsets[bounds[g]], 1);
-        run_experts(bounds[g], bounds[g + 1], std::min(CHUNK, rows), part_x[g], part_G[g], part_U[g]);
-      }
+    for_expert_groups(pairs, num_experts, [&](int64_t g, int64_t e0, int64_t e1, int64_t rows) {
+      run_experts(e0, e1, rows, part_x[g], part_G[g], part_U[g]);
     });
     grad_x.add_(part_x[1]);
     if (G.defined()) grad_G.add_(part_G[1]);

@@ -172,6 +172,11 @@ class LoraAdapter(nn.Module):
         return scale
 
 
+def _plus(y: Tensor, delta: Tensor) -> Tensor:
+    """y + delta in y's dtype, without a no-op cast when they match (a decoding step adds one per module)."""
+    return y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
+
+
 def _picked_sequences(gates: Tensor, x: Tensor) -> Tensor | None:
     """The rows [n] of the sequences whose gate is not 0, or None to run every row: when all are picked, off
     CPU (reading the gates would stop a GPU stream) and under torch.compile (a data-dependent shape)."""
@@ -229,14 +234,14 @@ class LoraLinear(nn.Module):
         gates = a.gates(x.shape[0])
         if gates is None:
             delta = ops.lora(a.dropout(x), a.lora_A, a.lora_B, a.scaling)
-            y = y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
+            y = _plus(y, delta)
         else:
             # MiLoRA training: the gate folded into the scale (one op on the output fewer, forward and backward).
             scale = (gates * a.scaling).view(-1, *[1] * (x.dim() - 1))
             picked = _picked_sequences(gates, x)
             if picked is None:
                 delta = ops.lora(a.dropout(x), a.lora_A, a.lora_B, scale)
-                y = y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
+                y = _plus(y, delta)
             else:
                 # Only the sequences that picked this module: a gate of 0 is an unpicked module, whose delta
                 # and every gradient through it are 0 (the top-k mask), so skipping its rows changes nothing
@@ -259,7 +264,7 @@ class LoraLinear(nn.Module):
             if scale is None:
                 return y
             delta = ops.lora(x, a.lora_A, a.lora_B, scale)
-            return y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
+            return _plus(y, delta)
         # Prefill: one segmented_lora call, in which the fused kernels skip sequences whose gate is 0.
         flat = x.reshape(-1, x.shape[-1])
         token_seq, only_lora, scaling = _one_segment(x.shape[0], flat.shape[0], a.scaling, x.device)
