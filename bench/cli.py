@@ -24,7 +24,16 @@ from bench import memory
 from bench.plot import plot
 from bench.providers import mixlora_pkg_version
 from bench.suites import SUITES, Preset, Suite
-from bench.timing import MODES, SPREAD_LIMIT, Timing, busy_warnings, check_parity, measure, spread
+from bench.timing import (
+    MODES,
+    SPREAD_LIMIT,
+    Timing,
+    busy_warnings,
+    check_parity,
+    measure,
+    measure_round_robin,
+    spread,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"  # committed results: written only when --out names it
@@ -111,6 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:n]")
     memory_help = f"CPU: peak RSS growth of every case over {memory.CALLS} calls, each case in a process of its own"
     p.add_argument("--memory", action="store_true", help=memory_help)
+    sequential_help = (
+        "CPU: time each provider's repeats back to back, one provider built at a time (default: the providers of "
+        "a case in rounds, all built at once, so that the machine's drift falls on all of them alike)"
+    )
+    p.add_argument("--sequential", action="store_true", help=sequential_help)
     out_help = "results folder (default: bench/out, gitignored; bench/results holds the committed results)"
     p.add_argument("--out", type=Path, default=OUT_DIR, help=out_help)
     p.add_argument("--no-save", action="store_true", help="print only, write no files")
@@ -304,15 +318,22 @@ def run_suite(p: Plan, args: argparse.Namespace, device: torch.device, dtype: to
         if inp is None or dtype != torch.float32:
             inp = suite.make_inputs(shape, dtype, device)
         for mode in p.modes:
-            for name in (n for n in p.providers if runs(suite, n, mode)):
-                progress.start(f"{suite.name} {shape.label()} {mode} {name}")
-                row = {key: case, "mode": mode, "provider": name}
-                if name in failed:
-                    row["status"] = "parity FAILED"
-                else:
-                    row |= _time_case(suite, shape, name, mode, inp, args, device, p.preset, progress)
-                entry["results"].append(row)
+            names = [n for n in p.providers if runs(suite, n, mode)]
+            rows = {name: {key: case, "mode": mode, "provider": name} for name in names}
+            for name in failed & set(names):
+                rows[name]["status"] = "parity FAILED"
+            timed = [name for name in names if name not in failed]
+            if device.type == "cpu" and not args.sequential:
+                for name, row in _time_round_robin(suite, shape, timed, mode, inp, args, p.preset, progress).items():
+                    rows[name] |= row
+            else:
+                for name in timed:
+                    progress.start(f"{suite.name} {shape.label()} {mode} {name}")
+                    rows[name] |= _time_case(suite, shape, name, mode, inp, args, device, p.preset, progress)
+                    progress.advance()
+            for _ in failed & set(names):
                 progress.advance()
+            entry["results"].extend(rows.values())
         del inp
     entry["ratios"] = _ratios(entry)
     load_after = _load_average()
@@ -343,9 +364,57 @@ def _time_case(
         row = {"status": f"error: {type(exc).__name__}: {exc}"}
         progress.log(f"{what}: {row['status']}")
         return row
-    row = {"status": "ok"} | asdict(timing)
     if timing.graph_error is not None:
         progress.log(f"{what}: CUDA graph capture failed, timed eagerly ({timing.graph_error})")
+    return _timed_row(suite, shape, name, mode, timing, args, device, progress)
+
+
+def _time_round_robin(
+    suite: Suite,
+    shape: Any,
+    names: list[str],
+    mode: str,
+    inp: Any,
+    args: argparse.Namespace,
+    preset: Preset,
+    progress: _Progress,
+) -> dict[str, dict]:
+    """CPU: the providers of one (case, mode) timed in rounds (bench.timing.measure_round_robin), every step
+    built first, so that all of them are alive at once; `--sequential` times them one after another instead."""
+    what = f"{suite.name} {shape.label()} {mode}"
+    progress.start(f"{what}: {len(names)} providers round-robin")
+    rows: dict[str, dict] = {}
+    steps = {}
+    for name in names:
+        try:
+            steps[name] = suite.step(name, inp, mode)
+        except Exception as exc:  # one broken provider must not lose the rest
+            rows[name] = {"status": f"error: {type(exc).__name__}: {exc}"}
+            progress.log(f"{what} {name}: {rows[name]['status']}")
+    for name, timing in measure_round_robin(steps, preset.warmup, preset.repeats).items():
+        if isinstance(timing, str):
+            rows[name] = {"status": timing}
+            progress.log(f"{what} {name}: {timing}")
+        else:
+            rows[name] = _timed_row(suite, shape, name, mode, timing, args, torch.device("cpu"), progress)
+    for _ in names:
+        progress.advance()
+    return {name: rows[name] for name in names}
+
+
+def _timed_row(
+    suite: Suite,
+    shape: Any,
+    name: str,
+    mode: str,
+    timing: Timing,
+    args: argparse.Namespace,
+    device: torch.device,
+    progress: _Progress,
+) -> dict:
+    """A timed case's row: the timing, tokens/s where the suite counts tokens, and CPU memory with --memory."""
+    what = f"{suite.name} {shape.label()} {mode} {name}"
+    row = {"status": "ok"} | asdict(timing)
     ran = getattr(suite, "run_shape", lambda _, s: s)(name, shape)  # e2e's mixed batch: n sequences, not B
     if (tokens := suite.tokens_per_call(ran, mode)) is not None:
         row["tokens_per_s"] = tokens / (timing.median_ms / 1e3)

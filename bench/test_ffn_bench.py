@@ -16,7 +16,7 @@ from bench.conftest import TINY, skip_if_missing
 from bench.fused import fused_missing
 from bench.providers import ALL_PROVIDERS, Shape
 from bench.suites import FFN, GRAPH_MAX_T
-from bench.timing import MODES, check_parity, measure
+from bench.timing import MODES, Timing, check_parity, measure, measure_round_robin
 
 
 @pytest.mark.parametrize("with_grads", [False, True], ids=["fwd", "fwd+bwd"])
@@ -66,6 +66,23 @@ def test_measure_reports_median_min_iqr():
     timing = measure(lambda: None, torch.device("cpu"), warmup=1, repeats=5)
     assert timing.repeats == 5 and timing.peak_mem_mib is None and not timing.cuda_graph
     assert 0 <= timing.min_ms <= timing.median_ms and timing.iqr_ms >= 0
+
+
+def test_round_robin_runs_every_provider_once_per_round_and_drops_one_that_raises():
+    calls: list[str] = []
+
+    def provider(name: str, fails_at: int | None = None):
+        def step() -> None:
+            calls.append(name)
+            if fails_at is not None and calls.count(name) == fails_at:
+                raise RuntimeError("out of memory")
+
+        return step
+
+    got = measure_round_robin({"a": provider("a"), "b": provider("b", fails_at=3), "c": provider("c")}, 1, 3)
+    assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "c"]  # warm-up, then rounds; b out at its 3rd
+    assert isinstance(got["a"], Timing) and got["a"].repeats == 3 and got["c"].repeats == 3
+    assert got["b"] == "error: RuntimeError: out of memory"
 
 
 def test_fused_missing_says_why():

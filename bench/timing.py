@@ -153,6 +153,43 @@ def measure(
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
+    return _timing(times, peak, graphed, graph_error)
+
+
+def measure_round_robin(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, Timing | str]:
+    """CPU: `warmup` runs of each step, then `repeats` rounds in which every step runs once, in order; wall clock.
+
+    The 2-core VMs drift over the seconds of a case (their speed moves 10-50% with their neighbours, and a process
+    pays page faults or not depending on what it allocated before), so providers timed back to back can differ
+    by that much. Timed in rounds, a drift falls on every provider alike. Returns {name: Timing, or the error
+    message of a step that raised (it leaves the later rounds)}.
+    """
+    failed: dict[str, str] = {}
+
+    def call(name: str, step: Callable[[], object]) -> float | None:
+        t0 = time.perf_counter()
+        try:
+            step()
+        except Exception as exc:  # one broken provider (say out of memory) must not lose the others
+            failed[name] = f"error: {type(exc).__name__}: {exc}"
+            return None
+        return (time.perf_counter() - t0) * 1e3
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(warmup):
+        for name, step in steps.items():
+            if name not in failed:
+                call(name, step)
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if name not in failed and (ms := call(name, step)) is not None:
+                times[name].append(ms)
+    return {name: failed[name] if name in failed else _timing(times[name]) for name in steps}
+
+
+def _timing(
+    times: list[float], peak: float | None = None, graphed: bool = False, graph_error: str | None = None
+) -> Timing:
     if len(times) >= 2:
         q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
     else:

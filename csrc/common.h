@@ -7,10 +7,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 namespace moelora {
 
@@ -72,10 +77,26 @@ inline Pairs sort_pairs(const Tensor& indices, int64_t num_experts) {
   return {token, slot, offsets};
 }
 
-// Hot row loops are compiled twice, for AVX2 + FMA and for baseline x86-64, and picked at load time, so the
-// extension runs anywhere and uses 8-wide vectors where the CPU has them.
+// A [rows, cols] scratch tensor that outlives the call: slot `slot` of a set kept per calling thread, grown when
+// too small, valid until the next scratch() of the same slot on this thread. A fresh multi-MB buffer per call pays
+// its page faults whenever glibc has handed the memory back to the OS in between, which some processes do on
+// every call and others never: about 2 us per 4 KiB page on the 2-core VMs, so the forward's 4.8 MB of buffers at
+// T = 512 cost 2.4 ms a call, half the op, in such a process. Kept memory per thread: the largest set asked for.
+inline Tensor scratch(size_t slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  thread_local std::vector<Tensor> kept;
+  if (kept.size() <= slot) kept.resize(slot + 1);
+  Tensor& t = kept[slot];
+  const int64_t n = rows * cols;
+  if (!t.defined() || t.scalar_type() != options.dtype().toScalarType() || t.numel() < n) {
+    t = at::empty({std::max<int64_t>(n, 1)}, options);
+  }
+  return t.narrow(0, 0, n).view({rows, cols});
+}
+
+// Hot row loops are compiled three times, for AVX-512, for AVX2 + FMA and for baseline x86-64, and picked at load
+// time, so the extension runs anywhere and uses the widest vectors the CPU has.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MOELORA_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define MOELORA_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MOELORA_VECTOR_CLONES
 #endif
@@ -89,6 +110,22 @@ inline Act parse_act(const std::string& name) {
   if (name == "relu") return Act::kRelu;
   TORCH_CHECK(false, "moelora cpu backend: activation must be silu, gelu_tanh, gelu or relu, got '", name, "'");
 }
+
+// Denormals flushed to zero (FTZ) and read as zero (DAZ) on this thread while it lives; the caller's mode comes back
+// after. gcc vectorises the clamp in fast_exp by computing both sides on every lane, and the clamped side of silu,
+// x / (1 + e^87), is a denormal for |x| < 0.7: each such lane took a microcode assist, and the AVX2 silu row loop
+// ran at 2.4 ns per element instead of 0.7 (2-core AMD EPYC, 2026-12-06). The row loops run under it, so values
+// below 1.2e-38 count as 0 there, as in oneDNN's kernels.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
 
 // exp for float with a range reduction and a degree-6 polynomial (relative error ~2e-7, like expf), written
 // with plain arithmetic and branch-free clamps so that loops over it vectorise (with -fno-trapping-math);

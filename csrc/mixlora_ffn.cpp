@@ -32,6 +32,11 @@
 //   rounds) fused/lora fwd+bwd at T=512 1.52x/1.60x -> 1.56x/0.99x, at T=128 1.81x/2.80x -> 1.50x/1.35x; the
 //   1-thread cost grows (32-row GEMMs: the backward op 17.8 -> 21.9 ms), so where 1 thread matters BLOCK is the
 //   knob.
+// - (2026-12-06, quiet VM, AVX-512 AMD EPYC) the row loops were not bound by memory after all: at 2.7 ns per
+//   element whether the rows fit L2 or not, they were taking a microcode assist per denormal that the
+//   vectorised clamp in fast_exp made (see FlushDenormals in common.h). With denormals flushed, an AVX-512
+//   clone, and scratch buffers kept between calls: the row loop alone 3.8 -> 1.2 ms at 1 thread, the op at 2
+//   threads fwd 5.0 -> 3.1-3.9 ms, bwd 11.1 -> 9.8-10.6 ms. The backward is now mostly its 32-row GEMMs.
 //
 // LoRA dropout (dropout_p > 0, moelora/dropout.py) is made from (seed, element index) where it is used and never
 // stored: x is dropped in each expert's gathered rows of x (the chunk buffer the gate/up shrinks read, so no
@@ -110,6 +115,7 @@ template <Act act, typename T, bool GATED, bool DROP>
 void ffn_rows_forward(const T* G, const T* U, const T* dG, const T* dU, const int64_t* tok, const int64_t* pair,
                       const T* w, T s, int64_t n, int64_t I, const DropSpec& drop, T* h, T* hbar) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     alignas(64) T f[DROP ? kDropBlock : 1];
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = tok[r];
@@ -197,6 +203,7 @@ void ffn_rows_backward(const T* G, const T* U, T* dG, T* dU, T* h, const T* q, c
                        const int64_t* pair, const T* w, T s, int64_t n, int64_t I, const DropSpec& drop, T* grad_G,
                        T* grad_U, T* grad_w) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     alignas(64) T f[DROP ? kDropBlock : 1];
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = tok[r];
@@ -351,10 +358,13 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
 
   // Experts [e0, e1) into hbar and y_lora, through buffers of `rows` rows.
   auto run_experts = [&](int64_t e0, int64_t e1, int64_t rows, Tensor hbar, Tensor y_lora) {
-    auto x_buf = at::empty({rows, x.size(1)}, U.options());
-    auto dG_buf = at::zeros({rows, I}, U.options());  // stays zero when the gate has no LoRA
-    auto dU_buf = at::zeros({rows, I}, U.options());
-    auto h_buf = at::empty({rows, I}, U.options());
+    // Scratch slots 0-3 are the backward's x, dG, dU and h buffers too: an op's buffers live only during its call.
+    auto x_buf = scratch(0, rows, x.size(1), U.options());
+    auto dG_buf = scratch(1, rows, I, U.options());
+    auto dU_buf = scratch(2, rows, I, U.options());
+    auto h_buf = scratch(3, rows, I, U.options());
+    if (!has(gate_A)) dG_buf.zero_();  // a projection without LoRA reads a zero delta
+    if (!has(up_A)) dU_buf.zero_();
     for (int64_t e = e0; e < e1; ++e) {
       for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
         for_blocks(std::min(CHUNK, pairs.offsets[e + 1] - c0), [&](int64_t r0, int64_t m) {
@@ -448,16 +458,16 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
   // buffers of `rows` rows.
   auto run_experts = [&](int64_t e0, int64_t e1, int64_t rows, Tensor grad_x, Tensor grad_G, Tensor grad_U) {
     // Chunk buffers: the blocks of a chunk write their rows, the weight grads then read the whole chunk.
-    auto x_buf = at::empty({rows, H}, opt);
-    auto dG_buf = at::empty({rows, I}, opt);
-    auto dU_buf = at::empty({rows, I}, opt);
-    auto h_buf = at::empty({rows, lora ? I : 0}, opt);
-    auto q_buf = at::empty({rows, lora ? I : 0}, opt);
-    auto gy_buf = at::empty({rows, lora ? gy.size(1) : 0}, opt);
-    auto ug_buf = at::empty({rows, rank(gate_A)}, opt), dug_buf = at::empty({rows, rank(gate_A)}, opt);
-    auto uu_buf = at::empty({rows, rank(up_A)}, opt), duu_buf = at::empty({rows, rank(up_A)}, opt);
-    auto ud_buf = at::empty({rows, lora ? rank(down_A) : 0}, opt);
-    auto dvd_buf = at::empty({rows, lora ? rank(down_A) : 0}, opt);
+    auto x_buf = scratch(0, rows, H, opt);
+    auto dG_buf = scratch(1, rows, I, opt);
+    auto dU_buf = scratch(2, rows, I, opt);
+    auto h_buf = scratch(3, rows, lora ? I : 0, opt);
+    auto q_buf = scratch(4, rows, lora ? I : 0, opt);
+    auto gy_buf = scratch(5, rows, lora ? gy.size(1) : 0, opt);
+    auto ug_buf = scratch(6, rows, rank(gate_A), opt), dug_buf = scratch(7, rows, rank(gate_A), opt);
+    auto uu_buf = scratch(8, rows, rank(up_A), opt), duu_buf = scratch(9, rows, rank(up_A), opt);
+    auto ud_buf = scratch(10, rows, lora ? rank(down_A) : 0, opt);
+    auto dvd_buf = scratch(11, rows, lora ? rank(down_A) : 0, opt);
     for (int64_t e = e0; e < e1; ++e) {
       for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
         const int64_t cm = std::min(CHUNK, pairs.offsets[e + 1] - c0);

@@ -245,6 +245,32 @@ def test_thread_counts_1_and_2_give_the_same_results(T):
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+# The row loops flush denormals to zero on their threads (csrc/common.h, FlushDenormals); the calling thread
+# must get its mode back, or every later op in the process would flush them too.
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_ffn_gives_the_calling_thread_its_float_mode_back(threads):
+    denormals = torch.tensor([1e-39, -3e-40, 5e-45])
+    g = torch.Generator().manual_seed(1)
+    T, H, I, E, k, r = 40, 16, 24, 4, 2, 4
+    x, up, gate = (torch.randn(T, n, generator=g).requires_grad_() for n in (H, I, I))
+    loras = {
+        p: ExpertLora(torch.randn(E, r, i, generator=g), torch.randn(E, o, r, generator=g))
+        for p, (i, o) in {"gate": (H, I), "up": (H, I), "down": (I, H)}.items()
+    }
+    w, idx = _routing(T, H, E, k, g, "plain")
+    ffn = FFNSpec(loras["gate"], loras["up"], loras["down"], down_proj=lambda h: h[:, :H], act=F.silu, scaling=2.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = cpu.mixlora_ffn(x, gate, up, w, idx, ffn)
+        torch.autograd.grad(y.sum(), [x, up, gate])
+    finally:
+        torch.set_num_threads(before)
+    # Compared as bits: a float comparison would itself read the denormals as 0 under DAZ.
+    bits = denormals.view(torch.int32)
+    assert torch.equal((denormals * 1.0).view(torch.int32), bits), "denormals flushed after the op: FTZ/DAZ left on"
+
+
 def test_without_the_extension_auto_warns_and_cpu_raises(monkeypatch):
     """A machine where moelora._C could not be built: the package works, on the reference."""
     import builtins
