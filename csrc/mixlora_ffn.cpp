@@ -69,13 +69,27 @@ constexpr int64_t BLOCK = 32;
 // see mixlora_ffn_cpu).
 constexpr int64_t SMALL_PAIRS = 256;
 
-// The frozen projections' LoRA delta of one chunk, B (A xe), written into `out` [m, I]; the rank-space
-// activations A xe [m, r] are returned (the backward needs them).
-Tensor lora_delta_into(const c10::optional<Tensor>& A, const c10::optional<Tensor>& B, int64_t e, const Tensor& xe,
-                       at::ScalarType dt, Tensor out) {
-  auto u = at::mm(xe, (*A)[e].to(dt).t());
-  at::mm_out(out, u, (*B)[e].to(dt).t());
-  return u;
+// One expert's LoRA weights in the compute dtype, and their transposes, made once per expert: made per block they
+// were about 2,000 ATen view calls per backward at T = 512. Undefined where the projection has no LoRA.
+struct ExpertWeights {
+  Tensor gA, gB, uA, uB, dA, dB;  // A [r, in], B [out, r]
+  Tensor gA_t, gB_t, uA_t, uB_t, dA_t, dB_t;
+};
+
+ExpertWeights expert_weights(const ExpertLoras& l, int64_t e, at::ScalarType dt) {
+  ExpertWeights w;
+  auto take = [&](const c10::optional<Tensor>& all, Tensor& t, Tensor& t_t) {
+    if (!has(all)) return;
+    t = (*all)[e].to(dt);
+    t_t = t.t();
+  };
+  take(l.gate_A, w.gA, w.gA_t);
+  take(l.gate_B, w.gB, w.gB_t);
+  take(l.up_A, w.uA, w.uA_t);
+  take(l.up_B, w.uB, w.uB_t);
+  take(l.down_A, w.dA, w.dA_t);
+  take(l.down_B, w.dB, w.dB_t);
+  return w;
 }
 
 Tensor grad_buffer(const c10::optional<Tensor>& t, at::ScalarType dt) {
@@ -366,6 +380,7 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
     if (!has(gate_A)) dG_buf.zero_();  // a projection without LoRA reads a zero delta
     if (!has(up_A)) dU_buf.zero_();
     for (int64_t e = e0; e < e1; ++e) {
+      const auto ew = expert_weights(l, e, dt);
       for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
         for_blocks(std::min(CHUNK, pairs.offsets[e + 1] - c0), [&](int64_t r0, int64_t m) {
           const int64_t lo = c0 + r0;
@@ -378,8 +393,9 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
             at::index_select_out(xe, xc, 0, tok);
             if (drop.on()) drop_rows(drop, kXStream, tok, xe);
           }
-          if (has(gate_A)) lora_delta_into(gate_A, gate_B, e, xe, dt, dG);
-          if (has(up_A)) lora_delta_into(up_A, up_B, e, xe, dt, dU);
+          // The LoRA deltas B (A xe) of the frozen projections.
+          if (has(gate_A)) at::mm_out(dG, at::mm(xe, ew.gA_t), ew.gB_t);
+          if (has(up_A)) at::mm_out(dU, at::mm(xe, ew.uA_t), ew.uB_t);
           // h holds drop(h) with drop_h (the down shrink's input); hbar sums the undropped h either way.
           AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn", [&] {
             dispatch_act(act, [&](auto a) {
@@ -393,7 +409,7 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
             });
           });
           if (down) {
-            auto yd = at::mm(at::mm(h, (*down_A)[e].to(dt).t()), (*down_B)[e].to(dt).t());
+            auto yd = at::mm(at::mm(h, ew.dA_t), ew.dB_t);
             add_rows(yd, tok, w, scaling, y_lora);
           }
         });
@@ -469,6 +485,7 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
     auto ud_buf = scratch(10, rows, lora ? rank(down_A) : 0, opt);
     auto dvd_buf = scratch(11, rows, lora ? rank(down_A) : 0, opt);
     for (int64_t e = e0; e < e1; ++e) {
+      const auto ew = expert_weights(l, e, dt);
       for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
         const int64_t cm = std::min(CHUNK, pairs.offsets[e + 1] - c0);
         for_blocks(cm, [&](int64_t r0, int64_t m) {
@@ -483,9 +500,11 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
             if (drop.on()) drop_rows(drop, kXStream, tok, xe);  // xe = drop(x) rows, for the shrinks and dA
           }
           // The row loop below overwrites the deltas with grads, so a projection without LoRA zeroes them again.
-          if (has(gate_A)) ug_buf.narrow(0, r0, m).copy_(lora_delta_into(gate_A, gate_B, e, xe, dt, dG));
+          // The deltas B (A xe) again, keeping A xe for the B grads.
+          auto ug = ug_buf.narrow(0, r0, m), uu = uu_buf.narrow(0, r0, m);
+          if (has(gate_A)) at::mm_out(dG, at::mm_out(ug, xe, ew.gA_t), ew.gB_t);
           else dG.zero_();
-          if (has(up_A)) uu_buf.narrow(0, r0, m).copy_(lora_delta_into(up_A, up_B, e, xe, dt, dU));
+          if (has(up_A)) at::mm_out(dU, at::mm_out(uu, xe, ew.uA_t), ew.uB_t);
           else dU.zero_();
           // q = (Bd^T dy) Ad per row, the grad into the down LoRA's input per unit of w s: it does not depend on
           // h, so the row loop recomputes h (the forward kept only hbar) and runs its backward in one pass.
@@ -493,9 +512,9 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
           if (lora) {
             auto gye = gy_buf.narrow(0, r0, m), dvd = dvd_buf.narrow(0, r0, m);
             at::index_select_out(gye, gy, 0, tok);
-            at::mm_out(dvd, gye, (*down_B)[e].to(dt));  // [m, r] = Bd^T dy per row
+            at::mm_out(dvd, gye, ew.dB);  // [m, r] = Bd^T dy per row
             q = q_buf.narrow(0, r0, m);
-            at::mm_out(q, dvd, (*down_A)[e].to(dt));
+            at::mm_out(q, dvd, ew.dA);
           }
           AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_backward", [&] {
             dispatch_act(act, [&](auto a) {
@@ -514,7 +533,7 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
           if (lora) {
             auto h = h_buf.narrow(0, r0, m);  // the down LoRA's input (drop(h) with drop_h)
             auto ud = ud_buf.narrow(0, r0, m);
-            at::mm_out(ud, h, (*down_A)[e].to(dt).t());
+            at::mm_out(ud, h, ew.dA_t);
             gy_buf.narrow(0, r0, m).mul_(w.unsqueeze(1));
             dvd_buf.narrow(0, r0, m).mul_(w.unsqueeze(1) * scaling);
           }
@@ -522,13 +541,13 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
           Tensor grad_xe;
           if (has(gate_A)) {
             auto d_ug = dug_buf.narrow(0, r0, m);
-            at::mm_out(d_ug, dG, (*gate_B)[e].to(dt)).mul_(scaling);  // [m, r]
-            grad_xe = at::mm(d_ug, (*gate_A)[e].to(dt));
+            at::mm_out(d_ug, dG, ew.gB).mul_(scaling);  // [m, r]
+            grad_xe = at::mm(d_ug, ew.gA);
           }
           if (has(up_A)) {
             auto d_uu = duu_buf.narrow(0, r0, m);
-            at::mm_out(d_uu, dU, (*up_B)[e].to(dt)).mul_(scaling);
-            grad_xe = grad_xe.defined() ? grad_xe.addmm_(d_uu, (*up_A)[e].to(dt)) : at::mm(d_uu, (*up_A)[e].to(dt));
+            at::mm_out(d_uu, dU, ew.uB).mul_(scaling);
+            grad_xe = grad_xe.defined() ? grad_xe.addmm_(d_uu, ew.uA) : at::mm(d_uu, ew.uA);
           }
           if (grad_xe.defined()) {
             if (drop.on()) drop_rows(drop, kXStream, tok, grad_xe);  // the grad into drop(x), through the x mask
