@@ -13,28 +13,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 from bench import e2e
 from bench.suites import E2E
+from bench.timing import round_robin_times
 
 DEFAULT_PROVIDERS = "peft-lora,moelora-mixlora-cpu,moelora-milora-cpu"
 
 
 def time_round_robin(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
     """{provider: [seconds per call]}: one untimed call each, then `rounds` rounds of one call each, in order."""
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
+    times, failed = round_robin_times(steps, warmup=1, repeats=rounds)
+    if failed:
+        raise RuntimeError("; ".join(f"{name}: {why}" for name, why in failed.items()))
+    return {name: [ms / 1e3 for ms in t] for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:

@@ -156,34 +156,37 @@ def measure(
     return _timing(times, peak, graphed, graph_error)
 
 
+def round_robin_times(
+    steps: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """`warmup` runs of each step, then `repeats` rounds in which every step runs once, in order; wall clock.
+    Returns ({name: [ms per timed run]}, {name: error message of a step that raised; it left the later rounds}).
+    """
+    failed: dict[str, str] = {}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, step in steps.items():
+            if name in failed:
+                continue
+            t0 = time.perf_counter()
+            try:
+                step()
+            except Exception as exc:  # one broken provider (say out of memory) must not lose the others
+                failed[name] = f"error: {type(exc).__name__}: {exc}"
+                continue
+            if round_ >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times, failed
+
+
 def measure_round_robin(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, Timing | str]:
-    """CPU: `warmup` runs of each step, then `repeats` rounds in which every step runs once, in order; wall clock.
+    """CPU: the steps timed in rounds (round_robin_times); {name: Timing, or the error of a step that raised}.
 
     The 2-core VMs drift over the seconds of a case (their speed moves 10-50% with their neighbours, and a process
     pays page faults or not depending on what it allocated before), so providers timed back to back can differ
-    by that much. Timed in rounds, a drift falls on every provider alike. Returns {name: Timing, or the error
-    message of a step that raised (it leaves the later rounds)}.
+    by that much. Timed in rounds, a drift falls on every provider alike.
     """
-    failed: dict[str, str] = {}
-
-    def call(name: str, step: Callable[[], object]) -> float | None:
-        t0 = time.perf_counter()
-        try:
-            step()
-        except Exception as exc:  # one broken provider (say out of memory) must not lose the others
-            failed[name] = f"error: {type(exc).__name__}: {exc}"
-            return None
-        return (time.perf_counter() - t0) * 1e3
-
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(warmup):
-        for name, step in steps.items():
-            if name not in failed:
-                call(name, step)
-    for _ in range(repeats):
-        for name, step in steps.items():
-            if name not in failed and (ms := call(name, step)) is not None:
-                times[name].append(ms)
+    times, failed = round_robin_times(steps, warmup, repeats)
     return {name: failed[name] if name in failed else _timing(times[name]) for name in steps}
 
 

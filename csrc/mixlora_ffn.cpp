@@ -317,19 +317,24 @@ void check_inputs(const Tensor& x, const c10::optional<Tensor>& gate, const Tens
 
 }  // namespace
 
+// Calls fn(i) for i in [0, n), spread over the threads. ATen calls inside run single-threaded (inside a parallel
+// region), and the worker threads take the caller's thread-local state (grad mode off, the dispatch keys the op runs
+// under), or their ATen calls would go through autograd.
+template <typename Fn>
+void parallel_tasks(int64_t n, Fn&& fn) {
+  const at::ThreadLocalState state;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t i = begin; i < end; ++i) fn(i);
+  });
+}
+
 // Calls fn(r0, mb) for the blocks of BLOCK rows of one chunk of m rows, the blocks spread over the threads.
-// Inside a block everything runs on one thread: the block's ATen GEMMs run single-threaded inside the parallel
-// region, so a chunk costs one fork-join instead of one per GEMM and row loop. The blocks are fixed by the chunk
-// alone, so each row's result is the same whatever the thread count.
-// The worker threads take the caller's thread-local state (grad mode off, the dispatch keys the op runs under),
-// or their ATen calls would go through autograd.
+// Inside a block everything runs on one thread, so a chunk costs one fork-join instead of one per GEMM and row
+// loop. The blocks are fixed by the chunk alone, so each row's result is the same whatever the thread count.
 template <typename Fn>
 void for_blocks(int64_t m, Fn&& fn) {
-  const at::ThreadLocalState state;
-  at::parallel_for(0, (m + BLOCK - 1) / BLOCK, 1, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard guard(state);
-    for (int64_t b = begin; b < end; ++b) fn(b * BLOCK, std::min(BLOCK, m - b * BLOCK));
-  });
+  parallel_tasks((m + BLOCK - 1) / BLOCK, [&](int64_t b) { fn(b * BLOCK, std::min(BLOCK, m - b * BLOCK)); });
 }
 
 // Calls fn(g, e0, e1, rows) for two groups of experts, g = 0: [0, split), g = 1: [split, E), cut where the first
@@ -342,13 +347,9 @@ void for_expert_groups(const Pairs& pairs, int64_t num_experts, Fn&& fn) {
   int64_t split = 0;
   while (split < num_experts && 2 * pairs.offsets[split + 1] <= n_pairs) ++split;
   const int64_t bounds[3] = {0, split, num_experts};
-  const at::ThreadLocalState state;
-  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard guard(state);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t rows = std::max<int64_t>(pairs.offsets[bounds[g + 1]] - pairs.offsets[bounds[g]], 1);
-      fn(g, bounds[g], bounds[g + 1], std::min(CHUNK, rows));
-    }
+  parallel_tasks(2, [&](int64_t g) {
+    const int64_t rows = std::max<int64_t>(pairs.offsets[bounds[g + 1]] - pairs.offsets[bounds[g]], 1);
+    fn(g, bounds[g], bounds[g + 1], std::min(CHUNK, rows));
   });
 }
 
@@ -581,11 +582,7 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
         if (lora) {
           weight_grads.emplace_back([&] { g_dA[e].addmm_(dvd_buf.narrow(0, 0, cm).t(), h_buf.narrow(0, 0, cm)); });
         }
-        const at::ThreadLocalState state;
-        at::parallel_for(0, static_cast<int64_t>(weight_grads.size()), 1, [&](int64_t begin, int64_t end) {
-          at::ThreadLocalStateGuard guard(state);
-          for (int64_t i = begin; i < end; ++i) weight_grads[i]();
-        });
+        parallel_tasks(static_cast<int64_t>(weight_grads.size()), [&](int64_t i) { weight_grads[i](); });
       }
     }
   };
