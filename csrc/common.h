@@ -95,7 +95,9 @@ inline Tensor scratch(size_t slot, int64_t rows, int64_t cols, const at::TensorO
 
 // Hot row loops are compiled three times, for AVX-512, for AVX2 + FMA and for baseline x86-64, and picked at load
 // time, so the extension runs anywhere and uses the widest vectors the CPU has.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// (Defined beforehand, it wins: a benchmark can build one clone alone.)
+#if defined(MOELORA_VECTOR_CLONES)
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MOELORA_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MOELORA_VECTOR_CLONES

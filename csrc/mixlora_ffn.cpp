@@ -1,15 +1,15 @@
 // mixlora_ffn: hbar = sum_j w_j act(G + dG_j) * (U + dU_j) and the down LoRA of each h_j, expert by expert.
 //
 // The frozen projections stay outside (the caller runs Wg, Wu on x and Wd once on hbar, so a quantised base
-// works). Per expert the gathered rows go through ATen GEMMs for the rank-r work and one fused, vectorised
-// row loop for the activation, the product and the weighted sum: h exists only for one expert's rows at a
-// time, never as [T, k, I]. The backward recomputes h rather than storing it, in the same pass as its own
+// works). Per expert the gathered rows go through the rank-r kernels of rank_gemm.h (ATen GEMMs for other ranks
+// and dtypes) and one fused, vectorised row loop for the activation, the product and the weighted sum: h exists
+// only for one expert's rows at a time, never as [T, k, I]. The backward recomputes h rather than storing it, in the same pass as its own
 // row loop.
 //
-// Threads: each chunk of an expert's rows is cut into blocks of BLOCK rows that the threads share; a block runs
-// its gather, rank-r GEMMs, row loop and scatter on one thread (ATen GEMMs called inside a parallel region run
-// single-threaded). The backward's weight gradients, sums over the chunk's rows, run after its blocks as one GEMM
-// each, the six side by side, each single-threaded. Blocks depend on the chunk only, so results are bitwise the
+// Threads: each chunk of an expert's rows is cut into equal blocks of at most BLOCK rows that the threads take in
+// turn; a block runs its gather, rank-r products, row loop and scatter on one thread (ATen calls inside a parallel
+// region run single-threaded). The backward's weight gradients, sums over the chunk's rows, run after its blocks as
+// one product each, the six side by side, each single-threaded. Blocks depend on the chunk only, so results are bitwise the
 // same for any thread count.
 // With at most SMALL_PAIRS (token, slot) pairs (decoding), an expert's rows fit one block, so instead the
 // experts run in two fixed groups side by side, each into its own sums (see mixlora_ffn_cpu).
@@ -40,6 +40,11 @@
 //   threads fwd 5.0 -> 3.1-3.9 ms, bwd 11.1 -> 9.8-10.6 ms. Then each expert's weights made once per expert
 //   (not per block) and the six weight-grad GEMMs side by side instead of each forking both threads: fwd
 //   3.0 -> 2.9 ms, bwd 9.1 -> 8.1 ms. The backward is now mostly its 32-row GEMMs.
+// - (2026-12-06, later) MKL spent a third of those GEMMs packing operands and scaling C (1 thread: packing 22%,
+//   scaling 4% of the backward). The rank kernels of rank_gemm.h need no packing; with them, the experts' weight
+//   transposes made side by side before the rows, equal blocks and threads taking tasks in turn, the op at 2
+//   threads went fwd 3.1 -> 2.6 ms, bwd 8.4 -> 6.3 ms, and at 1 thread bwd 14.5 -> 12.0 ms (the forward's gain at
+//   1 thread goes on the transposes). Medians of runs in the VM's fast mode (docs/benchmarks.md).
 //
 // LoRA dropout (dropout_p > 0, moelora/dropout.py) is made from (seed, element index) where it is used and never
 // stored: x is dropped in each expert's gathered rows of x (the chunk buffer the gate/up shrinks read, so no
@@ -49,9 +54,11 @@
 // grad into h_j from the down LoRA (through the h mask).
 #include "ops.h"
 #include "philox.h"
+#include "rank_gemm.h"
 
 #include <ATen/ThreadLocalState.h>
 
+#include <atomic>
 #include <functional>
 #include <vector>
 
@@ -75,26 +82,29 @@ constexpr int64_t BLOCK = 32;
 // see mixlora_ffn_cpu).
 constexpr int64_t SMALL_PAIRS = 256;
 
-// One expert's LoRA weights in the compute dtype, and their transposes, made once per expert: made per block they
-// were about 2,000 ATen view calls per backward at T = 512. Undefined where the projection has no LoRA.
+// One expert's LoRA weights in the compute dtype, and their transposes. The rank kernels (rank_gemm.h) read both
+// layouts contiguous; the transposes cost about 23 us an expert (fp32, H = 512, I = 1408, r = 16), which its rows
+// repay from about one block's worth (BLOCK rows), so an expert with fewer rows (decoding), or a rank without
+// kernels, gets views instead and its products go to ATen. Made once per expert, not per block (per block they were about 2,000 ATen view calls per
+// backward at T = 512). Undefined where the projection has no LoRA.
 struct ExpertWeights {
   Tensor gA, gB, uA, uB, dA, dB;  // A [r, in], B [out, r]
-  Tensor gA_t, gB_t, uA_t, uB_t, dA_t, dB_t;
+  Tensor gA_t, gB_t, uA_t, uB_t, dA_t, dB_t;  // A^T [in, r], B^T [r, out]
 };
 
-ExpertWeights expert_weights(const ExpertLoras& l, int64_t e, at::ScalarType dt) {
+ExpertWeights expert_weights(const ExpertLoras& l, int64_t e, at::ScalarType dt, int64_t rows) {
   ExpertWeights w;
-  auto take = [&](const c10::optional<Tensor>& all, Tensor& t, Tensor& t_t) {
+  auto take = [&](const c10::optional<Tensor>& all, const c10::optional<Tensor>& A, Tensor& t, Tensor& t_t) {
     if (!has(all)) return;
-    t = (*all)[e].to(dt);
-    t_t = t.t();
+    t = (*all)[e].to(dt).contiguous();
+    t_t = rows >= BLOCK && rank_gemm::has_kernels(A->size(1), dt) ? rank_gemm::transposed(t) : t.t();
   };
-  take(l.gate_A, w.gA, w.gA_t);
-  take(l.gate_B, w.gB, w.gB_t);
-  take(l.up_A, w.uA, w.uA_t);
-  take(l.up_B, w.uB, w.uB_t);
-  take(l.down_A, w.dA, w.dA_t);
-  take(l.down_B, w.dB, w.dB_t);
+  take(l.gate_A, l.gate_A, w.gA, w.gA_t);
+  take(l.gate_B, l.gate_A, w.gB, w.gB_t);
+  take(l.up_A, l.up_A, w.uA, w.uA_t);
+  take(l.up_B, l.up_A, w.uB, w.uB_t);
+  take(l.down_A, l.down_A, w.dA, w.dA_t);
+  take(l.down_B, l.down_A, w.dB, w.dB_t);
   return w;
 }
 
@@ -317,24 +327,36 @@ void check_inputs(const Tensor& x, const c10::optional<Tensor>& gate, const Tens
 
 }  // namespace
 
-// Calls fn(i) for i in [0, n), spread over the threads. ATen calls inside run single-threaded (inside a parallel
-// region), and the worker threads take the caller's thread-local state (grad mode off, the dispatch keys the op runs
-// under), or their ATen calls would go through autograd.
+// Calls fn(i) for i in [0, n), spread over the threads: each thread takes the next undone i until none is left, so
+// tasks of unequal size even out (a static split of the six weight-grad GEMMs gave one thread 58% of the work).
+// ATen calls inside run single-threaded (inside a parallel region), and the worker threads take the caller's
+// thread-local state (grad mode off, the dispatch keys the op runs under), or their ATen calls would go through
+// autograd. Each task runs on one thread whichever it is, so results do not depend on the thread count.
 template <typename Fn>
 void parallel_tasks(int64_t n, Fn&& fn) {
   const at::ThreadLocalState state;
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::in_parallel_region() ? 1 : at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
-    for (int64_t i = begin; i < end; ++i) fn(i);
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t i = next++; i < n; i = next++) fn(i);
+    }
   });
 }
 
-// Calls fn(r0, mb) for the blocks of BLOCK rows of one chunk of m rows, the blocks spread over the threads.
-// Inside a block everything runs on one thread, so a chunk costs one fork-join instead of one per GEMM and row
-// loop. The blocks are fixed by the chunk alone, so each row's result is the same whatever the thread count.
+// Calls fn(r0, mb) for the blocks of one chunk of m rows, the blocks spread over the threads. Inside a block
+// everything runs on one thread, so a chunk costs one fork-join instead of one per GEMM and row loop. The blocks are
+// of equal size (at most BLOCK rows, their count even when above 1), so that two threads get equal shares: 100 rows
+// as 32 + 32 + 32 + 4 gave one thread 64 of them. They are fixed by the chunk alone, so each row's result is the
+// same whatever the thread count.
 template <typename Fn>
 void for_blocks(int64_t m, Fn&& fn) {
-  parallel_tasks((m + BLOCK - 1) / BLOCK, [&](int64_t b) { fn(b * BLOCK, std::min(BLOCK, m - b * BLOCK)); });
+  int64_t blocks = (m + BLOCK - 1) / BLOCK;
+  if (blocks > 1) blocks += blocks % 2;
+  const int64_t rows = (m + blocks - 1) / blocks;
+  blocks = (m + rows - 1) / rows;
+  parallel_tasks(blocks, [&](int64_t b) { fn(b * rows, std::min(rows, m - b * rows)); });
 }
 
 // Calls fn(g, e0, e1, rows) for two groups of experts, g = 0: [0, split), g = 1: [split, E), cut where the first
@@ -376,6 +398,7 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
   const bool drop_h = down && drop.on();
   const int64_t out_down = down ? down_B->size(1) : 0;
   const int64_t n_pairs = pairs.token.numel();
+  auto rank = [&](const c10::optional<Tensor>& A) { return has(A) ? A->size(1) : int64_t(0); };
 
   // Experts [e0, e1) into hbar and y_lora, through buffers of `rows` rows.
   auto run_experts = [&](int64_t e0, int64_t e1, int64_t rows, Tensor hbar, Tensor y_lora) {
@@ -384,10 +407,18 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
     auto dG_buf = scratch(1, rows, I, U.options());
     auto dU_buf = scratch(2, rows, I, U.options());
     auto h_buf = scratch(3, rows, I, U.options());
+    auto ug_buf = scratch(6, rows, rank(gate_A), U.options()), uu_buf = scratch(8, rows, rank(up_A), U.options());
+    auto ud_buf = scratch(10, rows, rank(down_A), U.options()), yd_buf = scratch(5, rows, out_down, U.options());
     if (!has(gate_A)) dG_buf.zero_();  // a projection without LoRA reads a zero delta
     if (!has(up_A)) dU_buf.zero_();
+    // The experts' weights and transposes, made side by side before any rows (an expert without rows needs none).
+    std::vector<ExpertWeights> expert_w(e1 - e0);
+    parallel_tasks(e1 - e0, [&](int64_t i) {
+      const int64_t n = pairs.offsets[e0 + i + 1] - pairs.offsets[e0 + i];
+      if (n > 0) expert_w[i] = expert_weights(l, e0 + i, dt, n);
+    });
     for (int64_t e = e0; e < e1; ++e) {
-      const auto ew = expert_weights(l, e, dt);
+      const ExpertWeights& ew = expert_w[e - e0];
       for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
         for_blocks(std::min(CHUNK, pairs.offsets[e + 1] - c0), [&](int64_t r0, int64_t m) {
           const int64_t lo = c0 + r0;
@@ -401,8 +432,16 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
             if (drop.on()) drop_rows(drop, kXStream, tok, xe);
           }
           // The LoRA deltas B (A xe) of the frozen projections.
-          if (has(gate_A)) at::mm_out(dG, at::mm(xe, ew.gA_t), ew.gB_t);
-          if (has(up_A)) at::mm_out(dU, at::mm(xe, ew.uA_t), ew.uB_t);
+          if (has(gate_A)) {
+            auto ug = ug_buf.narrow(0, r0, m);
+            rank_gemm::shrink(xe, ew.gA_t, 1.0, ug);
+            rank_gemm::expand(ug, ew.gB_t, dG, false);
+          }
+          if (has(up_A)) {
+            auto uu = uu_buf.narrow(0, r0, m);
+            rank_gemm::shrink(xe, ew.uA_t, 1.0, uu);
+            rank_gemm::expand(uu, ew.uB_t, dU, false);
+          }
           // h holds drop(h) with drop_h (the down shrink's input); hbar sums the undropped h either way.
           AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn", [&] {
             dispatch_act(act, [&](auto a) {
@@ -416,7 +455,9 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
             });
           });
           if (down) {
-            auto yd = at::mm(at::mm(h, ew.dA_t), ew.dB_t);
+            auto ud = ud_buf.narrow(0, r0, m), yd = yd_buf.narrow(0, r0, m);
+            rank_gemm::shrink(h, ew.dA_t, 1.0, ud);
+            rank_gemm::expand(ud, ew.dB_t, yd, false);
             add_rows(yd, tok, w, scaling, y_lora);
           }
         });
@@ -491,8 +532,15 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
     auto uu_buf = scratch(8, rows, rank(up_A), opt), duu_buf = scratch(9, rows, rank(up_A), opt);
     auto ud_buf = scratch(10, rows, lora ? rank(down_A) : 0, opt);
     auto dvd_buf = scratch(11, rows, lora ? rank(down_A) : 0, opt);
+    auto gx_buf = scratch(12, rows, H, opt);
+    // The experts' weights and transposes, made side by side before any rows (an expert without rows needs none).
+    std::vector<ExpertWeights> expert_w(e1 - e0);
+    parallel_tasks(e1 - e0, [&](int64_t i) {
+      const int64_t n = pairs.offsets[e0 + i + 1] - pairs.offsets[e0 + i];
+      if (n > 0) expert_w[i] = expert_weights(l, e0 + i, dt, n);
+    });
     for (int64_t e = e0; e < e1; ++e) {
-      const auto ew = expert_weights(l, e, dt);
+      const ExpertWeights& ew = expert_w[e - e0];
       for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
         const int64_t cm = std::min(CHUNK, pairs.offsets[e + 1] - c0);
         for_blocks(cm, [&](int64_t r0, int64_t m) {
@@ -509,19 +557,27 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
           // The row loop below overwrites the deltas with grads, so a projection without LoRA zeroes them again.
           // The deltas B (A xe) again, keeping A xe for the B grads.
           auto ug = ug_buf.narrow(0, r0, m), uu = uu_buf.narrow(0, r0, m);
-          if (has(gate_A)) at::mm_out(dG, at::mm_out(ug, xe, ew.gA_t), ew.gB_t);
-          else dG.zero_();
-          if (has(up_A)) at::mm_out(dU, at::mm_out(uu, xe, ew.uA_t), ew.uB_t);
-          else dU.zero_();
+          if (has(gate_A)) {
+            rank_gemm::shrink(xe, ew.gA_t, 1.0, ug);
+            rank_gemm::expand(ug, ew.gB_t, dG, false);
+          } else {
+            dG.zero_();
+          }
+          if (has(up_A)) {
+            rank_gemm::shrink(xe, ew.uA_t, 1.0, uu);
+            rank_gemm::expand(uu, ew.uB_t, dU, false);
+          } else {
+            dU.zero_();
+          }
           // q = (Bd^T dy) Ad per row, the grad into the down LoRA's input per unit of w s: it does not depend on
           // h, so the row loop recomputes h (the forward kept only hbar) and runs its backward in one pass.
           Tensor q;
           if (lora) {
             auto gye = gy_buf.narrow(0, r0, m), dvd = dvd_buf.narrow(0, r0, m);
             at::index_select_out(gye, gy, 0, tok);
-            at::mm_out(dvd, gye, ew.dB);  // [m, r] = Bd^T dy per row
+            rank_gemm::shrink(gye, ew.dB, 1.0, dvd);  // [m, r] = Bd^T dy per row
             q = q_buf.narrow(0, r0, m);
-            at::mm_out(q, dvd, ew.dA);
+            rank_gemm::expand(dvd, ew.dA, q, false);
           }
           AT_DISPATCH_FLOATING_TYPES(dt, "moelora_mixlora_ffn_backward", [&] {
             dispatch_act(act, [&](auto a) {
@@ -540,48 +596,41 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
           if (lora) {
             auto h = h_buf.narrow(0, r0, m);  // the down LoRA's input (drop(h) with drop_h)
             auto ud = ud_buf.narrow(0, r0, m);
-            at::mm_out(ud, h, ew.dA_t);
+            rank_gemm::shrink(h, ew.dA_t, 1.0, ud);
             gy_buf.narrow(0, r0, m).mul_(w.unsqueeze(1));
             dvd_buf.narrow(0, r0, m).mul_(w.unsqueeze(1) * scaling);
           }
           // dG, dU now hold d(pre-activation) of gate and up for these rows.
-          Tensor grad_xe;
+          auto grad_xe = gx_buf.narrow(0, r0, m);
           if (has(gate_A)) {
             auto d_ug = dug_buf.narrow(0, r0, m);
-            at::mm_out(d_ug, dG, ew.gB).mul_(scaling);  // [m, r]
-            grad_xe = at::mm(d_ug, ew.gA);
+            rank_gemm::shrink(dG, ew.gB, scaling, d_ug);  // [m, r]
+            rank_gemm::expand(d_ug, ew.gA, grad_xe, false);
           }
           if (has(up_A)) {
             auto d_uu = duu_buf.narrow(0, r0, m);
-            at::mm_out(d_uu, dU, ew.uB).mul_(scaling);
-            grad_xe = grad_xe.defined() ? grad_xe.addmm_(d_uu, ew.uA) : at::mm(d_uu, ew.uA);
+            rank_gemm::shrink(dU, ew.uB, scaling, d_uu);
+            rank_gemm::expand(d_uu, ew.uA, grad_xe, has(gate_A));
           }
-          if (grad_xe.defined()) {
+          if (has(gate_A) || has(up_A)) {
             if (drop.on()) drop_rows(drop, kXStream, tok, grad_xe);  // the grad into drop(x), through the x mask
             add_rows(grad_xe, tok, Tensor(), 1.0, grad_x);
           }
         });
         // The weight grads sum over the chunk's rows: one GEMM per LoRA matrix over all its blocks. They are
-        // independent, so they run side by side, each single-threaded, rather than each forking all threads.
+        // independent, so they run side by side, each single-threaded, rather than each forking all threads; the
+        // larger ones (the [I, r] and [r, I] grads) first, so that the threads finish together.
         auto xe = x_buf.narrow(0, 0, cm);
         std::vector<std::function<void()>> weight_grads;
-        if (has(gate_A)) {
-          weight_grads.emplace_back(
-              [&] { g_gB[e].addmm_(dG_buf.narrow(0, 0, cm).t(), ug_buf.narrow(0, 0, cm), 1.0, scaling); });
-          weight_grads.emplace_back([&] { g_gA[e].addmm_(dug_buf.narrow(0, 0, cm).t(), xe); });
-        }
+        auto rows_of = [&](const Tensor& buf) { return buf.narrow(0, 0, cm); };
+        if (has(gate_A)) weight_grads.emplace_back([&] { rank_gemm::grad_b(rows_of(dG_buf), rows_of(ug_buf), scaling, g_gB[e]); });
+        if (has(up_A)) weight_grads.emplace_back([&] { rank_gemm::grad_b(rows_of(dU_buf), rows_of(uu_buf), scaling, g_uB[e]); });
         if (lora) {
-          weight_grads.emplace_back(
-              [&] { g_dB[e].addmm_(gy_buf.narrow(0, 0, cm).t(), ud_buf.narrow(0, 0, cm), 1.0, scaling); });
+          weight_grads.emplace_back([&] { rank_gemm::grad_a(rows_of(dvd_buf), rows_of(h_buf), 1.0, g_dA[e]); });
+          weight_grads.emplace_back([&] { rank_gemm::grad_b(rows_of(gy_buf), rows_of(ud_buf), scaling, g_dB[e]); });
         }
-        if (has(up_A)) {
-          weight_grads.emplace_back(
-              [&] { g_uB[e].addmm_(dU_buf.narrow(0, 0, cm).t(), uu_buf.narrow(0, 0, cm), 1.0, scaling); });
-          weight_grads.emplace_back([&] { g_uA[e].addmm_(duu_buf.narrow(0, 0, cm).t(), xe); });
-        }
-        if (lora) {
-          weight_grads.emplace_back([&] { g_dA[e].addmm_(dvd_buf.narrow(0, 0, cm).t(), h_buf.narrow(0, 0, cm)); });
-        }
+        if (has(gate_A)) weight_grads.emplace_back([&] { rank_gemm::grad_a(rows_of(dug_buf), xe, 1.0, g_gA[e]); });
+        if (has(up_A)) weight_grads.emplace_back([&] { rank_gemm::grad_a(rows_of(duu_buf), xe, 1.0, g_uA[e]); });
         parallel_tasks(static_cast<int64_t>(weight_grads.size()), [&](int64_t i) { weight_grads[i](); });
       }
     }

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,6 +138,9 @@ FFN_CASES = [
     pytest.param(33, 20, 36, 4, 2, 8, "plain", "gelu_new", ("up", "down"), id="T33-ungated-phi"),
     pytest.param(33, 20, 36, 4, 2, 8, "plain", "relu", ("gate", "down"), id="T33-relu-no-up-lora"),
     pytest.param(500, 24, 300, 8, 2, 16, "one-expert", "silu", ("gate", "up", "down"), id="T500-one-expert-2-chunks"),
+    # Experts with a block's worth of rows or more take the rank kernels with transposed weights (rank_gemm.h).
+    pytest.param(200, 24, 40, 4, 2, 64, "plain", "silu", ("gate", "up", "down"), id="T200-E4-k2-r64"),
+    pytest.param(200, 20, 36, 2, 2, 8, "plain", "gelu", ("gate", "up", "down"), id="T200-E2-k2-r8-gelu"),
     pytest.param(33, 20, 36, 4, 2, 8, "plain", "quick_gelu", ("gate", "up", "down"), id="T33-quick-gelu-reference"),
 ]
 
@@ -177,6 +183,32 @@ def test_mixlora_ffn(T, H, I, E, k, r, mode, act, adapted, dtype):
     tensors = [t for _, t in inputs]
     for (name, _), a, b in zip(inputs, _grads(got, tensors), _grads(want, tensors), strict=True):
         assert_close(a, b, dtype, f"grad {name}")
+
+
+# The rank kernels (csrc/rank_gemm.h) run with the widest instruction set the CPU has; MOELORA_RANK_KERNELS lowers
+# it, read once per process. A child pytest runs the fp32 and bf16 FFN cases on each lower path, so an AVX-512
+# machine checks the AVX2 build and the ATen one too.
+@pytest.mark.parametrize("kernels", ["avx2", "off"])
+def test_mixlora_ffn_on_each_rank_kernel_path(kernels):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cpu_backend.py"]
+    cmd += ["-k", "test_mixlora_ffn and (float32 or bfloat16) and not rank_kernel"]
+    env = dict(os.environ, MOELORA_RANK_KERNELS=kernels)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 2 * len(FFN_CASES), proc.stdout[-2000:]
+
+
+def test_a_bad_rank_kernel_setting_names_the_variable():
+    code = "import torch, moelora.cpu_backend; torch.ops.moelora.mixlora_ffn"
+    code += "(*[torch.zeros(64, 8)] * 3, torch.ones(64, 1), torch.zeros(64, 1, dtype=torch.long), *[None] * 4,"
+    code += " torch.zeros(1, 16, 8), torch.zeros(1, 8, 16), 1, 1.0, 'silu', 0.0, 0)"
+    env = dict(os.environ, MOELORA_RANK_KERNELS="sse")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode != 0
+    assert "MOELORA_RANK_KERNELS must be avx512, avx2 or off, got 'sse'" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "phi", "gemma"])
