@@ -3,14 +3,14 @@
 // The frozen projections stay outside (the caller runs Wg, Wu on x and Wd once on hbar, so a quantised base
 // works). Per expert the gathered rows go through the rank-r kernels of rank_gemm.h (ATen GEMMs for other ranks
 // and dtypes) and one fused, vectorised row loop for the activation, the product and the weighted sum: h exists
-// only for one expert's rows at a time, never as [T, k, I]. The backward recomputes h rather than storing it, in the same pass as its own
-// row loop.
+// only for one expert's rows at a time, never as [T, k, I]. The backward recomputes h rather than storing it, in
+// the same pass as its own row loop.
 //
 // Threads: each chunk of an expert's rows is cut into equal blocks of at most BLOCK rows that the threads take in
 // turn; a block runs its gather, rank-r products, row loop and scatter on one thread (ATen calls inside a parallel
 // region run single-threaded). The backward's weight gradients, sums over the chunk's rows, run after its blocks as
-// one product each, the six side by side, each single-threaded. Blocks depend on the chunk only, so results are bitwise the
-// same for any thread count.
+// one product each, the six side by side, each single-threaded. Blocks depend on the chunk only, so results are
+// bitwise the same for any thread count.
 // With at most SMALL_PAIRS (token, slot) pairs (decoding), an expert's rows fit one block, so instead the
 // experts run in two fixed groups side by side, each into its own sums (see mixlora_ffn_cpu).
 //
@@ -85,8 +85,8 @@ constexpr int64_t SMALL_PAIRS = 256;
 // One expert's LoRA weights in the compute dtype, and their transposes. The rank kernels (rank_gemm.h) read both
 // layouts contiguous; the transposes cost about 23 us an expert (fp32, H = 512, I = 1408, r = 16), which its rows
 // repay from about one block's worth (BLOCK rows), so an expert with fewer rows (decoding), or a rank without
-// kernels, gets views instead and its products go to ATen. Made once per expert, not per block (per block they were about 2,000 ATen view calls per
-// backward at T = 512). Undefined where the projection has no LoRA.
+// kernels, gets views instead and its products go to ATen. Made once per expert, not per block (per block they
+// were about 2,000 ATen view calls per backward at T = 512). Undefined where the projection has no LoRA.
 struct ExpertWeights {
   Tensor gA, gB, uA, uB, dA, dB;  // A [r, in], B [out, r]
   Tensor gA_t, gB_t, uA_t, uB_t, dA_t, dB_t;  // A^T [in, r], B^T [r, out]
@@ -375,6 +375,17 @@ void for_expert_groups(const Pairs& pairs, int64_t num_experts, Fn&& fn) {
   });
 }
 
+// expert_weights of experts [e0, e1), made side by side before any rows; an expert without rows gets none.
+std::vector<ExpertWeights> experts_weights(const ExpertLoras& l, const Pairs& pairs, int64_t e0, int64_t e1,
+                                           at::ScalarType dt) {
+  std::vector<ExpertWeights> w(e1 - e0);
+  parallel_tasks(e1 - e0, [&](int64_t i) {
+    const int64_t n = pairs.offsets[e0 + i + 1] - pairs.offsets[e0 + i];
+    if (n > 0) w[i] = expert_weights(l, e0 + i, dt, n);
+  });
+  return w;
+}
+
 std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<Tensor>& gate, const Tensor& up,
                                            const Tensor& weights, const Tensor& indices,
                                            const c10::optional<Tensor>& gate_A, const c10::optional<Tensor>& gate_B,
@@ -411,12 +422,7 @@ std::tuple<Tensor, Tensor> mixlora_ffn_cpu(const Tensor& x, const c10::optional<
     auto ud_buf = scratch(10, rows, rank(down_A), U.options()), yd_buf = scratch(5, rows, out_down, U.options());
     if (!has(gate_A)) dG_buf.zero_();  // a projection without LoRA reads a zero delta
     if (!has(up_A)) dU_buf.zero_();
-    // The experts' weights and transposes, made side by side before any rows (an expert without rows needs none).
-    std::vector<ExpertWeights> expert_w(e1 - e0);
-    parallel_tasks(e1 - e0, [&](int64_t i) {
-      const int64_t n = pairs.offsets[e0 + i + 1] - pairs.offsets[e0 + i];
-      if (n > 0) expert_w[i] = expert_weights(l, e0 + i, dt, n);
-    });
+    const auto expert_w = experts_weights(l, pairs, e0, e1, dt);
     for (int64_t e = e0; e < e1; ++e) {
       const ExpertWeights& ew = expert_w[e - e0];
       for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
@@ -533,12 +539,7 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
     auto ud_buf = scratch(10, rows, lora ? rank(down_A) : 0, opt);
     auto dvd_buf = scratch(11, rows, lora ? rank(down_A) : 0, opt);
     auto gx_buf = scratch(12, rows, H, opt);
-    // The experts' weights and transposes, made side by side before any rows (an expert without rows needs none).
-    std::vector<ExpertWeights> expert_w(e1 - e0);
-    parallel_tasks(e1 - e0, [&](int64_t i) {
-      const int64_t n = pairs.offsets[e0 + i + 1] - pairs.offsets[e0 + i];
-      if (n > 0) expert_w[i] = expert_weights(l, e0 + i, dt, n);
-    });
+    const auto expert_w = experts_weights(l, pairs, e0, e1, dt);
     for (int64_t e = e0; e < e1; ++e) {
       const ExpertWeights& ew = expert_w[e - e0];
       for (int64_t c0 = pairs.offsets[e]; c0 < pairs.offsets[e + 1]; c0 += CHUNK) {
@@ -623,14 +624,15 @@ std::vector<Tensor> mixlora_ffn_backward_cpu(const Tensor& grad_hbar, const c10:
         auto xe = x_buf.narrow(0, 0, cm);
         std::vector<std::function<void()>> weight_grads;
         auto rows_of = [&](const Tensor& buf) { return buf.narrow(0, 0, cm); };
-        if (has(gate_A)) weight_grads.emplace_back([&] { rank_gemm::grad_b(rows_of(dG_buf), rows_of(ug_buf), scaling, g_gB[e]); });
-        if (has(up_A)) weight_grads.emplace_back([&] { rank_gemm::grad_b(rows_of(dU_buf), rows_of(uu_buf), scaling, g_uB[e]); });
+        auto add = [&](auto&& fn) { weight_grads.emplace_back(fn); };
+        if (has(gate_A)) add([&] { rank_gemm::grad_b(rows_of(dG_buf), rows_of(ug_buf), scaling, g_gB[e]); });
+        if (has(up_A)) add([&] { rank_gemm::grad_b(rows_of(dU_buf), rows_of(uu_buf), scaling, g_uB[e]); });
         if (lora) {
-          weight_grads.emplace_back([&] { rank_gemm::grad_a(rows_of(dvd_buf), rows_of(h_buf), 1.0, g_dA[e]); });
-          weight_grads.emplace_back([&] { rank_gemm::grad_b(rows_of(gy_buf), rows_of(ud_buf), scaling, g_dB[e]); });
+          add([&] { rank_gemm::grad_a(rows_of(dvd_buf), rows_of(h_buf), 1.0, g_dA[e]); });
+          add([&] { rank_gemm::grad_b(rows_of(gy_buf), rows_of(ud_buf), scaling, g_dB[e]); });
         }
-        if (has(gate_A)) weight_grads.emplace_back([&] { rank_gemm::grad_a(rows_of(dug_buf), xe, 1.0, g_gA[e]); });
-        if (has(up_A)) weight_grads.emplace_back([&] { rank_gemm::grad_a(rows_of(duu_buf), xe, 1.0, g_uA[e]); });
+        if (has(gate_A)) add([&] { rank_gemm::grad_a(rows_of(dug_buf), xe, 1.0, g_gA[e]); });
+        if (has(up_A)) add([&] { rank_gemm::grad_a(rows_of(duu_buf), xe, 1.0, g_uA[e]); });
         parallel_tasks(static_cast<int64_t>(weight_grads.size()), [&](int64_t i) { weight_grads[i](); });
       }
     }

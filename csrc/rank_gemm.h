@@ -8,7 +8,7 @@
 // registers, every load feeds 4-8 FMAs. Against at::mm_out at 1 thread, same machine, 32 rows and K or N = 1408,
 // in us (ours / MKL), the four kernels:
 //   AVX-512, r = 8: 6.7-8.7 / 12-54; r = 16: 12.6-13.8 / 19.2-19.9; r = 32: 25-27 / 33-38; r = 64: 56-67 / 65-73
-//   AVX2 build on the same CPU (MKL still AVX-512), r = 16: 14-19 / 19-20; r = 32: 30-42 / 33-36; r = 64: 60-102 / 60-67
+//   AVX2 build, same CPU (MKL still AVX-512), r = 16: 14-19 / 19-20; r = 32: 30-42 / 33-36; r = 64: 60-102 / 60-67
 // so r = 64 stays with ATen.
 //
 // Each output element is summed in a fixed order (over r ascending, or over rows ascending, or over K ascending),
